@@ -59,3 +59,12 @@ def render_prompt_ids(tokenizer, kind: str, question: str = "", background: str 
     if prefix_ids is not None:
         ids.extend(int(t) for t in prefix_ids)
     return ids
+
+
+# FActScore's biography prompt; with the QA template it reads "Question: Tell me a bio of X. Answer:".
+BIO_QUESTION = "Tell me a bio of {entity}."
+
+
+def bio_question(entity: str) -> str:
+    """The biography question of FActScore / NEST for ``entity``."""
+    return BIO_QUESTION.format(entity=" ".join(entity.split()))

@@ -1,0 +1,308 @@
+"""Report stage: the paper's tables and figures from the scored runs (Markdown + PNG + Parquet).
+
+Input: one or more ``summary.parquet`` files written by :mod:`stages.score`, rows
+``(task, method, variant, metric, value, n)``: ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the
+leniency sweep and ``"ablation:<step>"`` for Table 3. Every number in the report comes from those rows; a metric that was
+not computed (no value) is printed as "not computed", never filled in.
+
+Outputs: ``report.md``, ``tables.parquet`` (every table cell, long format), ``gamma_sweep.png``, ``latency.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+VERSION = "1"
+
+METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
+METHOD_LABELS = {"base": "Base LM", "ra": "+RA", "knnlm": "+kNN-LM", "nest": "+NEST", "ra_nest": "+RA-NEST"}
+ABLATION_STEPS = (
+    ("knnlm", "kNN-LM (two-stage, fixed λ)"),
+    ("rrc", "+ Relative Retrieval Confidence"),
+    ("span", "+ Dynamic span selection"),
+    ("nest", "+ Relaxed speculative decoding (= NEST)"),
+)
+LATENCY_COMPONENTS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification")
+NOT_COMPUTED = "not computed"
+
+# Per-task columns of Table 1: (metric key in the summary, column label, scale, decimals)
+TABLE1_COLUMNS = {
+    "completion": [("ppl", "PPL", 1, 2), ("rouge1", "RG-1", 100, 1), ("rouge2", "RG-2", 100, 1),
+                   ("rougeL", "RG-L", 100, 1), ("num_tokens", "Avg.Len", 1, 1)],
+    "bio": [("factscore", "FS", 100, 1), ("num_facts", "#Facts", 1, 1), ("rouge1_source", "RG-1 vs source", 100, 1),
+            ("num_tokens", "Avg.Len", 1, 1)],
+    "qa": [("alr", "ALR", 100, 1), ("num_tokens", "Avg.Len", 1, 1)],
+    "truthfulqa": [("delta_bleu", "∆BLEU", 1, 2), ("delta_rouge1", "∆RG-1", 100, 2), ("num_tokens", "Avg.Len", 1, 1)],
+}
+
+
+def task_family(task: str) -> str:
+    if task.startswith("completion") or task == "wikitext":
+        return "completion"
+    if task in ("bio", "factscore"):
+        return "bio"
+    if task == "truthfulqa":
+        return "truthfulqa"
+    return "qa"
+
+
+class Summary:
+    """Lookup over summary rows: ``get(task, method, metric, variant="main") -> float | None``."""
+
+    def __init__(self, rows: Iterable[dict]):
+        self.rows = list(rows)
+        self._index = {(r["task"], r["method"], r["variant"], r["metric"]): r["value"] for r in self.rows}
+
+    @classmethod
+    def from_files(cls, paths: Iterable[Path]) -> "Summary":
+        rows: list[dict] = []
+        for p in paths:
+            rows.extend(pq.read_table(p).to_pylist())
+        return cls(rows)
+
+    def get(self, task: str, method: str, metric: str, variant: str = "main") -> float | None:
+        v = self._index.get((task, method, variant, metric))
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return float(v)
+
+    def tasks(self, variant: str = "main") -> list[str]:
+        seen: list[str] = []
+        for r in self.rows:
+            if r["variant"] == variant and r["task"] not in seen:
+                seen.append(r["task"])
+        return seen
+
+    def variants(self, prefix: str) -> list[str]:
+        return sorted({r["variant"] for r in self.rows if r["variant"].startswith(prefix)})
+
+
+def fmt(value: float | None, scale: float = 1, decimals: int = 1) -> str:
+    return NOT_COMPUTED if value is None else f"{value * scale:.{decimals}f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def table1(s: Summary, cells: list[dict]) -> str:
+    """Quality per method and task (the paper's Table 1, one block per task)."""
+    out = []
+    for task in s.tasks():
+        cols = TABLE1_COLUMNS[task_family(task)]
+        rows = []
+        for m in METHODS:
+            if not any(s.get(task, m, c[0]) is not None for c in cols) and s.get(task, m, "num_tokens") is None:
+                continue
+            row = [METHOD_LABELS[m]]
+            for key, label, scale, dec in cols:
+                v = s.get(task, m, key)
+                row.append(fmt(v, scale, dec))
+                cells.append({"table": "1", "task": task, "row": m, "column": label, "value": v})
+            rows.append(row)
+        n = next((r["n"] for r in s.rows if r["task"] == task and r["variant"] == "main"), 0)
+        out.append(f"**{task}** ({n} examples)\n\n" + _md_table(["method"] + [c[1] for c in cols], rows))
+    return "\n\n".join(out)
+
+
+def table2(s: Summary, cells: list[dict]) -> str:
+    """Attribution (the paper's Table 2): ratio of corpus tokens and mean copied-span length."""
+    rows = []
+    for task in s.tasks():
+        for m in ("nest", "ra_nest"):
+            ratio, length = s.get(task, m, "attribution_ratio"), s.get(task, m, "attribution_span_length")
+            if ratio is None and length is None:
+                continue
+            rows.append([task, METHOD_LABELS[m], fmt(ratio, 100, 1), fmt(length, 1, 1)])
+            cells.append({"table": "2", "task": task, "row": m, "column": "Ratio (%)", "value": ratio})
+            cells.append({"table": "2", "task": task, "row": m, "column": "Length (tokens)", "value": length})
+    return _md_table(["task", "method", "Ratio (%)", "Length (tokens)"], rows)
+
+
+def table3(s: Summary, cells: list[dict]) -> str:
+    """Ablation (the paper's Table 3): kNN-LM → +RRC → +dynamic span selection → +relaxed speculative decoding."""
+    tasks = [t for t in s.tasks("ablation:nest")]
+    header = ["variant"]
+    metric_of = {}
+    for t in tasks:
+        fam = task_family(t)
+        key, label, scale, dec = {"completion": ("rouge1", "RG-1", 100, 1), "bio": ("rouge1_source", "RG-1 vs source", 100, 1),
+                                  "qa": ("alr", "ALR", 100, 1), "truthfulqa": ("delta_rouge1", "∆RG-1", 100, 2)}[fam]
+        metric_of[t] = (key, scale, dec)
+        header.append(f"{t} {label}")
+    rows = []
+    for step, label in ABLATION_STEPS:
+        row = [label]
+        for t in tasks:
+            key, scale, dec = metric_of[t]
+            v = s.get(t, "nest", key, f"ablation:{step}")
+            row.append(fmt(v, scale, dec))
+            cells.append({"table": "3", "task": t, "row": step, "column": key, "value": v})
+        rows.append(row)
+    return _md_table(header, rows)
+
+
+def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
+    """Speedup over the base LM and mean accepted span length against γ (the paper's Fig. 2b)."""
+    variants = s.variants("gamma=")
+    rows, series = [], {}
+    for task in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
+        pts = []
+        for v in variants:
+            g = float(v.split("=", 1)[1])
+            speed = s.get(task, "nest", "tokens_per_s", v)
+            base = s.get(task, "base", "tokens_per_s")
+            speedup = speed / base if speed and base else None
+            span = s.get(task, "nest", "mean_accepted_span", v)
+            ratio = s.get(task, "nest", "attribution_ratio", v)
+            rouge = s.get(task, "nest", "rouge1", v)
+            pts.append((g, speedup, span))
+            rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(span, 1, 1), fmt(ratio, 100, 1),
+                         fmt(rouge, 100, 1)])
+            for col, val in (("tokens_per_s", speed), ("speedup", speedup), ("mean_accepted_span", span),
+                             ("attribution_ratio", ratio), ("rouge1", rouge)):
+                cells.append({"table": "gamma", "task": task, "row": f"{g:g}", "column": col, "value": val})
+        series[task] = sorted(pts, reverse=True)
+    if out_dir is not None and series:
+        _plot_gamma(series, out_dir / "gamma_sweep.png")
+    return _md_table(["task", "γ", "tokens/s", "speedup vs base", "mean accepted span", "attribution %", "RG-1"], rows)
+
+
+def _plot_gamma(series: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for task, pts in series.items():
+        gs = [p[0] for p in pts]
+        a1.plot(gs, [p[1] if p[1] is not None else float("nan") for p in pts], marker="o", label=task)
+        a2.plot(gs, [p[2] if p[2] is not None else float("nan") for p in pts], marker="o", label=task)
+    for ax, title in ((a1, "speedup over base LM"), (a2, "mean accepted span (tokens)")):
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("leniency γ")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latency(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
+    """Seconds per query by component (the paper's Fig. 2a), for each method on each task."""
+    rows, bars = [], []
+    for task in s.tasks():
+        for m in METHODS:
+            total = s.get(task, m, "seconds_per_query")
+            if total is None:
+                continue
+            comps = [s.get(task, m, f"time_{c}") for c in LATENCY_COMPONENTS]
+            rest = total - sum(c or 0.0 for c in comps)
+            rows.append([task, METHOD_LABELS[m], fmt(total, 1, 2)] + [fmt(c, 1, 2) for c in comps] + [fmt(rest, 1, 2),
+                        fmt(s.get(task, m, "ms_per_token"), 1, 1)])
+            bars.append((f"{task}\n{m}", [c or 0.0 for c in comps] + [max(rest, 0.0)]))
+            cells.append({"table": "latency", "task": task, "row": m, "column": "seconds_per_query", "value": total})
+    if out_dir is not None and bars:
+        _plot_latency(bars, out_dir / "latency.png")
+    return _md_table(["task", "method", "s/query"] + list(LATENCY_COMPONENTS) + ["LM decoding + other", "ms/token"], rows)
+
+
+def _plot_latency(bars: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(LATENCY_COMPONENTS) + ["LM decoding + other"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(bars) + 2), 4))
+    bottom = [0.0] * len(bars)
+    for i, lab in enumerate(labels):
+        vals = [b[1][i] for b in bars]
+        ax.bar(range(len(bars)), vals, bottom=bottom, label=lab)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=90)
+    ax.set_ylabel("seconds per query")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
+    """The paper's trends that should survive shrinking the setup (digest §6.5), each judged on this run's numbers."""
+    checks = []
+    comp = [t for t in s.tasks() if task_family(t) == "completion"]
+    for t in comp:
+        ppl = [s.get(t, m, "ppl") for m in ("base", "knnlm", "nest", "ra_nest")]
+        if all(v is not None for v in ppl):
+            ok = ppl[0] > ppl[1] > ppl[2] > ppl[3]
+            checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
+    for t in s.tasks("ablation:nest"):
+        key = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "delta_rouge1"}[task_family(t)]
+        vals = [s.get(t, "nest", key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
+        if all(v is not None for v in vals):
+            ok = vals[0] <= vals[1] and vals[2] <= vals[3]
+            checks.append((f"{t}: ablation, RRC and relaxed speculative decoding each help ({key})", ok,
+                           " → ".join(f"{v:.3f}" for v in vals)))
+    gammas = s.variants("gamma=")
+    for t in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
+        pts = sorted((float(v.split("=")[1]), s.get(t, "nest", "attribution_ratio", v),
+                      s.get(t, "nest", "mean_accepted_span", v)) for v in gammas)
+        ratios = [p[1] for p in pts if p[1] is not None]
+        spans = [p[2] for p in pts if p[2] is not None]
+        if len(ratios) >= 2:
+            checks.append((f"{t}: attribution ratio falls as γ rises", ratios[0] >= ratios[-1],
+                           ", ".join(f"γ={p[0]:g}: {p[1]:.3f}" for p in pts if p[1] is not None)))
+        if len(spans) >= 2:
+            checks.append((f"{t}: accepted span length rises as γ falls", spans[0] >= spans[-1],
+                           ", ".join(f"γ={p[0]:g}: {p[2]:.1f}" for p in pts if p[2] is not None)))
+    return checks
+
+
+def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduction report",
+           context: dict | None = None) -> tuple[str, list[dict]]:
+    cells: list[dict] = []
+    parts = [f"# {title}", ""]
+    if context:
+        parts += ["Run: " + ", ".join(f"{k} = {v}" for k, v in context.items()), ""]
+    parts += ["## Table 1: quality per method and task", "", table1(s, cells), "",
+              "## Table 2: attribution (NEST, RA-NEST)", "", table2(s, cells), "",
+              "## Table 3: ablation", "", table3(s, cells), "",
+              "## Leniency sweep (γ)", "", gamma_sweep(s, cells, out_dir), "",
+              "![gamma sweep](gamma_sweep.png)", "",
+              "## Latency breakdown (seconds per query)", "", latency(s, cells, out_dir), "",
+              "![latency](latency.png)", "",
+              "## The paper's trends on this run", ""]
+    for name, ok, detail in trend_checks(s):
+        parts.append(f"- {'holds' if ok else 'does NOT hold'}: {name} ({detail})")
+    return "\n".join(parts) + "\n", cells
+
+
+def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict | None = None) -> dict:
+    """Write ``report.md``, ``tables.parquet`` and the PNG figures from the given ``summary.parquet`` folders/files."""
+    out_dir = Path(out_dir)
+    paths = []
+    for p in (summaries.values() if isinstance(summaries, dict) else summaries):
+        p = Path(p)
+        paths.append(p / "summary.parquet" if p.is_dir() else p)
+    s = Summary.from_files(paths)
+    text, cells = render(s, out_dir, context=context)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    table = pa.Table.from_pylist(
+        [{**c, "value": None if c["value"] is None else float(c["value"])} for c in cells],
+        schema=pa.schema([("table", pa.string()), ("task", pa.string()), ("row", pa.string()),
+                          ("column", pa.string()), ("value", pa.float64())]))
+    pq.write_table(table, out_dir / "tables.parquet", compression="zstd")
+    (out_dir / "report.json").write_text(json.dumps({"cells": len(cells)}))
+    return {"cells": len(cells), "summaries": len(paths)}

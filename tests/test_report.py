@@ -1,0 +1,56 @@
+"""Report stage: tables and trend checks from hand-made summary rows."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import report
+
+
+def _rows():
+    rows = []
+    def add(task, method, metric, value, variant="main"):
+        rows.append({"task": task, "method": method, "variant": variant, "metric": metric, "value": value, "n": 4})
+    for m, ppl, r1 in (("base", 9.0, 0.20), ("ra", 5.0, 0.60), ("knnlm", 7.0, 0.25), ("nest", 6.0, 0.30),
+                       ("ra_nest", 4.0, 0.62)):
+        add("completion", m, "ppl", ppl)
+        add("completion", m, "rouge1", r1)
+        add("completion", m, "tokens_per_s", 10.0 if m == "base" else 20.0)
+        add("completion", m, "seconds_per_query", 3.0)
+        add("completion", m, "time_lm_encoding", 1.0)
+    add("completion", "nest", "attribution_ratio", 0.5)
+    add("completion", "nest", "attribution_span_length", 7.0)
+    add("bio", "nest", "factscore", None)
+    add("bio", "nest", "num_tokens", 80.0)
+    for g, ratio, span, tps in (("0.5", 0.2, 3.0, 12.0), ("0.0005", 0.9, 20.0, 30.0)):
+        add("completion", "nest", "attribution_ratio", ratio, f"gamma={g}")
+        add("completion", "nest", "mean_accepted_span", span, f"gamma={g}")
+        add("completion", "nest", "tokens_per_s", tps, f"gamma={g}")
+    for step, v in (("knnlm", 0.20), ("rrc", 0.25), ("span", 0.24), ("nest", 0.27)):
+        add("completion", "nest", "rouge1", v, f"ablation:{step}")
+    return rows
+
+
+def test_report_renders_tables_and_trends(tmp_path):
+    pq.write_table(pa.Table.from_pylist(_rows()), tmp_path / "summary.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = report.run(out, summaries=[tmp_path])
+    text = (out / "report.md").read_text()
+    assert "| +NEST | 6.00 | 30.0 |" in text          # PPL and RG-1 ×100
+    assert "not computed" in text                       # FactScore without a judge
+    assert "holds: completion: PPL base > kNN-LM > NEST > RA-NEST" in text
+    assert "holds: completion: attribution ratio falls as γ rises" in text
+    assert "| completion | 0.0005 | 30.0 | 3.00 | 20.0 | 90.0 |" in text   # speedup 30/10
+    assert (out / "gamma_sweep.png").stat().st_size > 1000
+    assert (out / "latency.png").stat().st_size > 1000
+    cells = pq.read_table(out / "tables.parquet").to_pylist()
+    assert stats["cells"] == len(cells)
+    fs = [c for c in cells if c["column"] == "FS"]
+    assert fs and fs[0]["value"] is None
+
+
+def test_trend_reported_as_failing_when_order_breaks():
+    rows = [r for r in _rows() if not (r["metric"] == "ppl" and r["method"] == "nest")]
+    rows.append({"task": "completion", "method": "nest", "variant": "main", "metric": "ppl", "value": 99.0, "n": 4})
+    checks = dict((n, ok) for n, ok, _ in report.trend_checks(report.Summary(rows)))
+    assert checks["completion: PPL base > kNN-LM > NEST > RA-NEST"] is False
