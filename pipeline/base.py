@@ -1,0 +1,271 @@
+"""The Luigi base task of every stage: its key, its output (an artifact of the store), and how it runs the stage.
+
+A subclass names the stage module and function, its inputs (``requires()`` → ``{input_name: task}``) and its parameters
+(``stage_params()`` → the dict that enters the key *and* the call; a value whose key form must differ from the value given
+to the stage, such as a file path, is an :class:`~pipeline.store.Identified`). Nothing here imports a stage module until
+the stage runs: building the DAG and checking it is complete stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import sys
+import time
+from typing import Any, Iterable, Mapping
+
+import luigi
+
+from pipeline import config as _config  # registers the project's luigi.cfg
+from pipeline.runs import new_run_id, write_run
+from pipeline.stage_versions import read_version
+from pipeline.store import Identified, Store, content_key, key_form, utc_now
+
+
+class ArtifactTarget(luigi.Target):
+    """The artifact ``(stage, key)``: it exists when its manifest does (and, with ``verify``, its files match it)."""
+
+    def __init__(self, store: Store, stage: str, key: str, verify: bool = False):
+        self.store, self.stage, self.key, self.verify = store, stage, key, verify
+
+    @property
+    def path(self):
+        return self.store.path(self.stage, self.key)
+
+    def exists(self) -> bool:
+        if not self.store.complete(self.stage, self.key):
+            return False
+        return not self.verify or not self.store.verify(self.stage, self.key)
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.key[:12]}"
+
+
+class NestTask(luigi.Task):
+    """Base of the stage tasks. Class attributes:
+
+    - ``stage_module`` / ``stage_fn``: the stage function, ``run(out_dir, *, <inputs>, <params>) -> stats``;
+    - ``version_attr``: the module constant holding the declared stage version (``VERSION``);
+    - ``key_exclude``: parameters handed to the stage but left out of the key (resources: threads, batch size);
+    - ``input_args``: ``{input_name: kwarg}`` when the stage names an input differently;
+    - ``label_params``: luigi parameters shown in labels (``LoadTask(task=bio)``).
+    """
+
+    stage_module: str = ""
+    stage_fn: str = "run"
+    version_attr: str = "VERSION"
+    key_exclude: tuple[str, ...] = ()
+    input_args: Mapping[str, str] = {}
+    label_params: tuple[str, ...] = ()
+
+    # ---- what subclasses declare ------------------------------------------------------------------------------------
+    def requires(self) -> dict[str, "NestTask"]:
+        return {}
+
+    def stage_params(self) -> dict[str, Any]:
+        return {}
+
+    # ---- identity ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def stage_name(cls) -> str:
+        return cls.__name__
+
+    @property
+    def stage(self) -> str:
+        return self.stage_name()
+
+    def stage_version(self) -> str:
+        return read_version(self.stage_module, self.version_attr)
+
+    def inputs(self) -> dict[str, "NestTask"]:
+        req = self.requires() or {}
+        if not isinstance(req, Mapping):
+            raise TypeError(f"{self.stage}.requires() must return a dict {{input_name: task}}")
+        return dict(req)
+
+    def _params_memo(self) -> dict[str, Any]:
+        memo = self.__dict__.get("_nest_params")
+        if memo is None:
+            memo = self.__dict__["_nest_params"] = dict(self.stage_params())
+        return memo
+
+    @property
+    def key_params(self) -> dict[str, Any]:
+        """The parameters as they enter the key (identities, not paths)."""
+        return key_form({k: v for k, v in self._params_memo().items() if k not in self.key_exclude})
+
+    def key_ingredients(self) -> dict[str, Any]:
+        return {"stage": self.stage, "stage_version": self.stage_version(), "params": self.key_params,
+                "inputs": {name: t.key for name, t in self.inputs().items()}}
+
+    @property
+    def key(self) -> str:
+        k = self.__dict__.get("_nest_key")
+        if k is None:
+            ing = self.key_ingredients()
+            k = self.__dict__["_nest_key"] = content_key(ing["stage"], ing["stage_version"], ing["params"], ing["inputs"])
+        return k
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{p}={getattr(self, p)}" for p in self.label_params)
+        return f"{self.stage}({shown})" if shown else self.stage
+
+    # ---- luigi -------------------------------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        return _config.get_store()
+
+    def output(self) -> ArtifactTarget:
+        return ArtifactTarget(self.store, self.stage, self.key, verify=_config.verify_on_complete())
+
+    @property
+    def artifact_dir(self):
+        return self.store.path(self.stage, self.key)
+
+    def complete(self) -> bool:
+        RUN_LOG.touch(self)
+        return super().complete()
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the stage call: input artifact folders, then parameters (``Identified`` → value)."""
+        kwargs: dict[str, Any] = {}
+        for name, task in self.inputs().items():
+            kwargs[self.input_args.get(name, name)] = task.artifact_dir
+        for name, value in self._params_memo().items():
+            kwargs[name] = value.value if isinstance(value, Identified) else value
+        return kwargs
+
+    def build(self, out_dir) -> Mapping | None:
+        """Import the stage module (only now) and run it into ``out_dir``."""
+        module = importlib.import_module(self.stage_module)
+        fn = getattr(module, self.stage_fn)
+        return fn(out_dir, **self.call_kwargs())
+
+    def run(self) -> None:
+        ref = (self.stage, self.key)
+        print(f"[nest] {self.label} {self.key[:12]}: building", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            self.store.publish(self.stage, self.key, self.build, version=self.stage_version(), params=self.key_params,
+                               inputs={name: (t.stage, t.key) for name, t in self.inputs().items()})
+        except BaseException as e:
+            RUN_LOG.failed[ref] = e
+            raise
+        seconds = time.perf_counter() - t0
+        RUN_LOG.built[ref] = seconds
+        print(f"[nest] {self.label} {self.key[:12]}: built in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+def _walk(roots: Iterable[luigi.Task]) -> list[tuple[luigi.Task, list[luigi.Task]]]:
+    """(task, its requirements) for every task reachable from ``roots``, dependencies first, each once."""
+    out: list[tuple[luigi.Task, list[luigi.Task]]] = []
+    seen: set[str] = set()
+
+    def visit(task: luigi.Task) -> None:
+        if task.task_id in seen:
+            return
+        seen.add(task.task_id)
+        deps = list(luigi.task.flatten(task.requires()))
+        for dep in deps:
+            visit(dep)
+        out.append((task, deps))
+
+    for r in roots:
+        visit(r)
+    return out
+
+
+def closure(roots: Iterable[luigi.Task]) -> list[NestTask]:
+    """Every NestTask reachable from ``roots`` (wrapper tasks are walked through), dependencies first, each once."""
+    return [t for t, _deps in _walk(roots) if isinstance(t, NestTask)]
+
+
+class RunLog:
+    """What this process's Luigi runs reached: written as a run record by the CLI, or at exit for plain ``luigi``.
+
+    The DAG under each task Luigi checks is walked (and its keys computed) at once, while Luigi's command-line parameters
+    are still in effect: at exit, re-instantiating the tasks would use the configuration's defaults instead.
+    """
+
+    def __init__(self):
+        self.reset()
+        self._atexit = False
+
+    def reset(self) -> None:
+        self.tasks: dict[str, NestTask] = {}       # task_id -> task, dependencies first
+        self.required: set[str] = set()           # task_ids some reached task requires
+        self.built: dict[tuple[str, str], float] = {}
+        self.failed: dict[tuple[str, str], BaseException] = {}
+        self.started_at = utc_now()
+        self.store: Store | None = None
+
+    def _add(self, roots: Iterable[luigi.Task]) -> None:
+        for task, deps in _walk(roots):
+            if isinstance(task, NestTask) and task.task_id not in self.tasks:
+                _ = task.key  # computed now, under the current parameters
+                self.tasks[task.task_id] = task
+                self.required.update(d.task_id for d in deps)
+
+    def touch(self, task: NestTask) -> None:
+        if not self.tasks:
+            self.started_at = utc_now()
+            self.store = _config.get_store()
+        if task.task_id not in self.tasks:
+            self._add([task])
+        if not self._atexit:
+            atexit.register(self._flush_at_exit)
+            self._atexit = True
+
+    def record(self, roots: Iterable[luigi.Task] | None = None, *, command: list[str] | None = None,
+               profile: str | None = None, store: Store | None = None) -> dict:
+        """The run record of ``roots`` (default: every task Luigi checked), with each stage's status."""
+        store = store or self.store or _config.get_store()
+        if roots is not None:
+            self._add(roots)
+            wanted = {t.task_id for t in closure(roots)}
+        else:
+            wanted = set(self.tasks)
+        tasks = [t for tid, t in self.tasks.items() if tid in wanted]
+        reached = []
+        for t in tasks:
+            ref = (t.stage, t.key)
+            if ref in self.failed:
+                status = "failed"
+            elif ref in self.built:
+                status = "built"
+            elif store.complete(*ref):
+                status = "cached"
+            else:
+                status = "missing"
+            reached.append({"stage": t.stage, "key": t.key, "label": t.label, "status": status,
+                            "seconds": round(self.built[ref], 3) if ref in self.built else None})
+        targets = [{"stage": t.stage, "key": t.key, "label": t.label} for t in tasks if t.task_id not in self.required]
+        ok = all(r["status"] in ("built", "cached") for r in reached)
+        return {"id": new_run_id(), "started_at": self.started_at, "finished_at": utc_now(),
+                "command": command if command is not None else [sys.argv[0].rsplit("/", 1)[-1]] + sys.argv[1:],
+                "profile": profile, "ok": ok, "targets": targets, "reached": reached}
+
+    def flush(self, roots: Iterable[luigi.Task] | None = None, **kw) -> dict | None:
+        """Write the run record (``runs/<id>.json`` + ``runs/latest.json``) and start a new log."""
+        if roots is None and not self.tasks:
+            return None
+        store = kw.pop("store", None) or self.store or _config.get_store()
+        record = self.record(roots, store=store, **kw)
+        if record["reached"]:
+            write_run(store, record)
+        self.reset()
+        return record
+
+    def _flush_at_exit(self) -> None:
+        if not self.tasks:
+            return
+        try:
+            store = self.store or _config.get_store()
+            if store.root.is_dir():
+                self.flush(store=store)
+        except Exception as e:  # never turn a finished run into a crash at exit
+            print(f"[nest] could not record the run: {e}", file=sys.stderr)
+
+
+RUN_LOG = RunLog()

@@ -1,0 +1,193 @@
+"""DuckDB over the store: ``artifacts`` (every manifest) and views over the Parquet files of the latest run's artifacts.
+
+A data view is one line of :data:`VIEWS`: its name, the stage whose artifacts it reads, the file glob inside an artifact
+folder, and the SELECT over one artifact (placeholders: ``{files}`` that artifact's files, ``{passages}`` the passage
+files of the corpus it descends from, ``{task}`` the evaluation task it belongs to, as SQL literals). The view is the
+UNION ALL of that SELECT over every artifact of the stage in the latest run that reached the stage.
+
+``task`` filter: several evaluation tasks give several artifacts whose ``example_id`` both start at 0. Unless told
+otherwise (``task="all"``), the task-bearing views show one task: the first configured task present in the run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.runs import latest_run, load_runs
+from pipeline.store import Store
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    stage: str
+    glob: str
+    select: str = "SELECT * FROM read_parquet({files})"
+    per_task: bool = False
+
+
+VIEWS: list[View] = [
+    View("passages", "ConvertCorpus", "passages-*.parquet"),
+    View("tokens", "PreTokenize", "tokens-*.parquet",
+         "SELECT doc_id, len(token_ids) AS n_tokens, token_ids FROM read_parquet({files})"),
+    View("examples", "LoadTask", "examples.parquet", per_task=True),
+    View("retrievals", "PreRetrieve", "retrievals.parquet",
+         "SELECT {task} AS task, r.example_id, r.rank, r.doc_id, p.title, r.fused, r.sparse, r.dense, p.text "
+         "FROM read_parquet({files}) r LEFT JOIN read_parquet({passages}) p USING (doc_id)", per_task=True),
+]
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _sql_list(paths: Iterable[Path]) -> str:
+    return "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
+
+
+def _upstream(store: Store, stage: str, key: str, want: str) -> tuple[str, dict] | None:
+    """The nearest artifact of stage ``want`` that ``(stage, key)`` was built from (itself included)."""
+    todo, seen = [(stage, key)], set()
+    while todo:
+        ref = todo.pop(0)
+        if ref in seen:
+            continue
+        seen.add(ref)
+        m = store.manifest(*ref)
+        if m is None:
+            continue
+        if ref[0] == want:
+            return ref[1], m
+        todo.extend((i["stage"], i["key"]) for i in m.get("inputs", {}).values())
+    return None
+
+
+def _task_of(store: Store, stage: str, key: str) -> str:
+    found = _upstream(store, stage, key, "LoadTask")
+    return str(found[1]["params"].get("task", "")) if found else ""
+
+
+def _latest_per_stage(store: Store, stages: set[str]) -> list[tuple[str, str]]:
+    """For each stage, the complete artifacts of the most recent run that reached any (``nest run OneStage`` does not
+    hide the outputs of the last full run)."""
+    out: list[tuple[str, str]] = []
+    runs = load_runs(store)
+    latest = latest_run(store)
+    if latest and all(latest.get("id") != r.get("id") for r in runs):
+        runs.append(latest)
+    for stage in sorted(stages):
+        for run in reversed(runs):
+            refs = [(r["stage"], r["key"]) for r in run.get("reached", [])
+                    if r["stage"] == stage and store.complete(r["stage"], r["key"])]
+            if refs:
+                out.extend(dict.fromkeys(refs))
+                break
+    return out
+
+
+def _artifacts_table(store: Store, latest: set[tuple[str, str]]):
+    import pyarrow as pa
+
+    rows = {k: [] for k in ("stage", "key", "stage_version", "params", "inputs", "created_at", "size", "n_files",
+                            "build_s", "in_latest_run", "path")}
+    for m in store.manifests():
+        rows["stage"].append(m["stage"])
+        rows["key"].append(m["key"])
+        rows["stage_version"].append(str(m.get("stage_version")))
+        rows["params"].append(json.dumps(m.get("params", {}), sort_keys=True, ensure_ascii=False))
+        rows["inputs"].append(json.dumps({n: i["key"] for n, i in m.get("inputs", {}).items()}, sort_keys=True))
+        rows["created_at"].append(m.get("created_at"))
+        rows["size"].append(int(m.get("size", 0)))
+        rows["n_files"].append(len(m.get("files", {})))
+        rows["build_s"].append(float(m.get("timings", {}).get("build_s") or 0.0))
+        rows["in_latest_run"].append((m["stage"], m["key"]) in latest)
+        rows["path"].append(str(store.path(m["stage"], m["key"])))
+    schema = pa.schema([("stage", pa.string()), ("key", pa.string()), ("stage_version", pa.string()),
+                        ("params", pa.string()), ("inputs", pa.string()), ("created_at", pa.string()),
+                        ("size", pa.int64()), ("n_files", pa.int64()), ("build_s", pa.float64()),
+                        ("in_latest_run", pa.bool_()), ("path", pa.string())])
+    return pa.table(rows, schema=schema)
+
+
+@dataclass
+class Catalog:
+    con: object             # duckdb.DuckDBPyConnection
+    views: dict[str, int]   # view name -> number of artifacts behind it
+    task: str | None        # the task the per-task views show (None: all)
+    tasks: list[str]        # every task present in the latest run
+
+
+def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterable[str] = ()) -> Catalog:
+    """An in-memory DuckDB connection with the views. ``task``: ``None`` picks the first of ``preferred_tasks`` present
+    (else the first present), ``"all"`` shows every task."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    run = latest_run(store) or {}
+    latest = {(r["stage"], r["key"]) for r in run.get("reached", []) if store.complete(r["stage"], r["key"])}
+    con.register("_nest_artifacts", _artifacts_table(store, latest))
+    reached = _latest_per_stage(store, {v.stage for v in VIEWS} | {"LoadTask"})
+    con.execute("CREATE VIEW artifacts AS SELECT * REPLACE (CAST(created_at AS TIMESTAMP) AS created_at) "
+                "FROM _nest_artifacts")
+
+    tasks_present: list[str] = []
+    per_task_stages = {v.stage for v in VIEWS if v.per_task}
+    for stage, key in reached:
+        if stage in per_task_stages:
+            t = _task_of(store, stage, key)
+            if t not in tasks_present:
+                tasks_present.append(t)
+    if task is None:
+        preferred = [t for t in preferred_tasks if t in tasks_present]
+        task = preferred[0] if preferred else (tasks_present[0] if tasks_present else None)
+    elif task == "all":
+        task = None
+
+    counts: dict[str, int] = {"artifacts": -1}
+    for view in VIEWS:
+        parts = []
+        for stage, key in reached:
+            if stage != view.stage:
+                continue
+            this_task = _task_of(store, stage, key)
+            if view.per_task and task is not None and this_task != task:
+                continue
+            folder = store.path(stage, key)
+            files = sorted(folder.glob(view.glob))
+            if not files:
+                continue
+            corpus = _upstream(store, stage, key, "ConvertCorpus")
+            passages = sorted(store.path("ConvertCorpus", corpus[0]).glob("passages-*.parquet")) if corpus else []
+            if "{passages}" in view.select and not passages:
+                continue
+            parts.append(view.select.format(files=_sql_list(files), passages=_sql_list(passages),
+                                            task=_sql_str(this_task)))
+        if parts:
+            con.execute(f"CREATE VIEW {view.name} AS " + " UNION ALL BY NAME ".join(f"({p})" for p in parts))
+            counts[view.name] = len(parts)
+    return Catalog(con, counts, task, tasks_present)
+
+
+def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    """A plain text table (no box drawing: easy to paste and to diff)."""
+    def cell(v) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        s = str(v).replace("\n", " ")
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    for r in body:
+        cells = (v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""``nest``: the command line of the pipeline.
+
+    nest all [--profile P] [--set Stage.param=value ...]   build the DAG (Luigi, local scheduler, one worker)
+    nest run [--profile P] StageName [--param value ...]   one stage and what it needs (Luigi's own parameters)
+    nest status [--profile P]                              cached, or why a stage would rerun
+    nest show KEY-or-prefix [--verify]                     an artifact's manifest (and a check of its files)
+    nest gc [--keep N] [--yes]                             artifacts no recorded run reaches (dry run by default)
+    nest query "SQL" [--task T|all]                        DuckDB over manifests and the latest run's Parquet files
+    nest generate "prompt" [--method nest] [...]           decode one prompt with attribution (the decoding demo)
+
+Bad input (``stages.errors.InputError``) prints one line ``path:line: message`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Iterable, Sequence
+
+_EXIT_INPUT = 2
+
+
+class CliError(Exception):
+    """A one-line user-facing error (exit status 2)."""
+
+
+def _input_error_types() -> tuple[type, ...]:
+    from pipeline.config import ProfileError
+    from stages.errors import InputError
+
+    return InputError, ProfileError, CliError, FileNotFoundError
+
+
+# ---- building ----------------------------------------------------------------------------------------------------------
+
+class _DropInputErrors(logging.Filter):
+    """Luigi logs a traceback for every failed task; for bad input the CLI prints one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and isinstance(exc, _input_error_types()))
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("luigi-interface")
+    if not any(isinstance(f, _DropInputErrors) for f in logger.filters):
+        logger.addFilter(_DropInputErrors())
+
+
+def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
+    from pipeline import config
+
+    if profile:
+        config.apply_profile(profile)
+    if sets:
+        config.apply_overrides(config.parse_set(list(sets)))
+
+
+def _precompute_keys(roots: Iterable) -> list:
+    """Compute every key before Luigi runs: a bad source path then fails here, in one line, not inside Luigi's
+    scheduler (which would log a traceback and skip the task)."""
+    from pipeline.base import closure
+
+    tasks = closure(roots)
+    for t in tasks:
+        _ = t.key
+    return tasks
+
+
+def build(roots: list, *, profile: str | None, command: list[str], quiet: bool = False) -> int:
+    """Build ``roots`` with Luigi's local scheduler and one worker; record the run; print one line per stage."""
+    import luigi
+
+    from pipeline.base import RUN_LOG
+
+    _precompute_keys(roots)
+    _configure_logging()
+    RUN_LOG.reset()
+    t0 = time.perf_counter()
+    luigi.build(roots, local_scheduler=True, workers=1, log_level="WARNING", detailed_summary=True)
+    failed = dict(RUN_LOG.failed)
+    record = RUN_LOG.flush(roots, command=command, profile=profile)
+    total = time.perf_counter() - t0
+    if not quiet and record:
+        width = max(len(r["label"]) for r in record["reached"])
+        for r in record["reached"]:
+            secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""
+            print(f"{r['label']:<{width}}  {r['key'][:12]}  {r['status']}{secs}")
+        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run recorded as runs/{record['id']}.json")
+    for _ref, exc in failed.items():
+        if isinstance(exc, _input_error_types()):
+            print(f"nest: {exc}", file=sys.stderr)
+            return _EXIT_INPUT
+    if failed or (record and not record["ok"]):
+        for (stage, key), exc in failed.items():
+            print(f"nest: {stage} {key[:12]} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------------
+
+def cmd_all(args) -> int:
+    from pipeline import dag
+
+    _setup(args.profile, args.set)
+    return build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]])
+
+
+def cmd_run(args) -> int:
+    from luigi.cmdline_parser import CmdlineParser
+
+    from pipeline import dag  # noqa: F401  (registers the tasks)
+
+    from luigi.task_register import TaskClassException
+
+    _setup(args.profile)
+    if not args.luigi_args:
+        raise CliError("run: name a stage, e.g. `nest run BuildBM25Index --k1 1.2`")
+    try:
+        with CmdlineParser.global_instance(list(args.luigi_args)) as cp:
+            task = cp.get_task_obj()
+            return build([task], profile=args.profile, command=["nest", *sys.argv[1:]])
+    except TaskClassException as e:
+        raise CliError(f"run: {str(e).splitlines()[0]}") from None
+
+
+def cmd_status(args) -> int:
+    from pipeline import dag
+    from pipeline.config import get_store
+    from pipeline.status import dag_status
+
+    _setup(args.profile, args.set)
+    store = get_store()
+    rows = dag_status([dag.All()], store)
+    width = max(len(s.task.label) for s in rows)
+    for s in rows:
+        head = f"{s.task.label:<{width}}  {s.task.key[:12]}  {s.state}"
+        if s.state == "cached":
+            print(head)
+        else:
+            against = f" (vs {s.compared_with[:12]})" if s.compared_with else ""
+            print(f"{head}{against}: " + "; ".join(s.reasons))
+    stale = sum(s.state != "cached" for s in rows)
+    print(f"{len(rows) - stale} cached, {stale} to build")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from pipeline.config import get_store
+    from pipeline.runs import human_bytes
+
+    store = get_store()
+    refs = store.find(args.key)
+    if not refs:
+        raise CliError(f"show: no complete artifact with a key starting {args.key!r} in {store.root}")
+    if len(refs) > 1:
+        listing = ", ".join(f"{r.stage}/{r.key[:16]}" for r in refs[:10])
+        raise CliError(f"show: {len(refs)} artifacts match {args.key!r} ({listing}); give more of the key")
+    ref = refs[0]
+    m = store.manifest(ref.stage, ref.key)
+    if args.json:
+        print(json.dumps(m, indent=1, sort_keys=True))
+    else:
+        print(f"stage      {m['stage']} (version {m['stage_version']})")
+        print(f"key        {m['key']}")
+        print(f"path       {ref.path}")
+        print(f"created    {m['created_at']}  (built in {m['timings'].get('build_s')} s)")
+        print(f"size       {human_bytes(m.get('size', 0))} in {len(m['files'])} files")
+        print(f"params     {json.dumps(m['params'], sort_keys=True, ensure_ascii=False)}")
+        for name, i in sorted(m.get("inputs", {}).items()):
+            print(f"input      {name}: {i['stage']}/{i['key']}")
+        print(f"stats      {json.dumps(m.get('stats', {}), sort_keys=True, ensure_ascii=False)}")
+        print(f"tools      {' '.join(f'{k}={v}' for k, v in sorted(m.get('tools', {}).items()))}")
+    if args.verify:
+        problems = store.verify(ref.stage, ref.key)
+        if problems:
+            for p in problems:
+                print(f"verify: {p}", file=sys.stderr)
+            return 1
+        print(f"verify     ok ({len(m['files'])} files match the manifest)")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from pipeline.config import get_store
+    from pipeline.runs import apply_gc, human_bytes, plan_gc
+
+    store = get_store()
+    try:
+        plan = plan_gc(store, args.keep)
+    except RuntimeError as e:
+        raise CliError(f"gc: {e}") from None
+    for stage, key, path, size in plan.remove:
+        kind = "" if path.name == key else " (crash leftover)"
+        print(f"{'remove' if args.yes else 'would remove'}  {stage}/{key[:16]}{kind}  {human_bytes(size)}")
+    verb = "removed" if args.yes else "would free"
+    print(f"{len(plan.remove)} unreached ({verb} {human_bytes(plan.bytes)}); keeping {len(plan.keep)} artifacts "
+          f"reached by {plan.kept_runs} recorded run(s)" + ("" if args.yes or not plan.remove else "; --yes removes them"))
+    if args.yes:
+        apply_gc(store, plan)
+    return 0
+
+
+def cmd_query(args) -> int:
+    from pipeline import dag
+    from pipeline.catalog import format_table, open_catalog
+    from pipeline.config import get_store
+
+    cat = open_catalog(get_store(), task=args.task, preferred_tasks=list(dag.nest().tasks))
+    if cat.task is not None and len(cat.tasks) > 1:
+        print(f"(views examples, retrievals show task {cat.task!r}; --task all or --task NAME for others: "
+              f"{', '.join(cat.tasks)})", file=sys.stderr)
+    try:
+        cur = cat.con.execute(args.sql)
+        if cur.description is None:  # not a query (e.g. CREATE VIEW)
+            return 0
+        columns = [d[0] for d in cur.description]
+        rows = cur.fetchmany(args.max_rows + 1)
+    except Exception as e:  # duckdb errors: one line, with the views that exist
+        views = ", ".join(sorted(cat.views))
+        raise CliError(f"query: {str(e).splitlines()[0]} (views: {views})") from None
+    print(format_table(columns, rows[: args.max_rows]))
+    if len(rows) > args.max_rows:
+        print(f"... (first {args.max_rows} rows; --max-rows N for more)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipeline import config, dag
+
+    _setup(args.profile, args.set)
+    try:
+        from stages.decoding.demo import run_demo
+    except ImportError as e:
+        raise CliError(f"generate: the decoding demo is not available ({e})") from None
+    prebuilt = config.config().get("PreRetrieve", "prebuilt_index", "")
+    tasks = dag.demo_tasks(prebuilt)
+    code = build(list(tasks.values()), profile=args.profile, command=["nest", *sys.argv[1:]], quiet=True)
+    if code:
+        return code
+    options = {k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
+                                             "passages") if getattr(args, k) is not None}
+    text = run_demo(args.prompt, lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
+                    tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
+                    dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,
+                    options=options)
+    print(text)
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nest", description="NEST reproduction pipeline (content-addressed Luigi stages).")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def profile_opts(p, with_set=True):
+        p.add_argument("--profile", default=None, help="embedded (default: luigi.cfg as is) or full (the paper's setting)")
+        if with_set:
+            p.add_argument("--set", action="append", default=[], metavar="Stage.param=value",
+                           help="override one parameter (repeatable), e.g. --set BuildBM25Index.k1=1.2")
+
+    p = sub.add_parser("all", help="build the whole DAG")
+    profile_opts(p)
+    p.set_defaults(fn=cmd_all)
+
+    p = sub.add_parser("run", help="build one stage (and what it needs): nest run StageName --param value",
+                       prefix_chars="-", add_help=True)
+    profile_opts(p, with_set=False)
+    p.add_argument("luigi_args", nargs=argparse.REMAINDER, help="StageName and Luigi parameters")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("status", help="cached stages, and why the others would rerun")
+    profile_opts(p)
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("show", help="an artifact's manifest")
+    p.add_argument("key", help="a key or a unique prefix of one")
+    p.add_argument("--verify", action="store_true", help="check every file's size and sha256 against the manifest")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("gc", help="remove artifacts no recorded run reaches (dry run unless --yes)")
+    p.add_argument("--keep", type=int, default=None, metavar="N", help="keep what the latest N runs reached (default: all)")
+    p.add_argument("--yes", action="store_true", help="really remove")
+    p.set_defaults(fn=cmd_gc)
+
+    p = sub.add_parser("query", help="SQL (DuckDB) over manifests and the latest run's outputs")
+    p.add_argument("sql")
+    p.add_argument("--task", default=None, help="task shown by examples/retrievals (default: the first configured; all)")
+    p.add_argument("--max-rows", type=int, default=100)
+    p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("generate", help="decode one prompt with NEST (or a baseline), with attribution")
+    p.add_argument("prompt")
+    p.add_argument("--method", default="nest", choices=["nest", "base", "ra", "knnlm", "ra_nest"])
+    p.add_argument("--gamma", type=float, help="γ, leniency of relaxed speculative decoding")
+    p.add_argument("--alpha", type=float, help="α, RRC offset")
+    p.add_argument("--tau", type=float, help="τ, RRC temperature")
+    p.add_argument("--delta", type=float, help="δ, span selection threshold")
+    p.add_argument("--span-length", type=int, dest="span_length", help="n, longest drafted span")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--passages", type=int, help="b, passages retrieved for the prompt")
+    profile_opts(p)
+    p.set_defaults(fn=cmd_generate)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _input_error_types() as e:
+        print(f"nest: {e}", file=sys.stderr)
+        return _EXIT_INPUT
+    except KeyboardInterrupt:
+        print("nest: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

