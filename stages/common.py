@@ -14,6 +14,8 @@ from typing import Iterator
 
 from stages.errors import InputError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _DIGEST_CACHE = Path(os.environ.get("NEST_DIGEST_CACHE", Path.home() / ".cache" / "nest" / "digests.json"))
 
 
@@ -61,6 +63,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -99,3 +102,101 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise InputError(path, n, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
             yield n, line.rstrip("\r\n")
+
+
+class ShardedWriter:
+    """Append rows to zstd Parquet shards ``prefix-00000.parquet``, ``prefix-00001.parquet``, ... in ``out_dir``.
+
+    Every shard holds exactly ``rows_per_shard`` rows (the last one fewer) and its row groups hold ``row_group_size``
+    rows (the last group of a shard may be shorter), so a reader finds row ``i`` in shard ``i // rows_per_shard`` and
+    reads one small row group to get it. Rows are buffered only up to one row group. Each shard is written to a hidden
+    temp name and renamed when complete. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str, schema, rows_per_shard: int, row_group_size: int):
+        if rows_per_shard < 1 or row_group_size < 1:
+            raise ValueError("rows_per_shard and row_group_size must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.schema = schema
+        self.rows_per_shard = int(rows_per_shard)
+        self.row_group_size = int(min(row_group_size, rows_per_shard))
+        self.shards: list[dict] = []  # {"file": name, "rows": n}
+        self.num_rows = 0
+        self._pending: list = []
+        self._pending_rows = 0
+        self._writer = None
+        self._tmp: Path | None = None
+        self._shard_rows = 0
+
+    def write(self, data) -> None:
+        """Append a ``pyarrow.Table`` or ``RecordBatch`` (or a dict of columns) with this writer's schema."""
+        import pyarrow as pa
+
+        if isinstance(data, dict):
+            data = pa.table(data, schema=self.schema)
+        elif isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if data.num_rows == 0:
+            return
+        if not data.schema.equals(self.schema):
+            data = data.select(self.schema.names).cast(self.schema)
+        self._pending.append(data)
+        self._pending_rows += data.num_rows
+        while self._pending_rows >= self._next_group_rows():
+            self._flush_group(self._next_group_rows())
+
+    def _next_group_rows(self) -> int:
+        return min(self.row_group_size, self.rows_per_shard - self._shard_rows)
+
+    def _flush_group(self, n: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = self._pending[0] if len(self._pending) == 1 else pa.concat_tables(self._pending)
+        group, rest = table.slice(0, n), table.slice(n)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows -= n
+        if self._writer is None:
+            name = f"{self.prefix}-{len(self.shards):05d}.parquet"
+            self._tmp = self.out_dir / f".{name}.tmp"
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+            self.shards.append({"file": name, "rows": 0})
+        self._writer.write_table(group.combine_chunks(), row_group_size=n)
+        self._shard_rows += n
+        self.num_rows += n
+        self.shards[-1]["rows"] = self._shard_rows
+        if self._shard_rows == self.rows_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        os.replace(self._tmp, self.out_dir / self.shards[-1]["file"])
+        self._writer, self._tmp, self._shard_rows = None, None, 0
+
+    def close(self) -> list[dict]:
+        """Flush what is buffered, finish the last shard and return ``[{"file", "rows"}, ...]``."""
+        while self._pending_rows:
+            self._flush_group(min(self._pending_rows, self._next_group_rows()))
+        self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file) without publishing it."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._writer = None
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
