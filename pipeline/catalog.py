@@ -37,6 +37,12 @@ VIEWS: list[View] = [
     View("retrievals", "PreRetrieve", "retrievals.parquet",
          "SELECT {task} AS task, r.example_id, r.rank, r.doc_id, p.title, r.fused, r.sparse, r.dense, p.text "
          "FROM read_parquet({files}) r LEFT JOIN read_parquet({passages}) p USING (doc_id)", per_task=True),
+    # one row per (task, method, example); ``source_doc_ids``/``source_positions`` per token, -1 = not from the corpus.
+    # Every decoding config of the grid has its own Generate artifact: ``config`` tells them apart.
+    View("generations", "Generate", "generations.parquet"),
+    # per-example metrics, long format (task, method, variant, metric, value) and the aggregates the report shows
+    View("scores", "Score", "scores.parquet"),
+    View("summary", "Score", "summary.parquet"),
 ]
 
 

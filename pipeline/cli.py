@@ -107,7 +107,47 @@ def cmd_all(args) -> int:
     from pipeline import dag
 
     _setup(args.profile, args.set)
-    return build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]])
+    rc = build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]])
+    report = latest_report_path()
+    if rc == 0 and report is not None:
+        print(f"report: {_shown_path(report)}  (print it with `nest report`)")
+    return rc
+
+
+def latest_report_path():
+    """``report.md`` of the newest Report artifact the latest recorded run reached, or None."""
+    from pipeline.config import get_store
+    from pipeline.runs import latest_run
+
+    store = get_store()
+    run = latest_run(store) or {}
+    keys = [r["key"] for r in run.get("reached", []) if r.get("stage") == "Report"]
+    for key in keys:
+        path = store.path("Report", key) / "report.md"
+        if path.is_file():
+            return path
+    return None
+
+
+def _shown_path(path) -> str:
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def cmd_report(args) -> int:
+    _setup(args.profile)
+    path = latest_report_path()
+    if path is None:
+        raise CliError("report: no report yet; run `make all` (or `nest all`) first")
+    if args.path:
+        print(_shown_path(path))
+    else:
+        print(path.read_text(encoding="utf-8"), end="")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -294,6 +334,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task shown by examples/retrievals (default: the first configured; all)")
     p.add_argument("--max-rows", type=int, default=100)
     p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("report", help="print the latest run's report (Markdown)")
+    p.add_argument("--path", action="store_true", help="print only the report's path")
+    p.add_argument("--profile", default=None)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("generate", help="decode one prompt with NEST (or a baseline), with attribution")
     p.add_argument("prompt")

@@ -234,6 +234,127 @@ class PreTokenize(NestTask):
         return {"template": self.template, "batch_size": self.batch_size}
 
 
+# ---- generation, scoring, report (issue 4) ------------------------------------------------------------------------
+
+class decoding(luigi.Config):  # noqa: N801
+    """``[decoding]``: the methods, the decoding config of the profile and the experiment grid (pipeline/experiments.py)."""
+
+    methods = luigi.ListParameter(default=("base", "ra", "knnlm", "nest", "ra_nest"))
+    config = luigi.DictParameter(default={}, description="NestConfig overrides for every method")
+    method_config = luigi.DictParameter(default={}, description="{method: NestConfig overrides}")
+    gammas = luigi.ListParameter(default=(0.5, 0.05, 0.005, 0.0005))
+    sweep_tasks = luigi.ListParameter(default=("completion",))
+    ablation_tasks = luigi.ListParameter(default=("completion",))
+    ppl_tasks = luigi.ListParameter(default=("completion", "completion_excluded"))
+    key_cache = luigi.Parameter(default="", description="passage-key cache folder (empty: <store>/.cache/passage_keys); "
+                                "a resource, not in keys: keys depend only on the passage and the LM")
+
+
+def experiment_runs():
+    from pipeline.experiments import grid
+
+    d = decoding()
+    return grid(list(nest().tasks), list(d.methods), _plain(d.config), _plain(d.method_config),
+                [float(g) for g in d.gammas], [t for t in d.sweep_tasks if t in nest().tasks],
+                [t for t in d.ablation_tasks if t in nest().tasks])
+
+
+def _key_cache_dir() -> str:
+    from pathlib import Path
+
+    if not decoding().key_cache:
+        return str(Path(cfg.get_store().root) / ".cache" / "passage_keys")
+    p = Path(decoding().key_cache)
+    return str(p if p.is_absolute() else cfg.PROJECT_ROOT / p)
+
+
+class Generate(NestTask):
+    """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last)."""
+
+    stage_module = "stages.generate"
+    label_params = ("task", "method")
+    key_exclude = ("key_cache_dir",)
+    task = luigi.Parameter()
+    method = luigi.Parameter()
+    config = luigi.DictParameter(default={})
+    start = luigi.IntParameter(default=0)
+    end = luigi.IntParameter(default=-1)
+
+    def requires(self):
+        req = {"examples": LoadTask(task=self.task), "passages": ConvertCorpus(), "tokens": PreTokenize(),
+               "lm": PrepareLM()}
+        if self.method != "base":
+            req["retrievals"] = PreRetrieve(task=self.task)
+        return req
+
+    def stage_params(self):
+        return {"method": self.method, "config": _plain(self.config), "start": self.start,
+                "end": None if self.end < 0 else self.end, "key_cache_dir": _key_cache_dir()}
+
+
+class Perplexity(NestTask):
+    """Evaluation mode (Table 1 PPL): NLL of each completion example's reference under the method's distribution."""
+
+    stage_module = "stages.perplexity"
+    label_params = ("task", "method")
+    key_exclude = ("key_cache_dir",)
+    task = luigi.Parameter()
+    method = luigi.Parameter()
+    config = luigi.DictParameter(default={})
+
+    def requires(self):
+        req = {"examples": LoadTask(task=self.task), "passages": ConvertCorpus(), "tokens": PreTokenize(),
+               "lm": PrepareLM()}
+        if self.method != "base":
+            req["retrievals"] = PreRetrieve(task=self.task)
+        return req
+
+    def stage_params(self):
+        return {"method": self.method, "config": _plain(self.config), "key_cache_dir": _key_cache_dir()}
+
+
+PPL_METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
+
+
+class Score(NestTask):
+    """Per-example metrics and aggregates of one (task, method, variant)."""
+
+    stage_module = "stages.score"
+    label_params = ("task", "method", "variant")
+    task = luigi.Parameter()
+    method = luigi.Parameter()
+    variant = luigi.Parameter(default="main")
+    config = luigi.DictParameter(default={})
+
+    def requires(self):
+        req = {"examples": LoadTask(task=self.task),
+               "generations": Generate(task=self.task, method=self.method, config=self.config)}
+        if self.variant == "main" and self.task in decoding().ppl_tasks and self.method in PPL_METHODS:
+            req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
+        return req
+
+    def stage_params(self):
+        return {"task": self.task, "method": self.method, "variant": self.variant}
+
+
+class Report(NestTask):
+    """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid."""
+
+    stage_module = "stages.report"
+
+    def requires(self):
+        return {f"s{i:03d}": Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
+                for i, r in enumerate(experiment_runs())}
+
+    def stage_params(self):
+        return {}
+
+    def call_kwargs(self):
+        kw = super().call_kwargs()
+        summaries = {k: kw.pop(k) for k in list(kw) if k.startswith("s") and k[1:].isdigit()}
+        return {**kw, "summaries": summaries}
+
+
 def _plain(obj):
     """Luigi's frozen dicts/tuples → plain JSON values."""
     if hasattr(obj, "items"):
@@ -260,10 +381,10 @@ class RetrievalHalf(luigi.WrapperTask):
 
 
 class All(luigi.WrapperTask):
-    """The whole DAG of the configured profile (``nest all``)."""
+    """The whole DAG of the configured profile (``nest all``): retrieval half, then generation, scores and the report."""
 
     def requires(self):
-        return [RetrievalHalf()]
+        return [RetrievalHalf(), Report()]
 
 
 def demo_tasks(prebuilt_index: str = "") -> dict[str, NestTask]:

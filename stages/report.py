@@ -1,7 +1,7 @@
 """Report stage: the paper's tables and figures from the scored runs (Markdown + PNG + Parquet).
 
 Input: one or more ``summary.parquet`` files written by :mod:`stages.score`, rows
-``(task, method, variant, metric, value, n)``: ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the
+``(task, method, variant, metric, value, n)`` with values already in the paper's table scale (%): ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the
 leniency sweep and ``"ablation:<step>"`` for Table 3. Every number in the report comes from those rows; a metric that was
 not computed (no value) is printed as "not computed", never filled in.
 
@@ -33,12 +33,13 @@ NOT_COMPUTED = "not computed"
 
 # Per-task columns of Table 1: (metric key in the summary, column label, scale, decimals)
 TABLE1_COLUMNS = {
-    "completion": [("ppl", "PPL", 1, 2), ("rouge1", "RG-1", 100, 1), ("rouge2", "RG-2", 100, 1),
-                   ("rougeL", "RG-L", 100, 1), ("num_tokens", "Avg.Len", 1, 1)],
-    "bio": [("factscore", "FS", 100, 1), ("num_facts", "#Facts", 1, 1), ("rouge1_source", "RG-1 vs source", 100, 1),
+    "completion": [("ppl", "PPL", 1, 2), ("rouge1", "RG-1", 1, 1), ("rouge2", "RG-2", 1, 1),
+                   ("rougeL", "RG-L", 1, 1), ("num_tokens", "Avg.Len", 1, 1)],
+    "bio": [("factscore", "FS", 1, 1), ("num_facts", "#Facts", 1, 1), ("rouge1_source", "RG-1 vs source", 1, 1),
             ("num_tokens", "Avg.Len", 1, 1)],
-    "qa": [("alr", "ALR", 100, 1), ("num_tokens", "Avg.Len", 1, 1)],
-    "truthfulqa": [("delta_bleu", "∆BLEU", 1, 2), ("delta_rouge1", "∆RG-1", 100, 2), ("num_tokens", "Avg.Len", 1, 1)],
+    "qa": [("alr", "ALR", 1, 1), ("alr_first_only", "ALR (first alias, as released code)", 1, 1),
+           ("num_tokens", "Avg.Len", 1, 1)],
+    "truthfulqa": [("bleu_diff", "∆BLEU", 1, 2), ("rouge1_diff", "∆RG-1", 1, 2), ("num_tokens", "Avg.Len", 1, 1)],
 }
 
 
@@ -121,7 +122,7 @@ def table2(s: Summary, cells: list[dict]) -> str:
             ratio, length = s.get(task, m, "attribution_ratio"), s.get(task, m, "attribution_span_length")
             if ratio is None and length is None:
                 continue
-            rows.append([task, METHOD_LABELS[m], fmt(ratio, 100, 1), fmt(length, 1, 1)])
+            rows.append([task, METHOD_LABELS[m], fmt(ratio, 1, 1), fmt(length, 1, 1)])
             cells.append({"table": "2", "task": task, "row": m, "column": "Ratio (%)", "value": ratio})
             cells.append({"table": "2", "task": task, "row": m, "column": "Length (tokens)", "value": length})
     return _md_table(["task", "method", "Ratio (%)", "Length (tokens)"], rows)
@@ -134,8 +135,8 @@ def table3(s: Summary, cells: list[dict]) -> str:
     metric_of = {}
     for t in tasks:
         fam = task_family(t)
-        key, label, scale, dec = {"completion": ("rouge1", "RG-1", 100, 1), "bio": ("rouge1_source", "RG-1 vs source", 100, 1),
-                                  "qa": ("alr", "ALR", 100, 1), "truthfulqa": ("delta_rouge1", "∆RG-1", 100, 2)}[fam]
+        key, label, scale, dec = {"completion": ("rouge1", "RG-1", 1, 1), "bio": ("rouge1_source", "RG-1 vs source", 1, 1),
+                                  "qa": ("alr", "ALR", 1, 1), "truthfulqa": ("rouge1_diff", "∆RG-1", 1, 2)}[fam]
         metric_of[t] = (key, scale, dec)
         header.append(f"{t} {label}")
     rows = []
@@ -165,8 +166,8 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
             ratio = s.get(task, "nest", "attribution_ratio", v)
             rouge = s.get(task, "nest", "rouge1", v)
             pts.append((g, speedup, span))
-            rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(span, 1, 1), fmt(ratio, 100, 1),
-                         fmt(rouge, 100, 1)])
+            rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(span, 1, 1), fmt(ratio, 1, 1),
+                         fmt(rouge, 1, 1)])
             for col, val in (("tokens_per_s", speed), ("speedup", speedup), ("mean_accepted_span", span),
                              ("attribution_ratio", ratio), ("rouge1", rouge)):
                 cells.append({"table": "gamma", "task": task, "row": f"{g:g}", "column": col, "value": val})
@@ -249,7 +250,7 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
             ok = ppl[0] > ppl[1] > ppl[2] > ppl[3]
             checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
     for t in s.tasks("ablation:nest"):
-        key = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "delta_rouge1"}[task_family(t)]
+        key = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "rouge1_diff"}[task_family(t)]
         vals = [s.get(t, "nest", key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
         if all(v is not None for v in vals):
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]

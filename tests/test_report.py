@@ -10,22 +10,22 @@ def _rows():
     rows = []
     def add(task, method, metric, value, variant="main"):
         rows.append({"task": task, "method": method, "variant": variant, "metric": metric, "value": value, "n": 4})
-    for m, ppl, r1 in (("base", 9.0, 0.20), ("ra", 5.0, 0.60), ("knnlm", 7.0, 0.25), ("nest", 6.0, 0.30),
-                       ("ra_nest", 4.0, 0.62)):
+    for m, ppl, r1 in (("base", 9.0, 20.0), ("ra", 5.0, 60.0), ("knnlm", 7.0, 25.0), ("nest", 6.0, 30.0),
+                       ("ra_nest", 4.0, 62.0)):
         add("completion", m, "ppl", ppl)
         add("completion", m, "rouge1", r1)
         add("completion", m, "tokens_per_s", 10.0 if m == "base" else 20.0)
         add("completion", m, "seconds_per_query", 3.0)
         add("completion", m, "time_lm_encoding", 1.0)
-    add("completion", "nest", "attribution_ratio", 0.5)
+    add("completion", "nest", "attribution_ratio", 50.0)
     add("completion", "nest", "attribution_span_length", 7.0)
     add("bio", "nest", "factscore", None)
     add("bio", "nest", "num_tokens", 80.0)
-    for g, ratio, span, tps in (("0.5", 0.2, 3.0, 12.0), ("0.0005", 0.9, 20.0, 30.0)):
+    for g, ratio, span, tps in (("0.5", 20.0, 3.0, 12.0), ("0.0005", 90.0, 20.0, 30.0)):
         add("completion", "nest", "attribution_ratio", ratio, f"gamma={g}")
         add("completion", "nest", "mean_accepted_span", span, f"gamma={g}")
         add("completion", "nest", "tokens_per_s", tps, f"gamma={g}")
-    for step, v in (("knnlm", 0.20), ("rrc", 0.25), ("span", 0.24), ("nest", 0.27)):
+    for step, v in (("knnlm", 20.0), ("rrc", 25.0), ("span", 24.0), ("nest", 27.0)):
         add("completion", "nest", "rouge1", v, f"ablation:{step}")
     return rows
 

@@ -1,0 +1,141 @@
+"""NestConfig: every hyperparameter of the decoders, with the paper's defaults (digest §1.10) and the released code's
+deviations D1-D4 as options (:meth:`NestConfig.released_code`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+KEY_LAYERS = ("paper", "code")
+SPAN_STARTS = ("paper", "code")
+MASKINGS = ("paper", "code", "off")
+ACCEPTANCES = ("relaxed", "strict")
+KNN_LAMBDAS = ("fixed", "rrc")
+OVERFLOWS = ("error", "truncate_left")
+
+
+@dataclass
+class NestConfig:
+    """Decoding hyperparameters. Symbols as in the paper (NEST, Li et al. 2024).
+
+    Retrieval / token index
+        passages (b): passages per example used for the token index (the caller retrieves them; extra ones are ignored).
+        neighbors (r): tokens retrieved per query, clamped to the number of valid keys (B7).
+        key_layer: ``"paper"`` = input of the last layer's feed-forward after its layer norm (output of
+            ``post_attention_layernorm``); ``"code"`` = ``hidden_states[-2]``, the input of the last block (D1).
+        passage_bos: prepend the tokenizer's BOS when encoding a passage alone: ``"auto"`` (if the tokenizer adds one by
+            default), ``"yes"``, ``"no"``.
+    Mixture and RRC (Eq. 2-4)
+        alpha (α), tau (τ): λ_t = σ((d_min/d_max − α)/τ).
+        mu (µ): p_kNN ∝ exp(µ·s); None = the paper's 1/√d. (With a small LM the paper's µ can make p_kNN nearly flat:
+            see docs/decoding.md, "Notes on small LMs".)
+        lm_temperature (T): p_LM = softmax(logits/T) inside the mixture; paper 1.0, released code 0.7 (D2).
+        force_lambda: use this λ for every step instead of RRC (ablations; invariant (a) uses 1.0).
+        knnlm_lambda, knnlm_lambda_mode: the kNN-LM baseline's fixed λ (0.7) or ``"rrc"`` (the ablation "kNN-LM + RRC").
+    Span selection and relaxed speculative decoding (Eq. 5-7)
+        delta (δ): token mode when λ_t > δ, else span mode.
+        span_length (n): draft length.
+        span_start: ``"paper"`` = the nearest neighbour whose value is argmax p_M; ``"code"`` = the neighbour maximising
+            λ·p_LM(v_i) + 1e-6·w_i (D3).
+        gamma (γ, leniency): accept draft token w iff p_M(w) > 0.5·γ·max p_M (greedy Eq. 7).
+        acceptance: ``"relaxed"`` (Eq. 7) or ``"strict"`` (accept only argmax p_M: lossless w.r.t. token-by-token p_M).
+        streaming: after a fully accepted draft, draft the next n tokens of the same passage (still verified).
+        masking: ``"paper"`` = every emitted corpus token's key is masked; ``"code"`` = only the first emitted key of a
+            step, never a passage's first key (D4); ``"off"``.
+        token_mode_attribution: a token-mode token carries the source of the selected neighbour when it equals it.
+    Generation
+        max_new_tokens, stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
+        and seed (base and RA only), ra_passages (top-3 in the prompt), prompt_overflow (``"error"`` or
+        ``"truncate_left"`` for prompts that leave no room in the context window).
+    Implementation
+        passage_batch_size: passages per LM batch when encoding keys. key_cache_dir: optional on-disk passage-key cache
+        shared across processes. key_cache_max_bytes: in-memory cache budget. lm_identity: name for the LM in the key
+        cache (default: a fingerprint of the weights). compact_min_slots/compact_hole_fraction: when the shared KV cache
+        is compacted (rejected draft slots are masked "holes" until then).
+    """
+
+    # retrieval / token index
+    passages: int = 40
+    neighbors: int = 1024
+    key_layer: str = "paper"
+    passage_bos: str = "auto"
+    # mixture and RRC
+    alpha: float = 0.3
+    tau: float = 0.1
+    mu: float | None = None
+    lm_temperature: float = 1.0
+    force_lambda: float | None = None
+    knnlm_lambda: float = 0.7
+    knnlm_lambda_mode: str = "fixed"
+    # span selection and relaxed speculative decoding
+    delta: float = 0.5
+    span_length: int = 64
+    span_start: str = "paper"
+    gamma: float = 5e-4
+    acceptance: str = "relaxed"
+    streaming: bool = True
+    masking: str = "paper"
+    token_mode_attribution: bool = True
+    # generation
+    max_new_tokens: int = 256
+    stop_at_eos: bool = True
+    batch_size: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    ra_passages: int = 3
+    prompt_overflow: str = "error"
+    # implementation
+    passage_batch_size: int = 16
+    key_cache_dir: str | None = None
+    key_cache_max_bytes: int = 2 << 30
+    lm_identity: str | None = None
+    compact_min_slots: int = 256
+    compact_hole_fraction: float = 0.5
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad option."""
+        choices = {"key_layer": KEY_LAYERS, "span_start": SPAN_STARTS, "masking": MASKINGS,
+                   "acceptance": ACCEPTANCES, "knnlm_lambda_mode": KNN_LAMBDAS, "prompt_overflow": OVERFLOWS,
+                   "passage_bos": ("auto", "yes", "no")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"NestConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        positive = ("passages", "neighbors", "span_length", "batch_size", "passage_batch_size")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"NestConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"NestConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.mu is not None and not self.mu > 0:
+            raise ValueError(f"NestConfig.mu (µ) must be > 0, got {self.mu}")
+        if not self.tau > 0:
+            raise ValueError(f"NestConfig.tau (τ) must be > 0, got {self.tau}")
+        if not self.lm_temperature > 0 or not self.temperature > 0:
+            raise ValueError("NestConfig temperatures must be > 0")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"NestConfig.gamma (γ) must be in (0, 1], got {self.gamma}")
+        for name in ("knnlm_lambda", "force_lambda"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 1:
+                raise ValueError(f"NestConfig.{name} must be in [0, 1], got {v}")
+
+    @classmethod
+    def released_code(cls, **overrides) -> "NestConfig":
+        """The released code's behaviour (digest §2): key layer ``hidden_states[-2]`` (D1), p_LM at T = 0.7 (D2),
+        span start by λ·p_LM(v_i) (D3), one masked key per step (D4). The bugs B1-B12 are not reproduced."""
+        base = dict(key_layer="code", lm_temperature=0.7, span_start="code", masking="code")
+        base.update(overrides)
+        return cls(**base)
+
+    def replace(self, **changes) -> "NestConfig":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,196 @@
+"""Passage keys: each passage encoded alone by the LM (paper §3.1), and a cache of those keys shared across queries,
+methods and processes (beyond the paper: keys depend only on the passage tokens and the LM, not on the query).
+
+Cache layout on disk: ``<dir>/<lm_identity>/<layer>-bos<0|1>/<sha[:2]>/<sha>.npy`` where ``sha`` is the sha1 of the
+passage's token ids: content-addressed, so a doc_id can never point at another corpus's keys. Files are written to a
+temp name and renamed (atomic), so several processes can share one folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from stages.decoding.lm_runner import KeyLayerCapture, _StopForward, decoder_layers, model_device
+
+
+def passage_digest(token_ids: Sequence[int]) -> str:
+    """sha1 of the token ids as little-endian int32."""
+    return hashlib.sha1(np.asarray(token_ids, dtype="<i4").tobytes()).hexdigest()
+
+
+def lm_fingerprint(model) -> str:
+    """A short identity for the LM's weights and dtype (keys from another LM or dtype must never be reused).
+
+    Hashes the config, the dtype, a strided sample of the input embeddings and the last block's weights: cheap (no full
+    pass over the weights) and different for any two real checkpoints."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    param = next(model.parameters())
+    h.update(str(param.dtype).encode())
+    emb = model.get_input_embeddings().weight.detach().reshape(-1)
+    h.update(emb[:: max(1, emb.numel() // 65536)].float().cpu().numpy().tobytes())
+    for p in decoder_layers(model)[-1].parameters():
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return f"{type(model).__name__}-{h.hexdigest()[:16]}"
+
+
+@torch.inference_mode()
+def encode_passages(model, token_lists: Sequence[Sequence[int]], key_layer: str, bos_id: int | None,
+                    batch_size: int = 16) -> list[torch.Tensor]:
+    """Keys of each passage encoded alone: for passage tokens (t_0..t_{m−1}), the key-layer state at every position
+    that has a next token, i.e. ``[m − 1, d]`` fp32 on CPU (``[m, d]`` with a BOS first: the BOS state predicts t_0).
+    Passages are batched (sorted by length, right-padded); the forward stops at the key layer.
+    """
+    prefix = [] if bos_id is None else [int(bos_id)]
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    out: list[torch.Tensor | None] = [None] * len(token_lists)
+    device = model_device(model)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        seqs = [prefix + list(token_lists[i]) for i in chunk]
+        L = max(len(x) for x in seqs)
+        ids = torch.zeros((len(seqs), L), dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for j, x in enumerate(seqs):
+            ids[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[j, :len(x)] = 1
+        capture = KeyLayerCapture(model, key_layer, stop=True)
+        try:
+            base(input_ids=ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
+                 use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            capture.remove()
+        states = capture.value
+        for j, i in enumerate(chunk):
+            n_keys = max(len(seqs[j]) - 1, 0)
+            out[i] = states[j, :n_keys].float().cpu()
+    return out  # type: ignore[return-value]
+
+
+class PassageKeyCache:
+    """Passage keys by ``(LM identity, layer, BOS, token-ids digest)``: an LRU in memory (``max_bytes``) over an
+    optional shared folder. ``stats`` counts hits (memory, disk), misses, and the encoding time the hits saved
+    (estimated from the measured encoding time per token of the misses)."""
+
+    def __init__(self, directory: str | Path | None = None, max_bytes: int = 2 << 30):
+        self.directory = Path(directory) if directory else None
+        self.max_bytes = int(max_bytes)
+        self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "encoded_tokens": 0, "encode_seconds": 0.0,
+                      "hit_tokens": 0, "saved_seconds_est": 0.0}
+
+    @staticmethod
+    def key(lm_identity: str, layer: str, bos: bool, digest: str) -> str:
+        return f"{lm_identity}/{layer}-bos{int(bos)}/{digest[:2]}/{digest}"
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{key}.npy"
+
+    def _remember(self, key: str, keys: torch.Tensor) -> None:
+        if key in self._mem:
+            self._mem.move_to_end(key)
+            return
+        size = keys.numel() * keys.element_size()
+        if size > self.max_bytes:
+            return
+        self._mem[key] = keys
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._mem.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        hit = self._mem.get(key)
+        if hit is not None:
+            self._mem.move_to_end(key)
+            self.stats["memory_hits"] += 1
+            return hit
+        path = self._path(key)
+        if path is not None and path.exists():
+            try:
+                arr = torch.from_numpy(np.load(path))
+            except (OSError, ValueError):  # a foreign or damaged file: treat as a miss, it is rewritten
+                return None
+            self.stats["disk_hits"] += 1
+            self._remember(key, arr)
+            return arr
+        return None
+
+    def put(self, key: str, keys: torch.Tensor) -> None:
+        keys = keys.detach().float().cpu().contiguous()
+        self._remember(key, keys)
+        path = self._path(key)
+        if path is None or path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, keys.numpy())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def record_hit(self, n_tokens: int) -> None:
+        self.stats["hit_tokens"] += n_tokens
+        per_token = self.stats["encode_seconds"] / self.stats["encoded_tokens"] if self.stats["encoded_tokens"] else 0.0
+        self.stats["saved_seconds_est"] = self.stats["hit_tokens"] * per_token
+
+    def record_encoding(self, n_tokens: int, seconds: float) -> None:
+        self.stats["misses"] += 1
+        self.stats["encoded_tokens"] += n_tokens
+        self.stats["encode_seconds"] += seconds
+        self.record_hit(0)
+
+    def clear_memory(self) -> None:
+        self._mem.clear()
+        self._bytes = 0
+
+
+def lookup_or_encode(cache: PassageKeyCache, model, token_lists: Sequence[Sequence[int]], *, lm_identity: str,
+                     key_layer: str, bos_id: int | None, batch_size: int
+                     ) -> tuple[list[torch.Tensor], list[bool], float, float]:
+    """Keys for every passage, from the cache or freshly encoded (misses are deduplicated and encoded together).
+
+    Returns (keys per passage, hit flag per passage, lookup seconds, encoding seconds)."""
+    t0 = time.perf_counter()
+    names = [PassageKeyCache.key(lm_identity, key_layer, bos_id is not None, passage_digest(t)) for t in token_lists]
+    found: list[torch.Tensor | None] = [cache.get(n) for n in names]
+    lookup_s = time.perf_counter() - t0
+    missing: dict[str, int] = {}
+    for i, (n, k) in enumerate(zip(names, found)):
+        if k is None and n not in missing:
+            missing[n] = i
+    encode_s = 0.0
+    fresh: dict[str, torch.Tensor] = {}
+    if missing:
+        t1 = time.perf_counter()
+        idx = list(missing.values())
+        keys = encode_passages(model, [token_lists[i] for i in idx], key_layer, bos_id, batch_size)
+        encode_s = time.perf_counter() - t1
+        total_tokens = sum(len(token_lists[i]) for i in idx) or 1
+        for i, k in zip(idx, keys):
+            fresh[names[i]] = k
+            cache.put(names[i], k)
+            cache.record_encoding(len(token_lists[i]), encode_s * len(token_lists[i]) / total_tokens)
+    hits = [k is not None for k in found]
+    for k, toks in zip(found, token_lists):
+        if k is not None:
+            cache.record_hit(len(toks))
+    out = [k if k is not None else fresh[n] for n, k in zip(names, found)]
+    return out, hits, lookup_s, encode_s

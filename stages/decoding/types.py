@@ -1,0 +1,78 @@
+"""The decoding library's data types: what goes in (passages, requests) and what comes out (generations)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass
+class Passage:
+    """One retrieved passage: its corpus id and its token ids (from PreTokenize, no special tokens).
+
+    ``title``/``text`` are only used for the in-context RA prompt and for the demo's source list.
+    """
+
+    doc_id: int
+    token_ids: Sequence[int]
+    title: str = ""
+    text: str = ""
+
+    def display_text(self) -> str:
+        """``"{title}. {text}"`` as the RA background (the PreTokenize template), or the text alone."""
+        if self.title and self.text:
+            return f"{self.title}. {self.text}"
+        return self.text or self.title
+
+
+@dataclass
+class DecodeRequest:
+    """One example to decode.
+
+    ``kind`` selects the prompt family (``completion`` or ``qa``, see :mod:`tasks.prompts`); ``passages`` are ranked,
+    best first (the token index uses all of them, the RA prompt the top 3). ``prefix_ids`` keeps a completion prefix cut
+    at a token boundary exactly as cut; ``prompt_ids`` bypasses the prompt templates entirely (tests, PPL-style use).
+    ``max_new_tokens`` overrides the config's budget for this example.
+    """
+
+    example_id: int
+    kind: str = "completion"
+    question: str = ""
+    prefix: str = ""
+    passages: list[Passage] = field(default_factory=list)
+    prefix_ids: Sequence[int] | None = None
+    prompt_ids: Sequence[int] | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class Generation:
+    """The output of one example.
+
+    ``token_ids`` are the generated tokens (EOS and anything after it are never included, B9); ``sources[i]`` is the
+    ``(doc_id, position)`` of token ``i`` in its passage's token ids, or None when the token did not come from the corpus;
+    ``spans`` are the attribution runs ``(start, length, doc_id)`` over ``sources`` (see
+    :func:`stages.decoding.attribution.attribution_runs`); ``counters`` and ``timings`` (seconds) are described in
+    ``docs/decoding.md``.
+    """
+
+    example_id: int
+    text: str
+    token_ids: list[int]
+    sources: list[tuple[int, int] | None]
+    spans: list[tuple[int, int, int]]
+    counters: dict
+    timings: dict
+
+    def to_row(self) -> dict:
+        """A JSON/Parquet-friendly dict (sources as two parallel lists with -1 for "no source")."""
+        return {
+            "example_id": int(self.example_id),
+            "text": self.text,
+            "token_ids": [int(t) for t in self.token_ids],
+            "source_doc_ids": [-1 if s is None else int(s[0]) for s in self.sources],
+            "source_positions": [-1 if s is None else int(s[1]) for s in self.sources],
+            "spans": [list(map(int, s)) for s in self.spans],
+            "counters": dict(self.counters),
+            "timings": dict(self.timings),
+        }

@@ -1,0 +1,110 @@
+"""Perplexity stage: evaluation mode of Table 1 (the PPL columns).
+
+For each completion example the reference continuation is scored token by token under the method's next-token
+distribution, teacher-forced after the method's prompt (the paper: prefix 128, target 256; the embedded profile: the
+LoadTask's prefix and target lengths):
+
+- ``base``: p_LM = softmax(logits) (T = 1, the plain LM);
+- ``ra``: the same with the top-3 passages in the prompt;
+- ``knnlm``: p_M = λ·p_LM + (1 − λ)·p_kNN, fixed λ (0.7);
+- ``nest``: p_M with the Relative Retrieval Confidence λ_t (Eq. 4); NEST stops at Eq. 4 in evaluation mode (paper §3.2),
+  so no spans, drafts or masking enter;
+- ``ra_nest``: NEST's mixture after the RA prompt.
+
+p_LM inside a mixture uses ``lm_temperature`` (paper 1.0; the released code 0.7, D2). One LM pass scores the whole target
+(``BatchedLM.prefill`` + one ``step``); each target position gets its own kNN search over the example's token index.
+Output ``perplexity.parquet``: ``example_id, num_tokens, nll_sum, ppl`` (natural log).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+VERSION = "1"
+
+SCHEMA = pa.schema([("example_id", pa.int64()), ("num_tokens", pa.int32()), ("nll_sum", pa.float64()),
+                    ("ppl", pa.float64())])
+
+
+def target_nll(decoder, request, target_ids: list[int]) -> float:
+    """Σ −log p(target_t | prompt, target_<t) under ``decoder``'s distribution (see module docstring)."""
+    import torch
+
+    from stages.decoding.base import Clock
+    from stages.decoding.kernels import lm_distribution
+    from stages.decoding.lm_runner import BatchedLM
+    from stages.decoding.nest import NestDecoder
+
+    if not target_ids:
+        return 0.0
+    row = decoder._prepare(request)
+    mixture = isinstance(decoder, NestDecoder)
+    lm = BatchedLM(decoder.model, key_layer=decoder.config.key_layer if mixture else None)
+    first = lm.prefill([row.prompt])[0]
+    logits, queries = [first.logits], [first.queries]
+    if len(target_ids) > 1:
+        rest = lm.step([list(target_ids[:-1])])[0]
+        lm.commit([len(target_ids) - 1])
+        logits.append(rest.logits)
+        queries.append(rest.queries)
+    logits = torch.cat(logits).float()
+    target = torch.tensor(target_ids, dtype=torch.long, device=logits.device)
+    if not mixture:
+        logp = torch.log_softmax(logits, dim=-1)
+        return float(-logp.gather(1, target[:, None]).sum())
+    nrow = decoder.new_row(row)
+    decoder.build_indexes([nrow], Clock(decoder.device))
+    scored = decoder.score(nrow, logits, torch.cat(queries))
+    if scored.nb_scores.shape[1] == 0:  # no passages: the mixture is p_LM at the mixture's temperature
+        p = lm_distribution(logits, decoder.config.lm_temperature)
+    else:
+        p = scored.p_m
+    p_t = p.gather(1, target[:, None]).squeeze(1).clamp_min(1e-30)
+    return float(-torch.log(p_t).sum())
+
+
+def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
+        method: str, config: dict | None = None, key_cache_dir: str | None = None, device: str = "cpu",
+        dtype: str | None = None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from stages.decoding import NestConfig, PassageKeyCache, make_decoder
+    from stages.generate import build_requests, read_retrievals
+    from stages.lm import load_lm
+    from stages.passages import PassageReader
+    from stages.pretokenize import TokenLookup
+
+    cfg = NestConfig(**(config or {}))
+    if key_cache_dir:
+        cfg.key_cache_dir = str(key_cache_dir)
+    rows = pq.read_table(Path(examples) / "examples.parquet").to_pylist()
+    model, tokenizer = load_lm(lm, device=device, dtype=dtype)
+    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=PassageKeyCache(cfg.key_cache_dir))
+    reader, lookup = PassageReader(passages), TokenLookup(tokens)
+    retr = read_retrievals(retrievals)
+    out, skipped = [], 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for ex in tqdm(rows, desc=f"Perplexity {method}", unit="example", disable=None):
+            meta = json.loads(ex.get("meta") or "{}")
+            target = meta.get("target_ids")
+            if ex["kind"] != "completion" or not target:
+                skipped += 1
+                continue
+            req = build_requests([ex], retr, reader, lookup, cfg.passages)[0]
+            nll = target_nll(decoder, req, [int(t) for t in target])
+            out.append({"example_id": int(ex["example_id"]), "num_tokens": len(target), "nll_sum": nll,
+                        "ppl": math.exp(nll / len(target))})
+    pq.write_table(pa.Table.from_pylist(out, schema=SCHEMA), Path(out_dir) / "perplexity.parquet", compression="zstd")
+    total_nll = sum(r["nll_sum"] for r in out)
+    total_tok = sum(r["num_tokens"] for r in out)
+    return {"examples": len(out), "skipped_not_completion": skipped,
+            "ppl": math.exp(total_nll / total_tok) if total_tok else None,
+            "seconds": round(time.perf_counter() - t0, 3)}

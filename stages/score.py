@@ -1,0 +1,164 @@
+"""Score stage: per-example metrics of one (task, method, variant) and their aggregates.
+
+Inputs: ``examples`` (LoadTask), ``generations`` (Generate), optionally ``perplexity`` (Perplexity). Outputs, both
+in the paper's table scale (ROUGE, ALR and attribution ratio in %):
+
+- ``scores.parquet``, long format ``(example_id, task, method, variant, metric, value)``;
+- ``summary.parquet``, ``(task, method, variant, metric, value, n)``: quality metrics are means over examples; speed and
+  attribution are pooled (Σ over examples, then divided), so long generations weigh by their tokens:
+
+| metric | definition |
+|---|---|
+| ``tokens_per_s`` | Σ generated tokens / Σ wall seconds |
+| ``ms_per_token`` | 1000 · Σ wall seconds / Σ generated tokens |
+| ``seconds_per_query`` | mean wall seconds per example |
+| ``time_<component>`` | mean seconds per example spent in passage_load, token_index_build, lm_encoding, token_search, verification |
+| ``attribution_ratio`` | 100 · Σ tokens with a corpus source / Σ generated tokens |
+| ``attribution_span_length`` | Σ attributed tokens / Σ runs (a run: consecutive tokens from consecutive positions of one passage) |
+| ``mean_accepted_span`` | Σ accepted draft tokens / Σ drafts verified (the paper's "average proposed span length", Fig. 2b) |
+| ``ppl`` | exp(Σ target NLL / Σ target tokens) over the examples (evaluation mode, Table 1) |
+| ``num_tokens`` | mean generated tokens (the paper's Avg. Len) |
+
+Quality metrics come from the task: a paper task of :mod:`tasks.registry` scores with its own metric; the embedded
+``completion`` tasks score ROUGE-1/2/L against the reference continuation; the embedded ``bio`` task scores ROUGE-1
+against the person's passages (``rouge1_source``, a proxy) and FactScore only when a judge LM is configured — otherwise
+``factscore`` is null and the report prints "not computed".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+VERSION = "1"
+
+COMPONENTS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification")
+QUALITY_MEAN = "mean"
+
+
+def example_metrics(task: str, text: str, example: dict) -> dict[str, float | None]:
+    """Quality metrics of one generation for ``task`` (values in %, None = not computed)."""
+    from tasks import metrics
+
+    refs = list(example.get("references") or [])
+    if task.startswith("completion"):
+        if not refs:
+            return {}
+        return {k: 100.0 * v for k, v in metrics.rouge(text, refs[0]).items()}
+    if task == "bio":
+        out: dict[str, float | None] = {"factscore": None, "num_facts": None}
+        if refs:
+            out["rouge1_source"] = 100.0 * metrics.rouge(text, " ".join(refs), ("rouge1",))["rouge1"]
+        return out
+    from tasks import registry
+    from tasks.base import Example
+
+    row = dict(example)
+    row["meta"] = json.loads(row.get("meta") or "{}") if isinstance(row.get("meta"), str) else row.get("meta") or {}
+    return registry.get(task).score(text, Example.from_row(row))
+
+
+def _sources(gen: dict) -> list:
+    return [None if d < 0 else (d, p) for d, p in zip(gen["source_doc_ids"], gen["source_positions"])]
+
+
+def _num(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: str, variant: str = "main",
+        perplexity: Path | None = None) -> dict:
+    from tasks.metrics import attribution_runs
+
+    out_dir = Path(out_dir)
+    ex_rows = {int(r["example_id"]): r for r in pq.read_table(Path(examples) / "examples.parquet").to_pylist()}
+    gens = pq.read_table(Path(generations) / "generations.parquet").to_pylist()
+    ppl_rows = {}
+    if perplexity is not None:
+        for r in pq.read_table(Path(perplexity) / "perplexity.parquet").to_pylist():
+            ppl_rows[int(r["example_id"])] = r
+
+    long_rows: list[dict] = []
+    per_metric: dict[str, list[float]] = {}
+    pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafts": 0}
+    comp_sum = {c: 0.0 for c in COMPONENTS}
+
+    def add(eid: int, metric: str, value) -> None:
+        v = _num(value)
+        long_rows.append({"example_id": eid, "task": task, "method": method, "variant": variant, "metric": metric,
+                          "value": v})
+        if v is not None:
+            per_metric.setdefault(metric, []).append(v)
+
+    for g in gens:
+        eid = int(g["example_id"])
+        ex = ex_rows[eid]
+        m = example_metrics(task, g["text"], ex)
+        if task == "bio" and "factscore" in m:
+            m.setdefault("num_facts", None)
+        for k, v in m.items():
+            add(eid, k, v)
+        n = int(g["num_tokens"])
+        add(eid, "num_tokens", n)
+        add(eid, "wall_s", g["wall_s"])
+        src = _sources(g)
+        runs = attribution_runs(src)
+        add(eid, "attribution_ratio", 100.0 * sum(runs) / n if n else None)
+        add(eid, "attribution_span_length", sum(runs) / len(runs) if runs else None)
+        counters = json.loads(g["counters"] or "{}")
+        timings = json.loads(g["timings"] or "{}")
+        pooled["tokens"] += n
+        pooled["seconds"] += float(g["wall_s"])
+        pooled["attributed"] += sum(runs)
+        pooled["runs"] += len(runs)
+        pooled["accepted"] += int(counters.get("accepted", 0))
+        pooled["drafts"] += int(counters.get("drafts", 0))
+        for c in COMPONENTS:
+            comp_sum[c] += float(timings.get(c, 0.0))
+        if eid in ppl_rows:
+            add(eid, "nll_sum", ppl_rows[eid]["nll_sum"])
+            add(eid, "ppl_tokens", ppl_rows[eid]["num_tokens"])
+
+    n_ex = len(gens)
+    summary: dict[str, float | None] = {}
+    for metric, values in per_metric.items():
+        if metric in ("attribution_ratio", "attribution_span_length", "wall_s", "nll_sum", "ppl_tokens"):
+            continue
+        summary[metric] = sum(values) / len(values) if values else None
+    for metric in {k for r in long_rows for k in [r["metric"]]} - set(summary):
+        if metric in ("factscore", "num_facts") and not per_metric.get(metric):
+            summary[metric] = None
+    summary["tokens_per_s"] = pooled["tokens"] / pooled["seconds"] if pooled["seconds"] > 0 else None
+    summary["ms_per_token"] = 1000 * pooled["seconds"] / pooled["tokens"] if pooled["tokens"] else None
+    summary["seconds_per_query"] = pooled["seconds"] / n_ex if n_ex else None
+    summary["attribution_ratio"] = 100.0 * pooled["attributed"] / pooled["tokens"] if pooled["tokens"] else None
+    summary["attribution_span_length"] = pooled["attributed"] / pooled["runs"] if pooled["runs"] else None
+    summary["mean_accepted_span"] = pooled["accepted"] / pooled["drafts"] if pooled["drafts"] else None
+    for c in COMPONENTS:
+        summary[f"time_{c}"] = comp_sum[c] / n_ex if n_ex else None
+    if ppl_rows:
+        nll = sum(float(r["nll_sum"]) for r in ppl_rows.values())
+        toks = sum(int(r["num_tokens"]) for r in ppl_rows.values())
+        summary["ppl"] = math.exp(nll / toks) if toks else None
+
+    long_schema = pa.schema([("example_id", pa.int64()), ("task", pa.string()), ("method", pa.string()),
+                             ("variant", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+    pq.write_table(pa.Table.from_pylist(long_rows, schema=long_schema), out_dir / "scores.parquet",
+                   compression="zstd")
+    sum_schema = pa.schema([("task", pa.string()), ("method", pa.string()), ("variant", pa.string()),
+                            ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64())])
+    sum_rows = [{"task": task, "method": method, "variant": variant, "metric": k, "value": v, "n": n_ex}
+                for k, v in sorted(summary.items())]
+    pq.write_table(pa.Table.from_pylist(sum_rows, schema=sum_schema), out_dir / "summary.parquet",
+                   compression="zstd")
+    return {"examples": n_ex, "metrics": len(sum_rows)}

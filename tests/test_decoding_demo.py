@@ -1,0 +1,39 @@
+"""The demo's output format: [n] markers after copied runs, numbered sources, options."""
+
+import pytest
+
+from decoding_tiny import TinyTokenizer
+from stages.decoding import Generation, Passage
+from stages.decoding.demo import format_attributed, split_options
+
+
+def test_markers_after_copied_runs_and_numbered_sources():
+    tok = TinyTokenizer()
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    text = tok.decode(ids)
+    sources = [(5, 0), (5, 1), None, (7, 3), (7, 4), (5, 2), None]
+    gen = Generation(0, text, ids, sources, [], {"lm_forward_passes": 3}, {"total": 1.25})
+    passages = [Passage(7, [1, 2, 3, 13, 14], "Seven", "The seventh passage " * 20), Passage(5, [10, 11, 15], "Five",
+                                                                                          "Short text.")]
+    out = format_attributed(gen, tok, passages)
+    first = out.splitlines()[0]
+    assert first == f"{text[:2]} [1]{text[2:5]} [2]{text[5]} [1]{text[6]}"
+    assert "[1] Five (doc 5): Short text." in out
+    seven = next(line for line in out.splitlines() if line.startswith("[2] Seven (doc 7): "))
+    assert seven.endswith("…") and len(seven) < 200  # the snippet is cut
+    assert "7 tokens, 71% copied from the corpus, 3 LM passes, 1.2 s" in out
+    # runs shorter than min_span_tokens get no marker and no source line
+    out = format_attributed(gen, tok, passages, min_span_tokens=2, summary=False)
+    assert out.splitlines()[0] == f"{text[:2]} [1]{text[2:5]} [2]{text[5:]}"
+    assert out.count("\n[") == 2
+    # nothing copied: the text alone
+    plain = Generation(0, text, ids, [None] * 7, [], {}, {})
+    assert format_attributed(plain, tok, passages, summary=False) == text
+
+
+def test_split_options():
+    cfg, extra = split_options({"gamma": 0.5, "kind": "completion", "span_length": None})
+    assert cfg["gamma"] == 0.5 and cfg["max_new_tokens"] == 128 and "span_length" not in cfg
+    assert extra == {"kind": "completion"}
+    with pytest.raises(ValueError, match="unknown demo option 'gama'"):
+        split_options({"gama": 0.5})

@@ -1,0 +1,61 @@
+"""Score stage on hand-made generations: per-example metrics and the pooled aggregates, worked out by hand."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import score
+from stages.generate import SCHEMA
+from tasks.base import examples_to_table, Example
+
+
+def _write(tmp_path, gens, examples):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "e").mkdir()
+    pq.write_table(pa.Table.from_pylist(gens, schema=SCHEMA), tmp_path / "g" / "generations.parquet")
+    pq.write_table(examples_to_table(examples), tmp_path / "e" / "examples.parquet")
+
+
+def _gen(eid, text, docs, pos, wall, counters):
+    return {"example_id": eid, "task": "completion", "method": "nest", "text": text, "token_ids": list(range(len(docs))),
+            "source_doc_ids": docs, "source_positions": pos, "spans": [], "num_tokens": len(docs), "wall_s": wall,
+            "counters": json.dumps(counters), "timings": json.dumps({"verification": wall / 2}), "config": "{}"}
+
+
+def test_pooled_metrics_by_hand(tmp_path):
+    ex = [Example(example_id=i, task="completion", kind="completion", query="q", references=["the cat sat"])
+          for i in range(2)]
+    gens = [
+        # 4 tokens: a run of 2 (doc 7, pos 3-4), one unattributed, a run of 1 (doc 7, pos 9)
+        _gen(0, "the cat sat", [7, 7, -1, 7], [3, 4, -1, 9], 2.0, {"accepted": 3, "drafts": 1}),
+        # 2 tokens, none attributed
+        _gen(1, "a dog", [-1, -1], [-1, -1], 1.0, {"accepted": 0, "drafts": 1}),
+    ]
+    _write(tmp_path, gens, ex)
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="completion", method="nest")
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert math.isclose(s["tokens_per_s"], 6 / 3.0)
+    assert math.isclose(s["ms_per_token"], 500.0)
+    assert math.isclose(s["attribution_ratio"], 100 * 3 / 6)        # 3 attributed of 6 tokens
+    assert math.isclose(s["attribution_span_length"], 3 / 2)        # runs [2, 1]
+    assert math.isclose(s["mean_accepted_span"], 3 / 2)             # 3 accepted over 2 drafts
+    assert math.isclose(s["rouge1"], (100.0 + 0.0) / 2)             # exact match, then no overlap
+    assert math.isclose(s["time_verification"], (1.0 + 0.5) / 2)
+    assert math.isclose(s["num_tokens"], 3.0)
+    assert "ppl" not in s
+
+
+def test_bio_reports_factscore_as_not_computed(tmp_path):
+    ex = [Example(example_id=0, task="bio", kind="qa", query="Ada Lovelace", question="Tell me a bio of Ada Lovelace.",
+                  references=["Ada Lovelace was a mathematician."])]
+    _write(tmp_path, [{**_gen(0, "Ada Lovelace was a mathematician.", [-1], [-1], 1.0, {}), "task": "bio"}], ex)
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="bio", method="base")
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert s["factscore"] is None
+    assert math.isclose(s["rouge1_source"], 100.0)
