@@ -274,10 +274,12 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 96 (the reference length); quick 16")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--configs", nargs="+", default=["paper", "released_code"],
+    # default: the embedded profile's tuned setting (luigi.cfg [decoding], docs/tuning.md) and the released code's
+    ap.add_argument("--configs", nargs="+", default=["paper:mu=0.5,alpha=0.2", "released_code"],
                     help="NEST configs: paper | released_code, optionally :key=value,... (e.g. paper:mu=0.5)")
-    ap.add_argument("--cold-gammas", nargs="*", type=float, default=None,
-                    help="γ values also timed with a cold key cache (default: all)")
+    ap.add_argument("--cold-gammas", nargs="*", type=float, default=[5e-3],
+                    help="γ values also timed with a cold key cache (default: 5e-3, the profile's main γ; "
+                         "`--cold-gammas` alone: none)")
     args = ap.parse_args(argv or [])
     quick = quick or args.quick
     n_examples = args.examples or (2 if quick else 12)

@@ -30,8 +30,9 @@ class CliError(Exception):
 def _input_error_types() -> tuple[type, ...]:
     from pipeline.config import ProfileError
     from stages.errors import InputError
+    from tasks.errors import TaskInputError
 
-    return InputError, ProfileError, CliError, FileNotFoundError
+    return InputError, TaskInputError, ProfileError, CliError, FileNotFoundError
 
 
 # ---- building ----------------------------------------------------------------------------------------------------------

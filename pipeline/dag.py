@@ -24,6 +24,32 @@ from pipeline.store import Identified
 EMBEDDED = "embedded"
 
 
+PAPER_TASKS = ("wikitext", "nq", "triviaqa", "hotpotqa", "medmcqa", "truthfulqa", "factscore")
+
+
+class paper_tasks(luigi.Config):  # noqa: N801
+    """``[paper_tasks]``: the official file of each paper benchmark; a task whose path is set joins the run."""
+
+    wikitext = luigi.Parameter(default="", description="WikiText-103 raw test text (wiki.test.raw)")
+    nq = luigi.Parameter(default="", description="NQ-open JSONL or the DPR nq-test.qa.csv")
+    triviaqa = luigi.Parameter(default="", description="DPR trivia-test.qa.csv / pyserini topics TSV")
+    hotpotqa = luigi.Parameter(default="", description="hotpot_dev_fullwiki_v1.json (or the simplified dev JSON)")
+    medmcqa = luigi.Parameter(default="", description="MedMCQA dev JSONL")
+    truthfulqa = luigi.Parameter(default="", description="TruthfulQA.csv")
+    factscore = luigi.Parameter(default="", description="prompt_entities.txt (one entity a line)")
+
+
+def paper_task_paths() -> dict[str, str]:
+    pt = paper_tasks()
+    return {t: getattr(pt, t) for t in PAPER_TASKS if getattr(pt, t)}
+
+
+def configured_tasks() -> list[str]:
+    """The embedded tasks of ``[nest] tasks`` plus every paper task whose file is configured."""
+    tasks = list(nest().tasks)
+    return tasks + [t for t in paper_task_paths() if t not in tasks]
+
+
 class nest(luigi.Config):  # noqa: N801  (Luigi names config classes after their luigi.cfg section)
     """``[nest]``: the evaluation tasks of the run (one LoadTask/PreRetrieve each)."""
 
@@ -180,8 +206,12 @@ class LoadTask(NestTask):
         return {"passages": ConvertCorpus(), "lm": PrepareLM()}
 
     def stage_params(self):
-        return {"task": self.task, "n_examples": self.n_examples, "seed": self.seed,
-                "prefix_tokens": self.prefix_tokens, "target_tokens": self.target_tokens, **_plain(self.options)}
+        params = {"task": self.task, "n_examples": self.n_examples, "seed": self.seed,
+                  "prefix_tokens": self.prefix_tokens, "target_tokens": self.target_tokens, **_plain(self.options)}
+        data = paper_task_paths().get(self.task)
+        if data:
+            params["data"] = cfg.identified_path(data)
+        return params
 
 
 class PreRetrieve(NestTask):
@@ -254,9 +284,9 @@ def experiment_runs():
     from pipeline.experiments import grid
 
     d = decoding()
-    return grid(list(nest().tasks), list(d.methods), _plain(d.config), _plain(d.method_config),
-                [float(g) for g in d.gammas], [t for t in d.sweep_tasks if t in nest().tasks],
-                [t for t in d.ablation_tasks if t in nest().tasks])
+    tasks = configured_tasks()
+    return grid(tasks, list(d.methods), _plain(d.config), _plain(d.method_config), [float(g) for g in d.gammas],
+                [t for t in d.sweep_tasks if t in tasks], [t for t in d.ablation_tasks if t in tasks])
 
 
 def _key_cache_dir() -> str:
@@ -288,7 +318,9 @@ class Generate(NestTask):
         return req
 
     def stage_params(self):
-        return {"method": self.method, "config": _plain(self.config), "start": self.start,
+        from stages.decoding.config import relevant_config  # torch-free
+
+        return {"method": self.method, "config": relevant_config(self.method, _plain(self.config)), "start": self.start,
                 "end": None if self.end < 0 else self.end, "key_cache_dir": _key_cache_dir()}
 
 
@@ -310,7 +342,10 @@ class Perplexity(NestTask):
         return req
 
     def stage_params(self):
-        return {"method": self.method, "config": _plain(self.config), "key_cache_dir": _key_cache_dir()}
+        from stages.decoding.config import relevant_for_perplexity  # torch-free
+
+        return {"method": self.method, "config": relevant_for_perplexity(self.method, _plain(self.config)),
+                "key_cache_dir": _key_cache_dir()}
 
 
 PPL_METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
@@ -329,7 +364,8 @@ class Score(NestTask):
     def requires(self):
         req = {"examples": LoadTask(task=self.task),
                "generations": Generate(task=self.task, method=self.method, config=self.config)}
-        if self.variant == "main" and self.task in decoding().ppl_tasks and self.method in PPL_METHODS:
+        ppl_tasks = set(decoding().ppl_tasks) | ({"wikitext"} & set(paper_task_paths()))
+        if self.variant == "main" and self.task in ppl_tasks and self.method in PPL_METHODS:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
         return req
 
@@ -368,7 +404,7 @@ def _plain(obj):
 # What `nest all` builds: functions returning tasks, so a later stage family (Generate × methods × tasks, Score,
 # Report) is one more entry here.
 TARGETS: list[Callable[[], list[luigi.Task]]] = [
-    lambda: [PreRetrieve(task=t) for t in nest().tasks],
+    lambda: [PreRetrieve(task=t) for t in configured_tasks()],
     lambda: [PreTokenize()],
 ]
 

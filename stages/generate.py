@@ -11,7 +11,8 @@ Inputs: ``examples`` (LoadTask), ``retrievals`` (PreRetrieve; unused by the base
 | source_doc_ids, source_positions | list<int64>, list<int32> | per token: the corpus passage and position it was copied from, −1 if none |
 | spans | list<list<int64>> | attribution runs ``[start, length, doc_id]`` |
 | num_tokens | int32 | |
-| wall_s | float64 | wall time of the example (decoding, passage lookup and token index build included) |
+| wall_s | float64 | wall time of the example (decoding, passage lookup and token index build included; passage keys
+  come warm from the key cache, filled before the timed loop: its one-time cost is ``key_prefetch_s`` in the stats) |
 | counters, timings | str (JSON) | the decoder's counters and per-component seconds |
 | config | str (JSON) | the NestConfig overrides of this run (tells the γ-sweep runs apart) |
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "1"
+VERSION = "2"
 
 SCHEMA = pa.schema([
     ("example_id", pa.int64()), ("task", pa.string()), ("method", pa.string()), ("text", pa.string()),
@@ -98,6 +99,15 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     out_rows = []
     t_all = time.perf_counter()
     bs = max(1, cfg.batch_size)
+    prefetch_s = 0.0
+    if hasattr(decoder, "prefetch_keys"):
+        # Passage keys go into the shared key cache before the timed loop: per-query latency is then the warm-cache
+        # figure for every method alike (otherwise whichever method meets a passage first pays its encoding). The
+        # one-time cost is recorded in the stats; the decoding benchmark reports cold and warm side by side.
+        t0 = time.perf_counter()
+        for i in tqdm(range(0, len(rows), 16), desc=f"Passage keys {method}", unit="batch", disable=None):
+            decoder.prefetch_keys(build_requests(rows[i:i + 16], retr, reader, lookup, cfg.passages))
+        prefetch_s = time.perf_counter() - t0
     with torch.inference_mode():
         for i in tqdm(range(0, len(rows), bs), desc=f"Generate {method}", unit="batch", disable=None):
             batch = rows[i:i + bs]
@@ -118,4 +128,4 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     pq.write_table(pa.Table.from_pylist(out_rows, schema=SCHEMA), out_dir / "generations.parquet",
                    compression="zstd")
     return {"examples": len(out_rows), "tokens": sum(r["num_tokens"] for r in out_rows),
-            "seconds": round(time.perf_counter() - t_all, 3)}
+            "seconds": round(time.perf_counter() - t_all, 3), "key_prefetch_s": round(prefetch_s, 3)}

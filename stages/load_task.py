@@ -138,14 +138,43 @@ def _bio(reader, n_examples, seed):
     return examples, {"eligible": len(people)}
 
 
+def run_paper_task(out_dir: Path, *, lm: Path, task: str, data: Path, n_examples: int, seed: int) -> dict:
+    """A paper benchmark (``tasks.registry``) from its official file: the seeded subsample of ``n_examples``."""
+    import pyarrow.parquet as pq
+
+    from stages.errors import InputError
+    from tasks import registry
+    from tasks.base import examples_to_table
+    from tasks.errors import TaskInputError
+
+    options = {}
+    if task == "wikitext":
+        from stages.lm import load_tokenizer
+
+        options["tokenizer"] = load_tokenizer(lm)
+    try:
+        examples, stats = registry.get(task, **options).load_with_stats(data, limit=n_examples, seed=seed)
+    except TaskInputError as e:
+        raise InputError(e.path, e.line, e.message) from None
+    if not examples:
+        raise InputError(data, None, f"no usable {task} examples in this file")
+    tmp = Path(out_dir) / f".{EXAMPLES_FILE}.tmp"
+    pq.write_table(examples_to_table(examples), tmp, compression="zstd")
+    os.replace(tmp, Path(out_dir) / EXAMPLES_FILE)
+    return {"task": task, "num_examples": len(examples), **stats}
+
+
 def run(out_dir: Path, *, passages: Path, lm: Path, task: str, n_examples: int = 16, seed: int = 0,
-        prefix_tokens: int = 32, target_tokens: int = 96) -> dict:
-    """Write ``examples.parquet`` for one embedded ``task`` (schema in docs/architecture.md)."""
+        prefix_tokens: int = 32, target_tokens: int = 96, data: Path | None = None) -> dict:
+    """Write ``examples.parquet`` for one ``task`` (schema in docs/architecture.md): an embedded task drawn from the
+    corpus, or a paper benchmark of ``tasks.registry`` read from its official file ``data``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if data is not None:
+        return run_paper_task(out_dir, lm=lm, task=task, data=Path(data), n_examples=n_examples, seed=seed)
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; LoadTask knows {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; LoadTask knows {', '.join(TASKS)} (paper tasks need a data file)")
     if n_examples < 1 or prefix_tokens < 1 or target_tokens < 1:
         raise ValueError("n_examples, prefix_tokens and target_tokens must be >= 1")
     out_dir = Path(out_dir)

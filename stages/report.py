@@ -18,10 +18,11 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "1"
+VERSION = "2"
 
 METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 METHOD_LABELS = {"base": "Base LM", "ra": "+RA", "knnlm": "+kNN-LM", "nest": "+NEST", "ra_nest": "+RA-NEST"}
+ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
 ABLATION_STEPS = (
     ("knnlm", "kNN-LM (two-stage, fixed λ)"),
     ("rrc", "+ Relative Retrieval Confidence"),
@@ -144,7 +145,7 @@ def table3(s: Summary, cells: list[dict]) -> str:
         row = [label]
         for t in tasks:
             key, scale, dec = metric_of[t]
-            v = s.get(t, "nest", key, f"ablation:{step}")
+            v = s.get(t, ABLATION_METHOD[step], key, f"ablation:{step}")
             row.append(fmt(v, scale, dec))
             cells.append({"table": "3", "task": t, "row": step, "column": key, "value": v})
         rows.append(row)
@@ -163,10 +164,12 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
             base = s.get(task, "base", "tokens_per_s")
             speedup = speed / base if speed and base else None
             span = s.get(task, "nest", "mean_accepted_span", v)
+            proposed = s.get(task, "nest", "mean_proposed_span", v)
             ratio = s.get(task, "nest", "attribution_ratio", v)
             rouge = s.get(task, "nest", "rouge1", v)
             pts.append((g, speedup, span))
-            rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(span, 1, 1), fmt(ratio, 1, 1),
+            rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(proposed, 1, 1), fmt(span, 1, 1),
+                         fmt(ratio, 1, 1),
                          fmt(rouge, 1, 1)])
             for col, val in (("tokens_per_s", speed), ("speedup", speedup), ("mean_accepted_span", span),
                              ("attribution_ratio", ratio), ("rouge1", rouge)):
@@ -174,7 +177,8 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
         series[task] = sorted(pts, reverse=True)
     if out_dir is not None and series:
         _plot_gamma(series, out_dir / "gamma_sweep.png")
-    return _md_table(["task", "γ", "tokens/s", "speedup vs base", "mean accepted span", "attribution %", "RG-1"], rows)
+    return _md_table(["task", "γ", "tokens/s", "speedup vs base", "mean proposed span", "mean accepted span",
+                      "attribution %", "RG-1"], rows)
 
 
 def _plot_gamma(series: dict, path: Path) -> None:
@@ -251,7 +255,7 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
             checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
     for t in s.tasks("ablation:nest"):
         key = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "rouge1_diff"}[task_family(t)]
-        vals = [s.get(t, "nest", key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
+        vals = [s.get(t, ABLATION_METHOD[st], key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
         if all(v is not None for v in vals):
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]
             checks.append((f"{t}: ablation, RRC and relaxed speculative decoding each help ({key})", ok,

@@ -15,7 +15,8 @@ in the paper's table scale (ROUGE, ALR and attribution ratio in %):
 | ``time_<component>`` | mean seconds per example spent in passage_load, token_index_build, lm_encoding, token_search, verification |
 | ``attribution_ratio`` | 100 · Σ tokens with a corpus source / Σ generated tokens |
 | ``attribution_span_length`` | Σ attributed tokens / Σ runs (a run: consecutive tokens from consecutive positions of one passage) |
-| ``mean_accepted_span`` | Σ accepted draft tokens / Σ drafts verified (the paper's "average proposed span length", Fig. 2b) |
+| ``mean_proposed_span`` | Σ drafted tokens / Σ drafts (a draft: a span step or a streamed continuation; the paper's "average proposed span length", Fig. 2b) |
+| ``mean_accepted_span`` | Σ accepted draft tokens / Σ drafts |
 | ``ppl`` | exp(Σ target NLL / Σ target tokens) over the examples (evaluation mode, Table 1) |
 | ``num_tokens`` | mean generated tokens (the paper's Avg. Len) |
 
@@ -34,7 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "1"
+VERSION = "2"
 
 COMPONENTS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification")
 QUALITY_MEAN = "mean"
@@ -90,7 +91,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
 
     long_rows: list[dict] = []
     per_metric: dict[str, list[float]] = {}
-    pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafts": 0}
+    pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafted": 0, "drafts": 0}
     comp_sum = {c: 0.0 for c in COMPONENTS}
 
     def add(eid: int, metric: str, value) -> None:
@@ -122,7 +123,8 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         pooled["attributed"] += sum(runs)
         pooled["runs"] += len(runs)
         pooled["accepted"] += int(counters.get("accepted", 0))
-        pooled["drafts"] += int(counters.get("drafts", 0))
+        pooled["drafted"] += int(counters.get("drafted", 0))
+        pooled["drafts"] += int(counters.get("steps_span", 0)) + int(counters.get("steps_stream", 0))
         for c in COMPONENTS:
             comp_sum[c] += float(timings.get(c, 0.0))
         if eid in ppl_rows:
@@ -144,6 +146,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     summary["attribution_ratio"] = 100.0 * pooled["attributed"] / pooled["tokens"] if pooled["tokens"] else None
     summary["attribution_span_length"] = pooled["attributed"] / pooled["runs"] if pooled["runs"] else None
     summary["mean_accepted_span"] = pooled["accepted"] / pooled["drafts"] if pooled["drafts"] else None
+    summary["mean_proposed_span"] = pooled["drafted"] / pooled["drafts"] if pooled["drafts"] else None
     for c in COMPONENTS:
         summary[f"time_{c}"] = comp_sum[c] / n_ex if n_ex else None
     if ppl_rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -139,3 +140,28 @@ def test_real_lm_completion(tmp_path, micro_passages_dir, real_lm_dir):
         meta = json.loads(r["meta"])
         assert len(meta["prefix_ids"]) == 32 and 32 <= len(meta["target_ids"]) <= 96
         assert tok.decode(meta["prefix_ids"]) == r["prefix"]
+
+
+def test_paper_task_from_its_official_file(tmp_path):
+    """LoadTask reads a paper benchmark through tasks.registry: seeded subsample, the examples schema, all aliases."""
+    import pyarrow.parquet as pq
+
+    from stages import load_task
+
+    fixture = Path(__file__).parent / "fixtures" / "tasks" / "nq_open.jsonl"
+    stats = load_task.run(tmp_path, passages=tmp_path, lm=tmp_path, task="nq", data=fixture, n_examples=2, seed=0)
+    rows = pq.read_table(tmp_path / "examples.parquet").to_pylist()
+    assert stats["num_examples"] == len(rows) == 2
+    assert [r["example_id"] for r in rows] == [0, 1]
+    assert all(r["task"] == "nq" and r["kind"] == "qa" and r["query"] == r["question"] and r["references"]
+               for r in rows)
+
+
+def test_paper_task_bad_file_is_one_line_error(tmp_path):
+    from stages import load_task
+    from stages.errors import InputError
+
+    bad = tmp_path / "nq.jsonl"
+    bad.write_text('{"question": "q1", "answer": ["a"]}\n{"question": "q2", "answer": \n')
+    with pytest.raises(InputError, match=r"nq.jsonl:2: "):
+        load_task.run(tmp_path, passages=tmp_path, lm=tmp_path, task="nq", data=bad, n_examples=2)

@@ -26,7 +26,7 @@ def _rows():
         add("completion", "nest", "mean_accepted_span", span, f"gamma={g}")
         add("completion", "nest", "tokens_per_s", tps, f"gamma={g}")
     for step, v in (("knnlm", 20.0), ("rrc", 25.0), ("span", 24.0), ("nest", 27.0)):
-        add("completion", "nest", "rouge1", v, f"ablation:{step}")
+        add("completion", report.ABLATION_METHOD[step], "rouge1", v, f"ablation:{step}")
     return rows
 
 
@@ -40,7 +40,8 @@ def test_report_renders_tables_and_trends(tmp_path):
     assert "not computed" in text                       # FactScore without a judge
     assert "holds: completion: PPL base > kNN-LM > NEST > RA-NEST" in text
     assert "holds: completion: attribution ratio falls as γ rises" in text
-    assert "| completion | 0.0005 | 30.0 | 3.00 | 20.0 | 90.0 |" in text   # speedup 30/10
+    assert "| completion | 0.0005 | 30.0 | 3.00 | not computed | 20.0 | 90.0 |" in text   # speedup 30/10
+    assert "| + Relative Retrieval Confidence | 25.0 |" in text     # a kNN-LM run with the RRC λ_t
     assert (out / "gamma_sweep.png").stat().st_size > 1000
     assert (out / "latency.png").stat().st_size > 1000
     cells = pq.read_table(out / "tables.parquet").to_pylist()

@@ -29,9 +29,9 @@ def test_pooled_metrics_by_hand(tmp_path):
           for i in range(2)]
     gens = [
         # 4 tokens: a run of 2 (doc 7, pos 3-4), one unattributed, a run of 1 (doc 7, pos 9)
-        _gen(0, "the cat sat", [7, 7, -1, 7], [3, 4, -1, 9], 2.0, {"accepted": 3, "drafts": 1}),
+        _gen(0, "the cat sat", [7, 7, -1, 7], [3, 4, -1, 9], 2.0, {"accepted": 3, "drafted": 4, "steps_span": 1}),
         # 2 tokens, none attributed
-        _gen(1, "a dog", [-1, -1], [-1, -1], 1.0, {"accepted": 0, "drafts": 1}),
+        _gen(1, "a dog", [-1, -1], [-1, -1], 1.0, {"accepted": 0, "drafted": 2, "steps_stream": 1}),
     ]
     _write(tmp_path, gens, ex)
     out = tmp_path / "out"
@@ -42,7 +42,8 @@ def test_pooled_metrics_by_hand(tmp_path):
     assert math.isclose(s["ms_per_token"], 500.0)
     assert math.isclose(s["attribution_ratio"], 100 * 3 / 6)        # 3 attributed of 6 tokens
     assert math.isclose(s["attribution_span_length"], 3 / 2)        # runs [2, 1]
-    assert math.isclose(s["mean_accepted_span"], 3 / 2)             # 3 accepted over 2 drafts
+    assert math.isclose(s["mean_accepted_span"], 3 / 2)             # 3 accepted over 2 drafts (a span, a stream)
+    assert math.isclose(s["mean_proposed_span"], 6 / 2)             # 4 + 2 drafted
     assert math.isclose(s["rouge1"], (100.0 + 0.0) / 2)             # exact match, then no overlap
     assert math.isclose(s["time_verification"], (1.0 + 0.5) / 2)
     assert math.isclose(s["num_tokens"], 3.0)

@@ -9,25 +9,37 @@ See docs/decoding.md.
 
 from __future__ import annotations
 
-from stages.decoding.base import BaseDecoder, Decoder, RADecoder
-from stages.decoding.config import NestConfig
-from stages.decoding.knnlm import KnnLMDecoder
-from stages.decoding.nest import NestDecoder, RANestDecoder
-from stages.decoding.passage_keys import PassageKeyCache
-from stages.decoding.types import DecodeRequest, Generation, Passage
+import importlib
 
-DECODERS = {cls.method: cls for cls in (BaseDecoder, RADecoder, KnnLMDecoder, NestDecoder, RANestDecoder)}
-METHODS = tuple(DECODERS)
+# Lazy exports (PEP 562): ``import stages.decoding.config`` (the pipeline does it to compute keys) must not import torch.
+_EXPORTS = {
+    "BaseDecoder": "base", "Decoder": "base", "RADecoder": "base", "NestConfig": "config",
+    "KnnLMDecoder": "knnlm", "NestDecoder": "nest", "RANestDecoder": "nest", "PassageKeyCache": "passage_keys",
+    "DecodeRequest": "types", "Generation": "types", "Passage": "types", "run_demo": "demo",
+    "format_attributed": "demo",
+}
+METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 
 
-def make_decoder(method: str, model, tokenizer, config: NestConfig | None = None,
-                 key_cache: PassageKeyCache | None = None) -> Decoder:
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"stages.decoding.{_EXPORTS[name]}"), name)
+    if name == "DECODERS":
+        from stages.decoding.base import BaseDecoder, RADecoder
+        from stages.decoding.knnlm import KnnLMDecoder
+        from stages.decoding.nest import NestDecoder, RANestDecoder
+
+        return {cls.method: cls for cls in (BaseDecoder, RADecoder, KnnLMDecoder, NestDecoder, RANestDecoder)}
+    raise AttributeError(f"module 'stages.decoding' has no attribute {name!r}")
+
+
+def make_decoder(method: str, model, tokenizer, config=None, key_cache=None):
     """A decoder for ``method`` in ``base``, ``ra``, ``knnlm``, ``nest``, ``ra_nest``. ``key_cache`` (optional) shares
     passage keys between decoders of the same process (methods that use no token index ignore it)."""
-    if method not in DECODERS:
+    if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
-    return DECODERS[method](model, tokenizer, config, key_cache=key_cache)
+    return __getattr__("DECODERS")[method](model, tokenizer, config, key_cache=key_cache)
 
 
 __all__ = ["Passage", "DecodeRequest", "Generation", "NestConfig", "make_decoder", "Decoder", "PassageKeyCache",
-           "METHODS"]
+           "METHODS", "run_demo", "format_attributed"]

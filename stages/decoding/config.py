@@ -139,3 +139,35 @@ class NestConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Which NestConfig fields can change a method's output: the pipeline keys a Generate/Perplexity artifact on these only,
+# so that changing γ reruns NEST and RA-NEST but not the base LM, RA or kNN-LM.
+_IMPLEMENTATION = {"passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
+                   "compact_hole_fraction"}
+_TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "alpha", "tau", "lm_temperature", "force_lambda",
+                "knnlm_lambda", "knnlm_lambda_mode", "mu"}
+_SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking",
+          "token_mode_attribution"}
+_SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "seed"}
+IRRELEVANT = {
+    "base": _IMPLEMENTATION | _TOKEN_INDEX | _SPANS | {"ra_passages"},
+    "ra": _IMPLEMENTATION | (_TOKEN_INDEX - {"passages"}) | _SPANS,
+    "knnlm": _IMPLEMENTATION | _SPANS | _SAMPLING | {"ra_passages"},
+    "nest": _IMPLEMENTATION | _SAMPLING | {"knnlm_lambda", "knnlm_lambda_mode", "ra_passages"},
+    "ra_nest": _IMPLEMENTATION | _SAMPLING | {"knnlm_lambda", "knnlm_lambda_mode"},
+}
+
+
+def relevant_config(method: str, overrides: dict) -> dict:
+    """The NestConfig overrides that can change ``method``'s tokens (unknown fields are kept: NestConfig rejects them)."""
+    if method not in IRRELEVANT:
+        raise ValueError(f"unknown decoding method {method!r}; expected one of {tuple(IRRELEVANT)}")
+    return {k: v for k, v in sorted(overrides.items()) if k not in IRRELEVANT[method]}
+
+
+def relevant_for_perplexity(method: str, overrides: dict) -> dict:
+    """The overrides that change ``method``'s scores in evaluation mode: NEST stops at Eq. 4 there (paper §3.2), so span
+    selection, γ and generation lengths do not enter."""
+    drop = _SPANS | _SAMPLING | {"max_new_tokens", "stop_at_eos", "batch_size"}
+    return {k: v for k, v in relevant_config(method, overrides).items() if k not in drop}

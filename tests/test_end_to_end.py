@@ -1,5 +1,7 @@
-"""End to end: `nest all` builds the retrieval half on a micro Atlas corpus with the real stages (SmolLM2 tokenizer and
-LM folder, pyserini BM25, MiniLM + FAISS), a second run does nothing, the outputs are consistent, DuckDB answers."""
+"""End to end: `nest all` on a micro Atlas corpus with the real stages and models (SmolLM2, pyserini BM25, MiniLM + FAISS)
+and a small decoding grid (base, kNN-LM, NEST; short generations): a second run does nothing, the outputs are
+consistent, attribution points at the right tokens, the report is written, DuckDB answers, and a change reruns exactly
+what it should."""
 
 from __future__ import annotations
 
@@ -34,7 +36,11 @@ def built(tmp_path_factory, real_lm_dir):
     sets = [f"ConvertCorpus.source={CORPUS}", "ConvertCorpus.fmt=atlas", "ConvertCorpus.shard_rows=20",
             "ConvertCorpus.row_group_size=8", f"PrepareLM.source={real_lm_dir}",
             'nest.tasks=["completion", "completion_excluded"]', "LoadTask.n_examples=4", "LoadTask.prefix_tokens=12",
-            "LoadTask.target_tokens=24", f"PreRetrieve.b={B}", "PreRetrieve.candidates=200"]
+            "LoadTask.target_tokens=24", f"PreRetrieve.b={B}", "PreRetrieve.candidates=200",
+            'decoding.methods=["base", "knnlm", "nest"]', 'decoding.method_config={}',
+            'decoding.config={"max_new_tokens": 12, "passages": 6, "gamma": 0.005, "mu": 0.5, "alpha": 0.2}',
+            "decoding.gammas=[0.5]", 'decoding.sweep_tasks=["completion"]', "decoding.ablation_tasks=[]",
+            'decoding.ppl_tasks=["completion"]']
     args = [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "NEST_STORE": str(store), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -49,7 +55,7 @@ def built(tmp_path_factory, real_lm_dir):
     second = run("all", *args)
     assert second.returncode == 0, second.stderr[-3000:]
     run2 = json.loads((store / "runs" / "latest.json").read_text())
-    return {"store": store, "run": run, "args": args, "run1": run1, "run2": run2, "first": first}
+    return {"store": store, "run": run, "args": args, "sets": sets, "run1": run1, "run2": run2, "first": first}
 
 
 def _dir(built, stage: str, label: str | None = None) -> Path:
@@ -60,10 +66,12 @@ def _dir(built, stage: str, label: str | None = None) -> Path:
 
 
 def test_cold_run_builds_every_stage_and_the_second_does_nothing(built):
-    stages = {r["stage"] for r in built["run1"]["reached"]}
-    assert stages == {"PrepareLM", "ConvertCorpus", "BuildBM25Index", "EncodePassages", "BuildDenseIndex", "LoadTask",
-                      "PreRetrieve", "PreTokenize"}
-    assert len(built["run1"]["reached"]) == 10 and built["run1"]["ok"]
+    stages = [r["stage"] for r in built["run1"]["reached"]]
+    assert set(stages) == {"PrepareLM", "ConvertCorpus", "BuildBM25Index", "EncodePassages", "BuildDenseIndex",
+                           "LoadTask", "PreRetrieve", "PreTokenize", "Generate", "Perplexity", "Score", "Report"}
+    # 2 tasks x 3 methods + NEST at the sweep's γ = 0.5; PPL of 3 methods on one task; a Score per run; one Report
+    assert (stages.count("Generate"), stages.count("Perplexity"), stages.count("Score")) == (7, 3, 7)
+    assert built["run1"]["ok"]
     assert {r["status"] for r in built["run1"]["reached"]} == {"built"}
     assert {r["status"] for r in built["run2"]["reached"]} == {"cached"}
     assert [r["key"] for r in built["run1"]["reached"]] == [r["key"] for r in built["run2"]["reached"]]
@@ -126,6 +134,60 @@ def test_query_and_status(built):
     assert lines[0].split() == ["rank", "title", "fused", "sparse", "dense"] and len(lines) == 2 + B
     st = built["run"]("status", *built["args"], "--set", "BuildBM25Index.k1=1.2")
     assert st.returncode == 0, st.stderr
-    rerun = sorted(line.split()[0] for line in st.stdout.splitlines() if " rerun " in line)
-    assert rerun == ["BuildBM25Index", "PreRetrieve(task=completion)", "PreRetrieve(task=completion_excluded)"]
+    rerun = {line.split()[0] for line in st.stdout.splitlines() if " rerun " in line}
+    upstream = {"BuildBM25Index", "PreRetrieve(task=completion)", "PreRetrieve(task=completion_excluded)"}
+    assert upstream <= rerun
+    # downstream of the retrievals: every method that reads passages, never the base LM
+    assert not any("method=base" in r for r in rerun)
+    assert "Generate(task=completion," in " ".join(rerun) and "Report" in rerun
+    assert not {r for r in rerun if r.split("(")[0] in ("PrepareLM", "ConvertCorpus", "EncodePassages",
+                                                          "BuildDenseIndex", "LoadTask", "PreTokenize")}
     assert "param k1: 0.9 -> 1.2" in st.stdout
+
+
+def test_changing_gamma_reruns_only_the_nest_runs_it_affects(built):
+    cfg = '{"max_new_tokens": 12, "passages": 6, "gamma": 0.05, "mu": 0.5, "alpha": 0.2}'
+    sets = [s for s in built["sets"] if not s.startswith("decoding.config=")] + [f"decoding.config={cfg}"]
+    args = [a for s in sets for a in ("--set", s)]
+    st = built["run"]("status", *args)
+    assert st.returncode == 0, st.stderr
+    rerun = {line.split()[0] for line in st.stdout.splitlines() if " rerun " in line or " new" in line}
+    assert rerun, st.stdout
+    assert all(r.startswith(("Generate", "Score", "Report")) for r in rerun), rerun
+    assert all("method=nest" in r for r in rerun if r != "Report"), rerun
+    # the sweep's γ = 0.5 run does not depend on the main γ
+    assert not any("variant=gamma=0.5" in r for r in rerun), rerun
+
+
+def test_generations_attribute_tokens_to_the_passage_tokens_they_copy(built):
+    import pyarrow.parquet as pq
+
+    from stages.pretokenize import TokenLookup
+
+    lookup = TokenLookup(_dir(built, "PreTokenize"))
+    gens = [row for r in built["run2"]["reached"] if r["stage"] == "Generate"
+            for row in pq.read_table(built["store"] / "Generate" / r["key"] / "generations.parquet").to_pylist()]
+    assert {g["method"] for g in gens} == {"base", "knnlm", "nest"}
+    attributed = 0
+    for g in gens:
+        assert 0 < g["num_tokens"] <= 12 and len(g["source_doc_ids"]) == g["num_tokens"]
+        if g["method"] == "base":
+            assert set(g["source_doc_ids"]) == {-1}
+        for tok, doc, pos in zip(g["token_ids"], g["source_doc_ids"], g["source_positions"]):
+            if doc >= 0:
+                attributed += 1
+                assert lookup.get([doc])[0][pos] == tok
+    assert attributed > 0  # the source passage is in the datastore: NEST copies from it
+
+
+def test_report_has_the_papers_tables(built):
+    report = _dir(built, "Report") / "report.md"
+    text = report.read_text()
+    for heading in ("Table 1", "Table 2", "Table 3", "Leniency sweep", "Latency breakdown"):
+        assert heading in text
+    assert "+NEST" in text and "+kNN-LM" in text and "PPL" in text
+    assert (_dir(built, "Report") / "gamma_sweep.png").is_file()
+    q = built["run"]("query", "SELECT method, value FROM summary WHERE task = 'completion' AND variant = 'main' "
+                              "AND metric = 'ppl' ORDER BY method")
+    assert q.returncode == 0, q.stderr
+    assert [line.split()[0] for line in q.stdout.splitlines()[2:]] == ["base", "knnlm", "nest"]
