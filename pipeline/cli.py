@@ -283,8 +283,12 @@ def cmd_generate(args) -> int:
     code = build(list(tasks.values()), profile=args.profile, command=["nest", *sys.argv[1:]], quiet=True)
     if code:
         return code
-    options = {k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
-                                             "passages") if getattr(args, k) is not None}
+    # the profile's decoding settings ([decoding] config and the method's overrides), then the command line's
+    d = dag.decoding()
+    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {}),
+               "key_cache_dir": dag._key_cache_dir()}
+    options.update({k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
+                                                  "passages") if getattr(args, k) is not None})
     text = run_demo(args.prompt, lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
                     tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
                     dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,

@@ -154,7 +154,7 @@ def clean_luigi():
 
 
 @needs_embedded
-def test_real_dag_changing_bm25_k1_moves_only_bm25_and_pre_retrieve(clean_luigi):
+def test_real_dag_changing_bm25_k1_moves_only_bm25_pre_retrieve_and_their_downstream(clean_luigi):
     from pipeline import config, dag
 
     before = _keys(dag.All())
@@ -167,7 +167,15 @@ def test_real_dag_changing_bm25_k1_moves_only_bm25_and_pre_retrieve(clean_luigi)
     finally:
         config.config().set("BuildBM25Index", "k1", "0.9")
     changed = {label for label in before if before[label] != after[label]}
-    assert changed == {"BuildBM25Index"} | {label for label in before if label.startswith("PreRetrieve(")}
+    retrieval = {"BuildBM25Index"} | {label for label in before if label.startswith("PreRetrieve(")}
+    assert retrieval <= changed
+    # downstream of the retrievals: the runs that read passages (never the base LM), their scores and the report
+    for label in changed - retrieval:
+        assert label.startswith(("Generate(", "Perplexity(", "Score(", "Report")), label
+        assert "method=base" not in label, label
+    assert any("method=base" in label for label in before)
+    assert not {label for label in changed if label.startswith(("PrepareLM", "ConvertCorpus", "EncodePassages",
+                                                                   "BuildDenseIndex", "LoadTask", "PreTokenize"))}
 
 
 @needs_embedded
