@@ -298,17 +298,15 @@ def _key_cache_dir() -> str:
     return str(p if p.is_absolute() else cfg.PROJECT_ROOT / p)
 
 
-class Generate(NestTask):
-    """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last)."""
+class _MethodOnTask(NestTask):
+    """A decoding method over a task's examples: the LM, the examples, passages and their tokens, and the retrievals
+    (which the base LM does not read)."""
 
-    stage_module = "stages.generate"
     label_params = ("task", "method")
     key_exclude = ("key_cache_dir",)
     task = luigi.Parameter()
     method = luigi.Parameter()
     config = luigi.DictParameter(default={})
-    start = luigi.IntParameter(default=0)
-    end = luigi.IntParameter(default=-1)
 
     def requires(self):
         req = {"examples": LoadTask(task=self.task), "passages": ConvertCorpus(), "tokens": PreTokenize(),
@@ -316,6 +314,14 @@ class Generate(NestTask):
         if self.method != "base":
             req["retrievals"] = PreRetrieve(task=self.task)
         return req
+
+
+class Generate(_MethodOnTask):
+    """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last)."""
+
+    stage_module = "stages.generate"
+    start = luigi.IntParameter(default=0)
+    end = luigi.IntParameter(default=-1)
 
     def stage_params(self):
         from stages.decoding.config import relevant_config  # torch-free
@@ -324,22 +330,10 @@ class Generate(NestTask):
                 "end": None if self.end < 0 else self.end, "key_cache_dir": _key_cache_dir()}
 
 
-class Perplexity(NestTask):
+class Perplexity(_MethodOnTask):
     """Evaluation mode (Table 1 PPL): NLL of each completion example's reference under the method's distribution."""
 
     stage_module = "stages.perplexity"
-    label_params = ("task", "method")
-    key_exclude = ("key_cache_dir",)
-    task = luigi.Parameter()
-    method = luigi.Parameter()
-    config = luigi.DictParameter(default={})
-
-    def requires(self):
-        req = {"examples": LoadTask(task=self.task), "passages": ConvertCorpus(), "tokens": PreTokenize(),
-               "lm": PrepareLM()}
-        if self.method != "base":
-            req["retrievals"] = PreRetrieve(task=self.task)
-        return req
 
     def stage_params(self):
         from stages.decoding.config import relevant_for_perplexity  # torch-free
@@ -349,6 +343,12 @@ class Perplexity(NestTask):
 
 
 PPL_METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
+
+
+class factscore(luigi.Config):  # noqa: N801
+    """``[factscore]``: the judge LM of FactScore (a local HF chat model folder); empty: FactScore is "not computed"."""
+
+    judge_lm = luigi.Parameter(default="")
 
 
 class Score(NestTask):
@@ -367,10 +367,19 @@ class Score(NestTask):
         ppl_tasks = set(decoding().ppl_tasks) | ({"wikitext"} & set(paper_task_paths()))
         if self.variant == "main" and self.task in ppl_tasks and self.method in PPL_METHODS:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
+        if self._judged():
+            req["bm25"] = BuildBM25Index()
+            req["passages"] = ConvertCorpus()
         return req
 
+    def _judged(self) -> bool:
+        return bool(factscore().judge_lm) and self.task in ("bio", "factscore")
+
     def stage_params(self):
-        return {"task": self.task, "method": self.method, "variant": self.variant}
+        params = {"task": self.task, "method": self.method, "variant": self.variant}
+        if self._judged():
+            params["judge_lm"] = cfg.identified_path(factscore().judge_lm)
+        return params
 
 
 class Report(NestTask):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from tasks.errors import TaskInputError
 
 
-class InputError(ValueError):
-    """Bad user input: ``str(err)`` is ``"path:line: message"`` (``line`` omitted when unknown)."""
+class InputError(TaskInputError):
+    """Bad user input: ``str(err)`` is ``"path:line: message"`` (``line`` omitted when unknown).
 
-    def __init__(self, path: str | Path | None, line: int | None, message: str):
-        self.path = str(path) if path is not None else None
-        self.line = line
-        self.message = message
-        where = self.path or "<input>"
-        if line is not None:
-            where = f"{where}:{line}"
-        super().__init__(f"{where}: {message}")
+    The stages' error is the task loaders' one (``tasks/`` may not import ``stages``, so the base class lives there):
+    the CLI prints either as one line, and a loader's error passes through a stage unchanged in meaning.
+    """

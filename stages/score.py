@@ -23,7 +23,9 @@ in the paper's table scale (ROUGE, ALR and attribution ratio in %):
 Quality metrics come from the task: a paper task of :mod:`tasks.registry` scores with its own metric; the embedded
 ``completion`` tasks score ROUGE-1/2/L against the reference continuation; the embedded ``bio`` task scores ROUGE-1
 against the person's passages (``rouge1_source``, a proxy) and FactScore only when a judge LM is configured — otherwise
-``factscore`` is null and the report prints "not computed".
+``factscore`` is null and the report prints "not computed". A judge is configured with ``[factscore] judge_lm`` (a local
+HF chat LM folder; :mod:`stages.judge`); it decomposes each bio into atomic facts and checks each against the top BM25
+passages of the corpus for "entity fact".
 """
 
 from __future__ import annotations
@@ -41,26 +43,32 @@ COMPONENTS = ("passage_load", "token_index_build", "lm_encoding", "token_search"
 QUALITY_MEAN = "mean"
 
 
-def example_metrics(task: str, text: str, example: dict) -> dict[str, float | None]:
-    """Quality metrics of one generation for ``task`` (values in %, None = not computed)."""
-    from tasks import metrics
+def _example(row: dict):
+    from tasks.base import Example
+
+    row = dict(row)
+    row["meta"] = json.loads(row.get("meta") or "{}") if isinstance(row.get("meta"), str) else row.get("meta") or {}
+    return Example.from_row(row)
+
+
+def example_metrics(task: str, text: str, example: dict, factscore_task=None) -> dict[str, float | None]:
+    """Quality metrics of one generation for ``task`` (values in %, None = not computed). ``factscore_task``: a
+    ``tasks.factscore.FactScore`` with a judge, used for the bio tasks."""
+    from tasks import metrics, registry
 
     refs = list(example.get("references") or [])
     if task.startswith("completion"):
         if not refs:
             return {}
         return {k: 100.0 * v for k, v in metrics.rouge(text, refs[0]).items()}
-    if task == "bio":
-        out: dict[str, float | None] = {"factscore": None, "num_facts": None}
-        if refs:
+    if task in ("bio", "factscore"):
+        fs = factscore_task if factscore_task is not None else registry.get("factscore")
+        out = dict(fs.score(text, _example(example)))
+        out.setdefault("num_facts", None)
+        if task == "bio" and refs:
             out["rouge1_source"] = 100.0 * metrics.rouge(text, " ".join(refs), ("rouge1",))["rouge1"]
         return out
-    from tasks import registry
-    from tasks.base import Example
-
-    row = dict(example)
-    row["meta"] = json.loads(row.get("meta") or "{}") if isinstance(row.get("meta"), str) else row.get("meta") or {}
-    return registry.get(task).score(text, Example.from_row(row))
+    return registry.get(task).score(text, _example(example))
 
 
 def _sources(gen: dict) -> list:
@@ -78,8 +86,17 @@ def _num(v) -> float | None:
 
 
 def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: str, variant: str = "main",
-        perplexity: Path | None = None) -> dict:
+        perplexity: Path | None = None, judge_lm: Path | None = None, bm25: Path | None = None,
+        passages: Path | None = None) -> dict:
+    """Score one (task, method, variant). ``judge_lm`` (with ``bm25`` and ``passages``): FactScore for the bio tasks."""
     from tasks.metrics import attribution_runs
+
+    factscore_task = None
+    if judge_lm is not None and task in ("bio", "factscore"):
+        from stages.judge import HFJudge, bm25_retriever
+        from tasks.factscore import FactScore
+
+        factscore_task = FactScore(judge=HFJudge(judge_lm), retrieve=bm25_retriever(bm25, passages))
 
     out_dir = Path(out_dir)
     ex_rows = {int(r["example_id"]): r for r in pq.read_table(Path(examples) / "examples.parquet").to_pylist()}
@@ -104,9 +121,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     for g in gens:
         eid = int(g["example_id"])
         ex = ex_rows[eid]
-        m = example_metrics(task, g["text"], ex)
-        if task == "bio" and "factscore" in m:
-            m.setdefault("num_facts", None)
+        m = example_metrics(task, g["text"], ex, factscore_task)
         for k, v in m.items():
             add(eid, k, v)
         n = int(g["num_tokens"])

@@ -1,6 +1,6 @@
 """Bad-input error of the task loaders.
 
-``tasks/`` may not import ``stages``, so this is a *duplicate* of ``stages.errors.InputError`` with the same constructor
+``tasks/`` may not import ``stages``, so this is the base class of ``stages.errors.InputError``, with the constructor
 ``(path, line, message)``, the same attributes and the same one-line ``str()``: ``"path:line: message"`` (``line``
 omitted when unknown). Callers in ``stages`` convert it losslessly with ``InputError(e.path, e.line, e.message)``, or
 catch both: both derive from ``ValueError``.

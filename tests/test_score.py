@@ -60,3 +60,31 @@ def test_bio_reports_factscore_as_not_computed(tmp_path):
     s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
     assert s["factscore"] is None
     assert math.isclose(s["rouge1_source"], 100.0)
+
+
+def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
+    """With a judge: 12 facts (no length penalty), the ones about mathematics supported: FS = 100 · 6/12."""
+    import stages.judge
+
+    facts = [f"Ada studied mathematics topic {i}." for i in range(6)] + [f"Ada owned horse {i}." for i in range(6)]
+
+    class FakeJudge:
+        def __init__(self, lm_dir):
+            assert str(lm_dir).endswith("judge")
+
+        def generate(self, prompt):
+            if prompt.rstrip().endswith("True or False?\nOutput:"):
+                return "True" if "mathematics" in prompt.split("Input:")[-1] else "False"
+            return "\n".join(f"- {f}" for f in facts)
+
+    monkeypatch.setattr(stages.judge, "HFJudge", FakeJudge)
+    monkeypatch.setattr(stages.judge, "bm25_retriever", lambda bm25, passages: lambda e, f: ["Ada Lovelace. text"])
+    ex = [Example(example_id=0, task="bio", kind="qa", query="Ada Lovelace", question="Tell me a bio of Ada Lovelace.",
+                  references=["Ada Lovelace was a mathematician."])]
+    _write(tmp_path, [{**_gen(0, "Ada Lovelace was a mathematician.", [-1], [-1], 1.0, {}), "task": "bio"}], ex)
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="bio", method="nest",
+              judge_lm=tmp_path / "judge", bm25=tmp_path, passages=tmp_path)
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert math.isclose(s["factscore"], 50.0) and s["num_facts"] == 12
