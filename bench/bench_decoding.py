@@ -58,6 +58,8 @@ def load_inputs(variants, n_examples: int, quick: bool) -> dict:
 
     if quick:  # a small corpus; candidates clamp to its size
         config.apply_overrides(config.parse_set(["ConvertCorpus.limit=300", f"LoadTask.n_examples={n_examples}"]))
+    elif n_examples:  # else the profile's examples (luigi.cfg LoadTask.n_examples): the ones `make all` reports on
+        config.apply_overrides(config.parse_set([f"LoadTask.n_examples={n_examples}"]))
     roots = {"lm": dag.PrepareLM(), "passages": dag.ConvertCorpus(), "tokens": dag.PreTokenize()}
     for v in variants:
         roots[f"examples/{v}"] = dag.LoadTask(task=v)
@@ -76,7 +78,7 @@ def load_inputs(variants, n_examples: int, quick: bool) -> dict:
     out = {"lm_dir": roots["lm"].artifact_dir, "variants": {}}
     for v in variants:
         examples = pq.read_table(Path(roots[f"examples/{v}"].artifact_dir) / "examples.parquet").to_pylist()
-        examples = examples[:n_examples]
+        examples = examples[:n_examples] if n_examples else examples
         retrievals = read_retrievals(Path(roots[f"retrievals/{v}"].artifact_dir))
         requests = build_requests(examples, retrievals, reader, lookup, n_passages=40)
         out["variants"][v] = {"requests": requests, "references": [ex["references"][0] for ex in examples]}
@@ -270,7 +272,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--examples", type=int, default=None, help="examples per variant (default 12; quick 2)")
+    ap.add_argument("--examples", type=int, default=None,
+                    help="examples per variant (default: the profile's LoadTask.n_examples, as `make all`; quick 2)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 96 (the reference length); quick 16")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
                          "`--cold-gammas` alone: none)")
     args = ap.parse_args(argv or [])
     quick = quick or args.quick
-    n_examples = args.examples or (2 if quick else 12)
+    n_examples = args.examples or (2 if quick else None)
     max_new = args.max_new_tokens or (16 if quick else 96)
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
@@ -320,7 +323,8 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
                                          "counters": counters, "timings": timings,
                                          "rouge1": scorer.score(ref, text)["rouge1"].fmeasure})
             _log(f"{v} example {i + 1}/{len(data['requests'])} done")
-    result = {"quick": quick, "n_examples": n_examples, "max_new_tokens": max_new, "threads": torch.get_num_threads(),
+    result = {"quick": quick, "n_examples": len(next(iter(inputs["variants"].values()))["requests"]),
+              "max_new_tokens": max_new, "threads": torch.get_num_threads(),
               "configs": args.configs,
               "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
               "variants": {}, "targets": {},

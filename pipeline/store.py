@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator, Mapping
 
+from stages.common import sha256_file  # one streamed digest for the stages and the store
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 KEY_LEN = 64
@@ -102,12 +104,6 @@ def content_key(stage: str, version: str, params: Mapping[str, Any], inputs: Map
     return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def utc_now() -> str:

@@ -19,7 +19,8 @@ os.umask(_UMASK)
 _DIGEST_CACHE = Path(os.environ.get("NEST_DIGEST_CACHE", Path.home() / ".cache" / "nest" / "digests.json"))
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex of a file's bytes, streamed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -38,7 +39,7 @@ def file_digest(path: str | Path) -> str:
     hit = cache.get(str(path))
     if hit and hit.get("stamp") == stamp:
         return hit["sha256"]
-    digest = _sha256(path)
+    digest = sha256_file(path)
     cache[str(path)] = {"stamp": stamp, "sha256": digest}
     with contextlib.suppress(OSError):
         _DIGEST_CACHE.parent.mkdir(parents=True, exist_ok=True)

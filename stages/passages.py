@@ -85,9 +85,13 @@ class ShardedRows:
 
     def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 10_000) -> Iterator:
         """Stream every row in ``doc_id`` order as ``pyarrow.RecordBatch`` es of at most ``batch_size`` rows."""
-        for shard in range(len(self.shard_files)):
-            yield from self._file(shard).iter_batches(batch_size=batch_size,
-                                                      columns=list(columns) if columns else None)
+        import pyarrow.parquet as pq
+
+        for path in self.shard_files:
+            # a fresh reader per shard, closed after it: the cached readers of random access (_file) would keep every
+            # shard's buffers alive and make a full scan's memory grow with the corpus
+            with pq.ParquetFile(path) as pf:
+                yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
 
 
 class PassageReader(ShardedRows):

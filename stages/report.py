@@ -280,7 +280,7 @@ def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduct
     cells: list[dict] = []
     parts = [f"# {title}", ""]
     if context:
-        parts += ["Run: " + ", ".join(f"{k} = {v}" for k, v in context.items()), ""]
+        parts += [f"- {k}: `{v}`" for k, v in context.items()] + [""]
     parts += ["## Table 1: quality per method and task", "", table1(s, cells), "",
               "## Table 2: attribution (NEST, RA-NEST)", "", table2(s, cells), "",
               "## Table 3: ablation", "", table3(s, cells), "",

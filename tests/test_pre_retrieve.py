@@ -8,16 +8,7 @@ import pytest
 
 from stages import bm25, dense, fusion, pre_retrieve
 
-PASSAGES = [
-    ("Paris", "Paris is the capital and largest city of France."),
-    ("Berlin", "Berlin is the capital of Germany and its largest city."),
-    ("Lucene", "Apache Lucene is a search library written in Java."),
-    ("Photosynthesis", "Plants convert light into chemical energy."),
-    ("Mount Everest", "Everest is the highest mountain above sea level."),
-    ("Jazz", "Jazz is a music genre that originated in New Orleans."),
-]
-PASSAGE_SCHEMA = pa.schema([("doc_id", pa.int64()), ("source_id", pa.string()), ("title", pa.string()),
-                            ("section", pa.string()), ("text", pa.string())])
+from tests.test_bm25 import PASSAGES, SCHEMA as PASSAGE_SCHEMA  # the same six passages
 EXAMPLE_SCHEMA = pa.schema([("example_id", pa.int64()), ("task", pa.string()), ("kind", pa.string()),
                             ("query", pa.string()), ("question", pa.string()), ("prefix", pa.string()),
                             ("references", pa.list_(pa.string())), ("exclude_doc_ids", pa.list_(pa.int64())),
