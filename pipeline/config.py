@@ -141,6 +141,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                     "pooling": "cls", "normalize": "false"},
         "BuildDenseIndex": {"index_string": "IVF65536,PQ256", "metric": "ip", "nprobe": 4096},
         "PreRetrieve": {"mode": "hybrid", "b": 40, "candidates": 4000},
+        # the paper's tasks (files from [paper_tasks]) at their full sizes; no embedded tasks
+        "nest": {"tasks": []},
+        "LoadTask": {"n_examples": 1_000_000},
+        # §1.10: the paper's decoding defaults (α 0.3, τ 0.1, δ 0.5, n 64, r 1024; γ 5e-4 is the 7B value: 5e-3 for 13B,
+        # 5e-2 for 70B), RA-NEST γ 5e-1, generation lengths of the paper (completion 256; QA 128 via the tasks)
+        "decoding": {"config": {"passages": 40, "max_new_tokens": 256, "gamma": 5e-4, "alpha": 0.3},
+                     "method_config": {"ra_nest": {"gamma": 0.5}},
+                     "sweep_tasks": ["factscore"], "ablation_tasks": ["wikitext", "nq", "factscore"],
+                     "ppl_tasks": ["wikitext"]},
     },
 }
 

@@ -275,3 +275,34 @@ def test_nest_task_subclasses_declare_a_known_stage_module():
     for cls in subclasses(NestTask):
         if cls.__module__ == "pipeline.dag" and not cls.__name__.startswith("_"):  # _Name: shared bases
             assert importlib.util.find_spec(cls.stage_module) is not None, cls.__name__
+
+
+def test_profile_full_wires_the_whole_dag_with_stand_ins(tmp_path):
+    """`nest status --profile full` with tiny stand-ins for Llama-2-chat, DRAGON+ and Atlas computes every key of the
+    paper's DAG: the paper tasks whose files are configured, the IVF-PQ index, the paper's γ; no embedded task."""
+    import os
+    import subprocess
+    import sys
+
+    for name in ("lm", "query_encoder", "context_encoder"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"stand_in": name}))
+    corpus = tmp_path / "atlas.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "title": "T", "section": "", "text": "x y z"}) + "\n")
+    fixtures = Path(__file__).parent / "fixtures" / "tasks"
+    env = {**os.environ, "NEST_STORE": str(tmp_path / "store"), "NEST_FULL_LM": str(tmp_path / "lm"),
+           "NEST_FULL_CORPUS": str(corpus), "NEST_FULL_QUERY_ENCODER": str(tmp_path / "query_encoder"),
+           "NEST_FULL_CONTEXT_ENCODER": str(tmp_path / "context_encoder")}
+    sets = [f"paper_tasks.nq={fixtures / 'nq_open.jsonl'}", f"paper_tasks.wikitext={fixtures / 'wikitext.raw'}"]
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--profile", "full",
+                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "Generate(task=nq, method=nest)" in text and "Perplexity(task=wikitext, method=ra_nest)" in text
+    assert "Score(task=wikitext, method=knnlm, variant=ablation:rrc)" in text
+    assert "task=completion" not in text and "task=bio" not in text
+    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--profile", "full"],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                             env={k: v for k, v in env.items() if k != "NEST_FULL_LM"})
+    assert missing.returncode == 2 and "[full] lm" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
