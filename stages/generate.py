@@ -52,14 +52,24 @@ def build_requests(examples: list[dict], retrievals: dict[int, list[int]], passa
         if doc_ids:
             rows = passage_reader.get(doc_ids)
             toks = token_lookup.get(doc_ids)
-            passages = [Passage(int(d), list(t), r.get("title", ""), r.get("text", "")) for d, t, r in
-                        zip(doc_ids, toks, rows)]
+            ends = ends_document(passage_reader, doc_ids, rows)
+            passages = [Passage(int(d), list(t), r.get("title", ""), r.get("text", ""), e) for d, t, r, e in
+                        zip(doc_ids, toks, rows, ends)]
         meta = json.loads(ex.get("meta") or "{}")
         requests.append(DecodeRequest(
             example_id=int(ex["example_id"]), kind=ex["kind"], question=ex.get("question") or "",
             prefix=ex.get("prefix") or "", passages=passages, prefix_ids=meta.get("prefix_ids"),
             max_new_tokens=max_new_tokens))
     return requests
+
+
+def ends_document(passage_reader, doc_ids: list[int], rows: list[dict]) -> list[bool]:
+    """Per passage: is it the last passage of its source article? Passages of one source have consecutive doc_ids
+    (ConvertCorpus), so a passage ends its article when the next doc_id belongs to another source (or does not exist)."""
+    n = len(passage_reader)
+    nxt = [int(d) + 1 for d in doc_ids if int(d) + 1 < n]
+    nxt_source = {int(r["doc_id"]): r.get("source_id") for r in passage_reader.get(nxt, ("doc_id", "source_id"))} if nxt else {}
+    return [int(d) + 1 >= n or nxt_source.get(int(d) + 1) != r.get("source_id") for d, r in zip(doc_ids, rows)]
 
 
 def read_retrievals(retrievals_dir: Path | None) -> dict[int, list[int]]:

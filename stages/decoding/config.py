@@ -12,6 +12,7 @@ MASKINGS = ("paper", "code", "off")
 ACCEPTANCES = ("relaxed", "strict")
 KNN_LAMBDAS = ("fixed", "rrc")
 OVERFLOWS = ("error", "truncate_left")
+DOCUMENT_ENDS = ("none", "eos")
 
 
 @dataclass
@@ -43,6 +44,15 @@ class NestConfig:
         masking: ``"paper"`` = every emitted corpus token's key is masked; ``"code"`` = only the first emitted key of a
             step, never a passage's first key (D4); ``"off"``.
         token_mode_attribution: a token-mode token carries the source of the selected neighbour when it equals it.
+        sink_keys: ``"keep"`` (paper) or ``"drop"``: leave out each passage's first key, the state of the attention sink
+            (the first position; a BOS when there is one), whose norm is ~3x the others' on SmolLM2. Once r covers every
+            key (few passages: r is clamped to the valid keys, B7), those outliers set d_max for every query, so RRC's
+            d_min/d_max falls to ~0.04 and λ_t stays near σ(−α/τ): span mode at every step, whatever the retrieval
+            confidence (docs/tuning.md).
+        document_end: ``"none"`` (paper and released code: a passage's last token has no key, so nothing in the
+            datastore says "the article ends here") or ``"eos"`` (beyond the paper: the last token of a passage that ends
+            its source article gets a key whose value is EOS, so a generation that has copied an article to its end is
+            told to stop there instead of stitching another article on; docs/decoding.md, "Ending with the article").
     Generation
         max_new_tokens, stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
         and seed (base and RA only), ra_passages (top-3 in the prompt), prompt_overflow (``"error"`` or
@@ -76,6 +86,8 @@ class NestConfig:
     streaming: bool = True
     masking: str = "paper"
     token_mode_attribution: bool = True
+    document_end: str = "none"
+    sink_keys: str = "keep"
     # generation
     max_new_tokens: int = 256
     stop_at_eos: bool = True
@@ -102,7 +114,8 @@ class NestConfig:
         """Raise ValueError naming the bad option."""
         choices = {"key_layer": KEY_LAYERS, "span_start": SPAN_STARTS, "masking": MASKINGS,
                    "acceptance": ACCEPTANCES, "knnlm_lambda_mode": KNN_LAMBDAS, "prompt_overflow": OVERFLOWS,
-                   "passage_bos": ("auto", "yes", "no")}
+                   "passage_bos": ("auto", "yes", "no"), "document_end": DOCUMENT_ENDS,
+                   "sink_keys": ("keep", "drop")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"NestConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -145,8 +158,8 @@ class NestConfig:
 # so that changing γ reruns NEST and RA-NEST but not the base LM, RA or kNN-LM.
 _IMPLEMENTATION = {"passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
                    "compact_hole_fraction"}
-_TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "alpha", "tau", "lm_temperature", "force_lambda",
-                "knnlm_lambda", "knnlm_lambda_mode", "mu"}
+_TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys", "alpha", "tau", "lm_temperature",
+                "force_lambda", "knnlm_lambda", "knnlm_lambda_mode", "mu"}
 _SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking",
           "token_mode_attribution"}
 _SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "seed"}

@@ -109,6 +109,17 @@ class NestDecoder(Decoder):
         return Scored(p_m, p_lm, lam, nb.scores, nb.rows)
 
     # ---------------------------------------------------------------- passages → token index
+    def index_tokens(self, passage, max_tokens: int | None = None) -> list[int]:
+        """The token ids a passage contributes to the token index: its tokens cut to the context window, plus EOS after
+        the last token of an article when ``document_end = "eos"`` (the key of that last token then says "stop")."""
+        max_tokens = max(self.window - 1, 2) if max_tokens is None else max_tokens
+        toks = [int(t) for t in passage.token_ids]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if (self.config.document_end == "eos" and getattr(passage, "ends_document", False) and eos is not None
+                and len(toks) < max_tokens):
+            toks.append(int(eos))
+        return toks[:max_tokens]
+
     def build_indexes(self, rows: list[NestRow], clock: Clock) -> None:
         cfg = self.config
         max_tokens = max(self.window - 1, 2)
@@ -119,7 +130,7 @@ class NestDecoder(Decoder):
                 if int(p.doc_id) in seen:
                     continue
                 seen.add(int(p.doc_id))
-                toks = [int(t) for t in p.token_ids][:max_tokens]
+                toks = self.index_tokens(p, max_tokens)
                 if len(toks) >= (1 if self.passage_bos is not None else 2):  # at least one key
                     ps.append((int(p.doc_id), toks))
             per_row.append(ps)
@@ -147,6 +158,9 @@ class NestDecoder(Decoder):
             row.counters["key_cache_misses"] = len(mine_hits) - sum(mine_hits)
             with clock.time("token_index_build", [row]):
                 row.index = TokenIndex(ps, mine_keys, first_value_pos, device=self.device)
+                if cfg.sink_keys == "drop":  # the attention-sink key of each passage (NestConfig.sink_keys)
+                    for doc, _ in ps:
+                        row.index.mask(doc, first_value_pos)
             row.counters["keys"] = len(row.index)
 
     def prefetch_keys(self, requests) -> None:

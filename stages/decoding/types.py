@@ -17,6 +17,7 @@ class Passage:
     token_ids: Sequence[int]
     title: str = ""
     text: str = ""
+    ends_document: bool = False  # the last passage of its source article (NestConfig.document_end)
 
     def display_text(self) -> str:
         """``"{title}. {text}"`` as the RA background (the PreTokenize template), or the text alone."""
