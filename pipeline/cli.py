@@ -237,6 +237,19 @@ def _task_parser(luigi_args: list[str]):
     return _Exact(luigi_args)
 
 
+def _import_modules(luigi_args: Sequence[str]) -> None:
+    import importlib
+
+    for i, a in enumerate(luigi_args):
+        name = a.partition("=")[2] if a.startswith("--module=") else (
+            luigi_args[i + 1] if a == "--module" and i + 1 < len(luigi_args) else None)
+        if name:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise CliError(f"run: --module {name}: {e}") from None
+
+
 def cmd_run(args) -> int:
     from luigi.cmdline_parser import CmdlineParser
     from luigi.task_register import TaskClassException
@@ -244,6 +257,7 @@ def cmd_run(args) -> int:
     from pipeline.params import ConfigError, check_value
 
     luigi_args = _split_run_args(list(args.luigi_args), args)
+    _import_modules(luigi_args)  # `--module M` first: its task classes may be named by --set and the config check
     _setup(args.profile, args.set)
     if not luigi_args:
         raise CliError("run: name a stage, e.g. `nest run BuildBM25Index --k1 1.2`")

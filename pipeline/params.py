@@ -83,7 +83,7 @@ def _kind(param: luigi.Parameter) -> str:
     if isinstance(param, luigi.BoolParameter):
         return "true or false"
     if isinstance(param, luigi.ChoiceParameter):
-        return "one of " + ", ".join(map(str, param._choices))
+        return "one of " + ", ".join(sorted(map(str, param._choices)))
     if isinstance(param, luigi.IntParameter):
         return "an integer"
     if isinstance(param, luigi.FloatParameter):
