@@ -12,7 +12,7 @@ Luigi) that write several files of a few MB each, in chunks, so that a kill ofte
                    └─ FaultC            (target: FaultTop = FaultB + FaultC)
 
 Each round: start ``nest run FaultTop`` in its own process group, ``kill -9`` the group after a random delay (uniform
-between 0.3 s and the clean run's duration), then check **every** manifest in the store (size and sha256 of every file):
+between the clean run's first "building" line and its end), then check **every** manifest in the store (size and sha256 of every file):
 an artifact that looks complete (it has a manifest) but does not verify is *corrupt-complete* (goal 0). Then rerun the
 same command without a kill: a rerun that does not exit 0 or leaves the target incomplete is a *run not finished* (goal
 0). Where each kill landed (the stage being built, from the run's ``[nest] X: building`` lines) is tallied.
@@ -149,28 +149,46 @@ def _leftovers(root: Path) -> int:
     return tmp + half
 
 
-def _run(argv: list[str], env: dict, cwd: Path, kill_after: float | None) -> tuple[int, str, float]:
+def _run(argv: list[str], env: dict, cwd: Path, kill_after: float | None) -> tuple[int, list[tuple[float, str]], float]:
+    """Run ``argv`` in its own process group, ``kill -9`` the group after ``kill_after`` seconds (None: no kill).
+    Returns the exit status, the stderr lines with their times since the start, and the wall time."""
+    import threading
+
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=kill_after) if kill_after is not None else proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-        err.seek(0)
-        return rc, err.read(), time.perf_counter() - t0
+    lines: list[tuple[float, str]] = []
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+
+    def read():
+        for line in proc.stderr:
+            lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=kill_after if kill_after is not None else 600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    reader.join(timeout=10)
+    return rc, lines, time.perf_counter() - t0
 
 
-def _landed(stderr: str) -> str:
+def _landed(lines: list[tuple[float, str]]) -> str:
     """The stage the run was building when it died (its last ``building`` line without a ``built`` line)."""
-    building = None
-    for line in stderr.splitlines():
+    building, seen = None, False
+    for _t, line in lines:
         if line.startswith("[nest] ") and line.endswith(": building"):
-            building = line[len("[nest] "):].split()[0]
+            building, seen = line[len("[nest] "):].split()[0], True
         elif line.startswith("[nest] ") and ": built in " in line:
             building = None
-    return building or "(between stages / start-up)"
+    if building:
+        return building
+    return "between two stages" if seen else "start-up (before the first stage)"
+
+
+def _first_build_s(lines: list[tuple[float, str]]) -> float:
+    return next((t for t, line in lines if line.endswith(": building")), 0.3)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,16 +213,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         rc, err, clean_s = _run(_nest_argv(200, 0, args.size), env, ROOT, None)
         if rc != 0:
-            raise RuntimeError(f"the clean run failed (exit {rc}): {err.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"the clean run failed (exit {rc}): {[line for _t, line in err[-3:]]}")
+        startup_s = _first_build_s(err)  # kills land between the first stage starting and the run's end
         rounds, landed = [], {}
         corrupt_total = unfinished = 0
         t_start = time.perf_counter()
         for i in range(1, kills + 1):
             cmd = _nest_argv(200 + i, i, args.size)  # new keys every round: there is always work to kill
-            delay = rng.uniform(0.3, max(0.6, clean_s))
+            delay = rng.uniform(startup_s, max(startup_s + 0.3, clean_s))
             rc_k, err_k, _ = _run(cmd, env, ROOT, delay)
-            where = _landed(err_k) if rc_k == -signal.SIGKILL else f"(finished before the kill, exit {rc_k})"
-            landed[where.split("(")[0] or where] = landed.get(where.split("(")[0] or where, 0) + 1
+            where = _landed(err_k) if rc_k == -signal.SIGKILL else f"finished before the kill (exit {rc_k})"
+            landed[where] = landed.get(where, 0) + 1
             n_after_kill, bad_after_kill, problems = _verify_store(store)
             left_after_kill = _leftovers(store)
             rc_r, err_r, rerun_s = _run(cmd, env, ROOT, None)
@@ -218,13 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
                            "rerun_exit": rc_r, "rerun_s": round(rerun_s, 1), "corrupt_after_rerun": bad_after_rerun,
                            "leftovers_after_rerun": _leftovers(store),
                            "problems": (problems + problems2)[:3],
-                           "rerun_error": "" if ok else (err_r.strip().splitlines() or [""])[-1]})
+                           "rerun_error": "" if ok else (err_r[-1][1] if err_r else "")})
             print(f"[faults] round {i}/{kills}: killed after {delay:.1f} s in {where}; corrupt {bad_after_kill}"
                   f"+{bad_after_rerun}; rerun exit {rc_r}", file=sys.stderr, flush=True)
         for name, make in EXTRA_ROUNDS:  # the hook (see the module docstring)
             for i in range(1, kills + 1):
                 cmd = make(i)
-                _run(cmd, env, ROOT, rng.uniform(0.3, max(0.6, clean_s)))
+                _run(cmd, env, ROOT, rng.uniform(startup_s, max(startup_s + 0.3, clean_s)))
                 _n, bad, _p = _verify_store(store)
                 rc_r, _e, _s = _run(cmd, env, ROOT, None)
                 corrupt_total += bad + _verify_store(store)[1]
@@ -235,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     killed = sum(r["killed"] for r in rounds)
     result = {
         "kills_attempted": kills, "kills_landed": killed, "clean_run_s": round(clean_s, 1),
-        "corrupt_complete_artifacts": corrupt_total, "runs_not_finished_after_rerun": unfinished,
+        "startup_s": round(startup_s, 1), "corrupt_complete_artifacts": corrupt_total, "runs_not_finished_after_rerun": unfinished,
         "artifacts_verified_at_end": n_final, "corrupt_at_end": bad_final, "landed_in": landed,
         "leftovers_after_kills": sum(r["leftovers_after_kill"] for r in rounds),
         "leftovers_after_reruns": sum(r["leftovers_after_rerun"] for r in rounds[-1:]),
@@ -247,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"{kills} rounds ({killed} killed mid-run, the rest finished first) on a DAG of the real ConvertCorpus "
         f"(embedded corpus, limit 200+round) and three fake stages writing {args.size / 1e6:.0f} MB files in chunks; "
-        f"clean run {clean_s:.1f} s; kill delay uniform in [0.3 s, clean run]. Every manifest of the store verified "
+        f"clean run {clean_s:.1f} s, its first stage starting at {startup_s:.1f} s; kill delay uniform in between. "
+        "Every manifest of the store verified "
         "(size and sha256 of each file) after each kill and each rerun.",
         "",
         "| measure | value | goal |",
