@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         "# Faults: random `kill -9` during `nest run`, rerun after each",
         "",
-        f"{kills} rounds ({killed} killed mid-run, the rest finished first) on a DAG of the real ConvertCorpus "
+        f"{kills} rounds ({killed} killed mid-run" + (", the rest finished first" if killed < kills else "") + ") on a DAG of the real ConvertCorpus "
         f"(embedded corpus, limit 200+round) and three fake stages writing {args.size / 1e6:.0f} MB files in chunks; "
         f"clean run {clean_s:.1f} s, its first stage starting at {startup_s:.1f} s; kill delay uniform in between. "
         "Every manifest of the store verified "

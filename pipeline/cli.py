@@ -136,7 +136,8 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         for r in record["reached"]:
             secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""
             print(f"{r['label']:<{width}}  {r['key'][:12]}  {r['status']}{secs}")
-        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run recorded as runs/{record['id']}.json")
+        where = "not recorded" if record.get("not_recorded") else f"recorded as runs/{record['id']}.json"
+        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run {where}")
     for _ref, exc in failed.items():
         if isinstance(exc, _input_error_types()):
             print(f"nest: {exc}", file=sys.stderr)
