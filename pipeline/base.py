@@ -58,6 +58,12 @@ class NestTask(luigi.Task):
     input_args: Mapping[str, str] = {}
     label_params: tuple[str, ...] = ()
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from pipeline.params import check_task
+
+        check_task(self)  # a value outside what the parameter accepts: one line, before anything builds
+
     # ---- what subclasses declare ------------------------------------------------------------------------------------
     def requires(self) -> dict[str, "NestTask"]:
         return {}
@@ -146,9 +152,16 @@ class NestTask(luigi.Task):
         ref = (self.stage, self.key)
         print(f"[nest] {self.label} {self.key[:12]}: building", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        def corrupt(aside, problems):
+            print(f"[nest] {self.label} {self.key[:12]}: corrupt ({problems[0]}; {len(problems)} problem(s)); moved "
+                  f"aside to {aside.name}, rebuilding", file=sys.stderr, flush=True)
+
         try:
+            # verify: a corrupt artifact is moved aside and rebuilt (a remote store's read-through would pull it again
+            # here: it wraps self.build)
             self.store.publish(self.stage, self.key, self.build, version=self.stage_version(), params=self.key_params,
-                               inputs={name: (t.stage, t.key) for name, t in self.inputs().items()})
+                               inputs={name: (t.stage, t.key) for name, t in self.inputs().items()},
+                               verify=_config.verify_on_complete(), on_corrupt=corrupt)
         except BaseException as e:
             RUN_LOG.failed[ref] = e
             raise
@@ -253,7 +266,12 @@ class RunLog:
         store = kw.pop("store", None) or self.store or _config.get_store()
         record = self.record(roots, store=store, **kw)
         if record["reached"]:
-            write_run(store, record)
+            try:
+                write_run(store, record)
+            except OSError as e:  # a read-only (shared) store serves cached runs; the record is best effort there
+                record["not_recorded"] = f"{e.strerror or e}"
+                print(f"[nest] note: run not recorded ({store.runs_dir}: {e.strerror or e}; read-only store?)",
+                      file=sys.stderr)
         self.reset()
         return record
 

@@ -33,7 +33,9 @@ VIEWS: list[View] = [
     View("passages", "ConvertCorpus", "passages-*.parquet"),
     View("tokens", "PreTokenize", "tokens-*.parquet",
          "SELECT doc_id, len(token_ids) AS n_tokens, token_ids FROM read_parquet({files})"),
-    View("examples", "LoadTask", "examples.parquet", per_task=True),
+    # ``references`` is a reserved word in DuckDB: the view calls the column ``refs``
+    View("examples", "LoadTask", "examples.parquet",
+         'SELECT * RENAME ("references" AS refs) FROM read_parquet({files})', per_task=True),
     View("retrievals", "PreRetrieve", "retrievals.parquet",
          "SELECT {task} AS task, r.example_id, r.rank, r.doc_id, p.title, r.fused, r.sparse, r.dense, p.text "
          "FROM read_parquet({files}) r LEFT JOIN read_parquet({passages}) p USING (doc_id)", per_task=True),
@@ -126,12 +128,24 @@ class Catalog:
     tasks: list[str]        # every task present in the latest run
 
 
-def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterable[str] = ()) -> Catalog:
-    """An in-memory DuckDB connection with the views. ``task``: ``None`` picks the first of ``preferred_tasks`` present
-    (else the first present), ``"all"`` shows every task."""
+def lock_down(con, store: Store) -> None:
+    """After the views exist: no file access outside the store (``allowed_directories``), no external access at all for
+    new statements (``COPY … TO``, ``ATTACH``, ``INSTALL``, ``read_csv`` of other files are refused), and a locked
+    configuration so that a query cannot switch these back on."""
+    root = str(store.root.resolve())
+    con.execute(f"SET allowed_directories = [{_sql_str(root + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterable[str] = (),
+                 locked: bool = True) -> Catalog:
+    """An in-memory DuckDB connection with the views, then locked down (:func:`lock_down`). ``task``: ``None`` picks the
+    first of ``preferred_tasks`` present (else the first present), ``"all"`` shows every task."""
     import duckdb
 
-    con = duckdb.connect(":memory:")
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
     run = latest_run(store) or {}
     latest = {(r["stage"], r["key"]) for r in run.get("reached", []) if store.complete(r["stage"], r["key"])}
     con.register("_nest_artifacts", _artifacts_table(store, latest))
@@ -174,6 +188,8 @@ def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterabl
         if parts:
             con.execute(f"CREATE VIEW {view.name} AS " + " UNION ALL BY NAME ".join(f"({p})" for p in parts))
             counts[view.name] = len(parts)
+    if locked:
+        lock_down(con, store)
     return Catalog(con, counts, task, tasks_present)
 
 

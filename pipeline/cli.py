@@ -1,7 +1,9 @@
 """``nest``: the command line of the pipeline.
 
-    nest all [--profile P] [--set Stage.param=value ...]   build the DAG (Luigi, local scheduler, one worker)
-    nest run [--profile P] StageName [--param value ...]   one stage and what it needs (Luigi's own parameters)
+    nest all [--profile P] [--set Stage.param=value ...] [--force STAGE]
+                                                           build the DAG (Luigi, local scheduler, one worker)
+    nest run [--profile P] [--set ...] [--force STAGE] StageName [--param value ...]
+                                                           one stage and what it needs (Luigi's own parameters)
     nest status [--profile P]                              cached, or why a stage would rerun
     nest show KEY-or-prefix [--verify]                     an artifact's manifest (and a check of its files)
     nest gc [--keep N] [--yes]                             artifacts no recorded run reaches (dry run by default)
@@ -29,10 +31,12 @@ class CliError(Exception):
 
 def _input_error_types() -> tuple[type, ...]:
     from pipeline.config import ProfileError
+    from pipeline.params import ConfigError
+    from pipeline.store import StoreError
     from stages.errors import InputError
     from tasks.errors import TaskInputError
 
-    return InputError, TaskInputError, ProfileError, CliError, FileNotFoundError
+    return InputError, TaskInputError, ProfileError, ConfigError, StoreError, CliError, FileNotFoundError
 
 
 # ---- building ----------------------------------------------------------------------------------------------------------
@@ -52,12 +56,17 @@ def _configure_logging() -> None:
 
 
 def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
-    from pipeline import config
+    """Apply the profile and ``--set`` overrides, then check the whole configuration (names and values) before any
+    task is built: a misspelt section/option or a bad value is one line (exit 2)."""
+    from pipeline import config, dag  # noqa: F401  (dag registers the task and config classes)
+    from pipeline.params import check_config
 
     if profile:
         config.apply_profile(profile)
     if sets:
         config.apply_overrides(config.parse_set(list(sets)))
+    check_config(extra_sections=config.PROFILES)
+    config.get_store().check_root()
 
 
 def _precompute_keys(roots: Iterable) -> list:
@@ -71,26 +80,64 @@ def _precompute_keys(roots: Iterable) -> list:
     return tasks
 
 
-def build(roots: list, *, profile: str | None, command: list[str], quiet: bool = False) -> int:
-    """Build ``roots`` with Luigi's local scheduler and one worker; record the run; print one line per stage."""
+def _force(tasks: list, stages: Sequence[str]) -> list:
+    """Move aside the artifacts of the tasks of ``stages`` and of every task downstream of them (their keys would not
+    change, so they would stay cached); the run then rebuilds them. Returns the tasks moved aside."""
+    from pipeline.config import get_store
+
+    if not stages:
+        return []
+    names = {t.stage for t in tasks}
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise CliError(f"--force {unknown[0]}: not a stage of this run (its stages: {', '.join(sorted(names))})")
+    store = get_store()
+    hit: set[str] = set()
+    for t in tasks:  # dependencies first: a task is hit when forced or when an input was hit
+        if t.stage in stages or any(i.task_id in hit for i in t.inputs().values()):
+            hit.add(t.task_id)
+    moved = []
+    for t in tasks:
+        if t.task_id in hit and store.complete(t.stage, t.key):
+            with store.lock(t.stage, t.key):
+                if store.complete(t.stage, t.key):
+                    aside = store.quarantine(t.stage, t.key, reason="replaced")
+                    print(f"[nest] {t.label} {t.key[:12]}: --force, moved aside to {aside.name}", file=sys.stderr)
+                    moved.append(t)
+    return moved
+
+
+def build(roots: list, *, profile: str | None, command: list[str], quiet: bool = False,
+          force: Sequence[str] = ()) -> int:
+    """Build ``roots`` with Luigi's local scheduler and one worker; record the run; print one line per stage.
+
+    The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read."""
     import luigi
 
     from pipeline.base import RUN_LOG
+    from pipeline.config import get_store
+    from pipeline.runs import end_run, new_run_id, start_run
 
-    _precompute_keys(roots)
+    tasks = _precompute_keys(roots)
+    _force(tasks, force)
     _configure_logging()
     RUN_LOG.reset()
     t0 = time.perf_counter()
-    luigi.build(roots, local_scheduler=True, workers=1, log_level="WARNING", detailed_summary=True)
-    failed = dict(RUN_LOG.failed)
-    record = RUN_LOG.flush(roots, command=command, profile=profile)
+    active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
+    try:
+        luigi.build(roots, local_scheduler=True, workers=1, log_level="WARNING", detailed_summary=True)
+        failed = dict(RUN_LOG.failed)
+        record = RUN_LOG.flush(roots, command=command, profile=profile)
+    finally:
+        end_run(active)
     total = time.perf_counter() - t0
     if not quiet and record:
         width = max(len(r["label"]) for r in record["reached"])
         for r in record["reached"]:
             secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""
             print(f"{r['label']:<{width}}  {r['key'][:12]}  {r['status']}{secs}")
-        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run recorded as runs/{record['id']}.json")
+        where = "not recorded" if record.get("not_recorded") else f"recorded as runs/{record['id']}.json"
+        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run {where}")
     for _ref, exc in failed.items():
         if isinstance(exc, _input_error_types()):
             print(f"nest: {exc}", file=sys.stderr)
@@ -108,7 +155,7 @@ def cmd_all(args) -> int:
     from pipeline import dag
 
     _setup(args.profile, args.set)
-    rc = build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]])
+    rc = build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]], force=args.force)
     report = latest_report_path()
     if rc == 0 and report is not None:
         print(f"report: {_shown_path(report)}  (print it with `nest report`)")
@@ -116,12 +163,13 @@ def cmd_all(args) -> int:
 
 
 def latest_report_path():
-    """``report.md`` of the newest Report artifact the latest recorded run reached, or None."""
+    """``report.md`` of the newest Report artifact of the latest recorded run that reached one (a later ``nest generate``
+    or ``nest run`` does not hide it), or None."""
     from pipeline.config import get_store
-    from pipeline.runs import latest_run
+    from pipeline.runs import latest_run_with
 
     store = get_store()
-    run = latest_run(store) or {}
+    run = latest_run_with(store, "Report") or {}
     keys = [r["key"] for r in run.get("reached", []) if r.get("stage") == "Report"]
     for key in keys:
         path = store.path("Report", key) / "report.md"
@@ -151,22 +199,90 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+_OWN_RUN_OPTIONS = ("--set", "--force", "--profile")
+
+
+def _split_run_args(luigi_args: Sequence[str], args) -> list[str]:
+    """Take nest's own options (``--set``, ``--force``, ``--profile``) out of the arguments after the stage name, so that
+    they work on either side of it; the rest goes to Luigi."""
+    rest: list[str] = []
+    it = iter(luigi_args)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in _OWN_RUN_OPTIONS:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    raise CliError(f"run: {name} needs a value")
+            if name == "--profile":
+                args.profile = value
+            else:
+                getattr(args, name[2:]).append(value)
+        else:
+            rest.append(a)
+    return rest
+
+
+def _task_parser(luigi_args: list[str]):
+    """Luigi's command-line parser without argparse's prefix matching: ``--b 20`` is PreRetrieve's ``b``, not an
+    ambiguous prefix of the many ``--batch-email-...`` options Luigi registers."""
     from luigi.cmdline_parser import CmdlineParser
 
-    from pipeline import dag  # noqa: F401  (registers the tasks)
+    class _Exact(CmdlineParser):
+        @staticmethod
+        def _build_parser(root_task=None, help_all=False):
+            parser = CmdlineParser._build_parser(root_task=root_task, help_all=help_all)
+            parser.allow_abbrev = False
+            return parser
 
+    return _Exact(luigi_args)
+
+
+def _import_modules(luigi_args: Sequence[str]) -> None:
+    import importlib
+
+    for i, a in enumerate(luigi_args):
+        name = a.partition("=")[2] if a.startswith("--module=") else (
+            luigi_args[i + 1] if a == "--module" and i + 1 < len(luigi_args) else None)
+        if name:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise CliError(f"run: --module {name}: {e}") from None
+
+
+def cmd_run(args) -> int:
+    from luigi.cmdline_parser import CmdlineParser
     from luigi.task_register import TaskClassException
 
-    _setup(args.profile)
-    if not args.luigi_args:
+    from pipeline.params import ConfigError, check_value
+
+    luigi_args = _split_run_args(list(args.luigi_args), args)
+    _import_modules(luigi_args)  # `--module M` first: its task classes may be named by --set and the config check
+    _setup(args.profile, args.set)
+    if not luigi_args:
         raise CliError("run: name a stage, e.g. `nest run BuildBM25Index --k1 1.2`")
     try:
-        with CmdlineParser.global_instance(list(args.luigi_args)) as cp:
-            task = cp.get_task_obj()
-            return build([task], profile=args.profile, command=["nest", *sys.argv[1:]])
+        cp = _task_parser(luigi_args)
     except TaskClassException as e:
         raise CliError(f"run: {str(e).splitlines()[0]}") from None
+    cls = cp._get_task_cls()
+    for name, param in cls.get_params():  # the command line's values, checked like the config's
+        raw = getattr(cp.known_args, name, None)
+        if raw:
+            check_value(cls.get_task_family(), name, param, raw, raw=True)
+    assert CmdlineParser._instance is None
+    CmdlineParser._instance = cp  # what CmdlineParser.global_instance does, for our subclass
+    try:
+        try:
+            task = cp.get_task_obj()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise CliError(f"run: {cls.get_task_family()}: {str(e).splitlines()[0]}") from None
+        return build([task], profile=args.profile, command=["nest", *sys.argv[1:]], force=args.force)
+    finally:
+        CmdlineParser._instance = None
 
 
 def cmd_status(args) -> int:
@@ -182,6 +298,8 @@ def cmd_status(args) -> int:
         head = f"{s.task.label:<{width}}  {s.task.key[:12]}  {s.state}"
         if s.state == "cached":
             print(head)
+        elif s.state == "new":
+            print(f"{head}: " + "; ".join(s.reasons))
         else:
             against = f" (vs {s.compared_with[:12]})" if s.compared_with else ""
             print(f"{head}{against}: " + "; ".join(s.reasons))
@@ -255,9 +373,10 @@ def cmd_query(args) -> int:
     if cat.task is not None and len(cat.tasks) > 1:
         print(f"(views examples, retrievals show task {cat.task!r}; --task all or --task NAME for others: "
               f"{', '.join(cat.tasks)})", file=sys.stderr)
+    _read_only_sql(args.sql)
     try:
         cur = cat.con.execute(args.sql)
-        if cur.description is None:  # not a query (e.g. CREATE VIEW)
+        if cur.description is None:  # not a query
             return 0
         columns = [d[0] for d in cur.description]
         rows = cur.fetchmany(args.max_rows + 1)
@@ -268,6 +387,22 @@ def cmd_query(args) -> int:
     if len(rows) > args.max_rows:
         print(f"... (first {args.max_rows} rows; --max-rows N for more)")
     return 0
+
+
+def _read_only_sql(sql: str) -> None:
+    """Refuse, in one line, anything but queries (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN): ``nest query`` reads the
+    store, it never writes into it (``COPY … TO`` a file inside the store would pass DuckDB's directory allowance)."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error:
+        return  # a syntax error: DuckDB's own message comes from execute
+    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+    for st in statements:
+        if st.type not in allowed:
+            raise CliError(f"query: read-only: {st.type.name} statements are refused (SELECT, DESCRIBE, SHOW, "
+                           f"SUMMARIZE and EXPLAIN are allowed)")
 
 
 def cmd_generate(args) -> int:
@@ -309,13 +444,20 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--set", action="append", default=[], metavar="Stage.param=value",
                            help="override one parameter (repeatable), e.g. --set BuildBM25Index.k1=1.2")
 
+    def force_opt(p):
+        p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                       help="rebuild STAGE (repeatable) and every stage that depends on it; the old artifacts are "
+                            "moved aside (nest gc removes them)")
+
     p = sub.add_parser("all", help="build the whole DAG")
     profile_opts(p)
+    force_opt(p)
     p.set_defaults(fn=cmd_all)
 
     p = sub.add_parser("run", help="build one stage (and what it needs): nest run StageName --param value",
                        prefix_chars="-", add_help=True)
-    profile_opts(p, with_set=False)
+    profile_opts(p)
+    force_opt(p)
     p.add_argument("luigi_args", nargs=argparse.REMAINDER, help="StageName and Luigi parameters")
     p.set_defaults(fn=cmd_run)
 

@@ -42,10 +42,13 @@ def config():
 
 
 def store_root() -> Path:
-    """``$NEST_STORE``, else ``[nest] store`` (relative to the project folder), else ``<project>/artifacts``."""
-    value = os.environ.get("NEST_STORE") or config().get("nest", "store", "artifacts")
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    """``$NEST_STORE`` (relative: to the working folder, as any path on a command line), else ``[nest] store``
+    (relative: to the project folder), else ``<project>/artifacts``."""
+    env = os.environ.get("NEST_STORE")
+    path = Path(env or config().get("nest", "store", "artifacts")).expanduser()
+    if path.is_absolute():
+        return path
+    return Path.cwd() / path if env else PROJECT_ROOT / path
 
 
 def get_store() -> Store:

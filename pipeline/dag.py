@@ -20,12 +20,34 @@ import luigi
 
 from pipeline import config as cfg
 from pipeline.base import NestTask
+from pipeline.params import Accepts, accepts, at_least, between, each_one_of
 from pipeline.store import Identified
 
 EMBEDDED = "embedded"
 
 
 PAPER_TASKS = ("wikitext", "nq", "triviaqa", "hotpotqa", "medmcqa", "truthfulqa", "factscore")
+
+
+def known_tasks() -> tuple[str, ...]:
+    """Every task LoadTask can load: the embedded ones (drawn from the corpus) and the paper benchmarks."""
+    from stages.load_task import TASKS
+
+    return tuple(TASKS) + PAPER_TASKS
+
+
+def _corpus_formats() -> tuple[str, ...]:
+    from stages.corpus_formats import FORMATS
+
+    return ("auto", *FORMATS)
+
+
+_TASK = each_one_of(lambda: known_tasks(), "a list of known tasks (completion, completion_excluded, bio, "
+                                           + ", ".join(PAPER_TASKS) + ")")
+_ONE_TASK = Accepts("one of completion, completion_excluded, bio, " + ", ".join(PAPER_TASKS),
+                        lambda v: v in known_tasks())
+_POS = at_least(1)
+_NONNEG = at_least(0)
 
 
 class paper_tasks(luigi.Config):  # noqa: N801
@@ -54,7 +76,7 @@ def configured_tasks() -> list[str]:
 class nest(luigi.Config):  # noqa: N801  (Luigi names config classes after their luigi.cfg section)
     """``[nest]``: the evaluation tasks of the run (one LoadTask/PreRetrieve each)."""
 
-    tasks = luigi.ListParameter(default=("completion", "completion_excluded", "bio"))
+    tasks = accepts(luigi.ListParameter(default=("completion", "completion_excluded", "bio")), _TASK)
     store = luigi.Parameter(default="artifacts", description="artifact store (relative: to the project folder)")
     verify = luigi.BoolParameter(default=False, description="re-hash artifacts against their manifest in complete()")
 
@@ -71,7 +93,7 @@ class encoder(luigi.Config):  # noqa: N801
     context_model = luigi.Parameter(default="")
     pooling = luigi.ChoiceParameter(default="mean", choices=["mean", "cls"], var_type=str)
     normalize = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    max_length = luigi.IntParameter(default=256)
+    max_length = accepts(luigi.IntParameter(default=256), _POS)
     query_prefix = luigi.Parameter(default="")
     passage_prefix = luigi.Parameter(default="")
     passage_template = luigi.Parameter(default="{title} {text}")
@@ -114,11 +136,12 @@ class ConvertCorpus(NestTask):
 
     stage_module = "stages.corpus"
     source = luigi.Parameter(default=EMBEDDED)
-    fmt = luigi.Parameter(default="auto")
-    max_words = luigi.IntParameter(default=100)
-    shard_rows = luigi.IntParameter(default=100_000)
-    row_group_size = luigi.IntParameter(default=2_000)
-    limit = luigi.IntParameter(default=0, description="read at most this many source records (0: all)")
+    fmt = accepts(luigi.Parameter(default="auto"),
+                  Accepts("one of auto, ovos, atlas, dpr, jsoncollection, beir", lambda v: v in _corpus_formats()))
+    max_words = accepts(luigi.IntParameter(default=100), _POS)
+    shard_rows = accepts(luigi.IntParameter(default=100_000), _POS)
+    row_group_size = accepts(luigi.IntParameter(default=2_000), _POS)
+    limit = accepts(luigi.IntParameter(default=0, description="read at most this many source records (0: all)"), _NONNEG)
 
     def stage_params(self):
         source = cfg.embedded_corpus_path() if self.source == EMBEDDED else self.source
@@ -129,9 +152,9 @@ class ConvertCorpus(NestTask):
 class BuildBM25Index(NestTask):
     stage_module = "stages.bm25"
     key_exclude = ("threads",)
-    k1 = luigi.FloatParameter(default=0.9)
-    b = luigi.FloatParameter(default=0.4)
-    threads = luigi.IntParameter(default=1)
+    k1 = accepts(luigi.FloatParameter(default=0.9), at_least(0, "a number"))
+    b = accepts(luigi.FloatParameter(default=0.4), between(0, 1))
+    threads = accepts(luigi.IntParameter(default=1), _POS)
 
     def requires(self):
         return {"passages": ConvertCorpus()}
@@ -144,7 +167,7 @@ class EncodePassages(NestTask):
     stage_module = "stages.dense"
     stage_fn = "run_encode"
     key_exclude = ("batch_size",)
-    batch_size = luigi.IntParameter(default=64)
+    batch_size = accepts(luigi.IntParameter(default=64), _POS)
 
     def requires(self):
         return {"passages": ConvertCorpus()}
@@ -158,7 +181,7 @@ class BuildDenseIndex(NestTask):
     stage_fn = "run_index"
     index_string = luigi.Parameter(default="Flat")
     metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
-    nprobe = luigi.IntParameter(default=0, description="IVF probes at search time (0: FAISS default)")
+    nprobe = accepts(luigi.IntParameter(default=0, description="IVF probes at search time (0: FAISS default)"), _NONNEG)
 
     def requires(self):
         return {"embeddings": EncodePassages()}
@@ -196,11 +219,12 @@ class LoadTask(NestTask):
 
     stage_module = "stages.load_task"
     label_params = ("task",)
-    task = luigi.Parameter()
-    n_examples = luigi.IntParameter(default=16)
+    task = accepts(luigi.Parameter(), _ONE_TASK)
+    n_examples = accepts(luigi.IntParameter(default=16), _POS)
     seed = luigi.IntParameter(default=0)
-    prefix_tokens = luigi.IntParameter(default=32, description="completion: prefix length in LM tokens")
-    target_tokens = luigi.IntParameter(default=96, description="completion: reference continuation length")
+    prefix_tokens = accepts(luigi.IntParameter(default=32, description="completion: prefix length in LM tokens"), _POS)
+    target_tokens = accepts(luigi.IntParameter(default=96, description="completion: reference continuation length"),
+                            _POS)
     options = luigi.DictParameter(default={}, description="more task options, passed to the stage as keyword arguments")
 
     def requires(self):
@@ -221,15 +245,16 @@ class PreRetrieve(NestTask):
     stage_module = "stages.pre_retrieve"
     label_params = ("task",)
     key_exclude = ("batch_size", "threads")
-    task = luigi.Parameter()
+    task = accepts(luigi.Parameter(), _ONE_TASK)
     mode = luigi.ChoiceParameter(default="hybrid", choices=["hybrid", "bm25", "dense"], var_type=str)
-    b = luigi.IntParameter(default=40)
-    candidates = luigi.IntParameter(default=4000)
-    conf_rank = luigi.IntParameter(default=100, description="rank whose score sets each retriever's confidence")
+    b = accepts(luigi.IntParameter(default=40), _POS)
+    candidates = accepts(luigi.IntParameter(default=4000), _POS)
+    conf_rank = accepts(luigi.IntParameter(default=100, description="rank whose score sets each retriever's confidence"),
+                        _POS)
     clip_dense = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    dense_weight = luigi.FloatParameter(default=0.3)
-    batch_size = luigi.IntParameter(default=256)
-    threads = luigi.IntParameter(default=1)
+    dense_weight = accepts(luigi.FloatParameter(default=0.3), between(0, 1))
+    batch_size = accepts(luigi.IntParameter(default=256), _POS)
+    threads = accepts(luigi.IntParameter(default=1), _POS)
     prebuilt_index = luigi.Parameter(default="", description="a FAISS index file to import instead of building one")
 
     def requires(self):
@@ -256,7 +281,7 @@ class PreTokenize(NestTask):
     stage_module = "stages.pretokenize"
     key_exclude = ("batch_size",)
     template = luigi.Parameter(default="{title}. {text}")
-    batch_size = luigi.IntParameter(default=2_000)
+    batch_size = accepts(luigi.IntParameter(default=2_000), _POS)
 
     def requires(self):
         return {"passages": ConvertCorpus(), "lm": PrepareLM()}
@@ -321,8 +346,8 @@ class Generate(_MethodOnTask):
     """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last)."""
 
     stage_module = "stages.generate"
-    start = luigi.IntParameter(default=0)
-    end = luigi.IntParameter(default=-1)
+    start = accepts(luigi.IntParameter(default=0), _NONNEG)
+    end = accepts(luigi.IntParameter(default=-1), at_least(-1))
 
     def stage_params(self):
         from stages.decoding.config import relevant_config  # torch-free
@@ -389,8 +414,14 @@ class Report(NestTask):
     stage_module = "stages.report"
 
     def requires(self):
-        return {f"s{i:03d}": Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
-                for i, r in enumerate(experiment_runs())}
+        # named by what they score (task/method/variant), so that `nest status` names a changed input
+        out: dict[str, NestTask] = {}
+        for r in experiment_runs():
+            name = f"{r.task}/{r.method}/{r.variant}"
+            while name in out:
+                name += "+"
+            out[name] = Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
+        return out
 
     def stage_params(self):
         import json
@@ -408,7 +439,7 @@ class Report(NestTask):
 
     def call_kwargs(self):
         kw = super().call_kwargs()
-        summaries = {k: kw.pop(k) for k in list(kw) if k.startswith("s") and k[1:].isdigit()}
+        summaries = {k: kw.pop(k) for k in list(self.inputs())}
         return {**kw, "summaries": summaries}
 
 

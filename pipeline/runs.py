@@ -32,6 +32,63 @@ def write_run(store: Store, record: dict) -> Path:
     return path
 
 
+ACTIVE = "active"
+
+
+def start_run(store: Store, run_id: str, planned: Iterable[tuple[str, str]], command: list[str] | None = None) -> Path | None:
+    """Record a run as it starts (``runs/active/<id>.json``: host, pid and every artifact it may read or build), so
+    that ``nest gc`` never removes an input of a run in progress. Best effort: None when the store is read-only."""
+    import socket
+
+    doc = {"id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now(),
+           "command": command or [], "planned": [{"stage": s, "key": k} for s, k in dict.fromkeys(planned)]}
+    folder = store.runs_dir / ACTIVE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{run_id}.json"
+        _atomic_write_json(path, doc)
+        return path
+    except OSError:
+        return None
+
+
+def end_run(path: Path | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _alive(doc: dict) -> bool:
+    """Whether the process of an active-run record still runs (a record from another host counts as alive)."""
+    import socket
+
+    if doc.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(doc.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def active_runs(store: Store) -> list[dict]:
+    """Run-in-progress records whose process is alive (records of killed runs are ignored)."""
+    folder = store.runs_dir / ACTIVE
+    out = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if _alive(doc):
+            out.append(doc)
+    return out
+
+
 def load_runs(store: Store) -> list[dict]:
     """Every recorded run, oldest first (``latest.json`` is a copy and is not counted twice)."""
     if not store.runs_dir.is_dir():
@@ -46,6 +103,19 @@ def load_runs(store: Store) -> list[dict]:
             continue
     runs.sort(key=lambda r: (r.get("started_at", ""), r.get("id", "")))
     return runs
+
+
+def latest_run_with(store: Store, stage: str) -> dict | None:
+    """The newest recorded run that reached a complete artifact of ``stage`` (``nest generate`` records runs too, so
+    the latest run of any kind may have no report)."""
+    runs = load_runs(store)
+    latest = latest_run(store)
+    if latest and all(latest.get("id") != r.get("id") for r in runs):
+        runs.append(latest)
+    for run in reversed(runs):
+        if any(r.get("stage") == stage and store.complete(stage, r["key"]) for r in run.get("reached", [])):
+            return run
+    return None
 
 
 def latest_run(store: Store) -> dict | None:
@@ -83,15 +153,20 @@ class GcPlan:
 
 
 def plan_gc(store: Store, keep_runs: int | None = None) -> GcPlan:
-    """Artifacts no kept run reaches (the latest ``keep_runs`` runs; all recorded runs when None), and crash leftovers."""
+    """Artifacts no kept run reaches (the latest ``keep_runs`` runs; all recorded runs when None; runs in progress always),
+    and crash leftovers (temp folders the store named, corrupt artifacts moved aside). Only folders with a manifest, or
+    named by the store, are ever listed; symlinks are never followed. Writes nothing."""
     runs = load_runs(store)
     if not runs:
         raise RuntimeError(f"no recorded runs under {store.runs_dir}: nothing says what to keep, so nothing is removed")
     kept = runs if keep_runs is None else runs[-keep_runs:] if keep_runs > 0 else []
     reached = {(r["stage"], r["key"]) for run in kept for r in run.get("reached", [])}
+    reached |= {(r["stage"], r["key"]) for run in active_runs(store) for r in run.get("planned", [])}
     keep = upstream_closure(store, reached)
     remove = []
-    for ref in store.folders():
+    for ref in store.folders():  # real key-named folders only, never through a symlink
+        if not store.complete(ref.stage, ref.key):
+            continue  # only artifacts (a manifest) are removed; a manifest-less folder is the next build's to clear
         if (ref.stage, ref.key) not in keep and not store.is_locked(ref.stage, ref.key):
             remove.append((ref.stage, ref.key, ref.path, folder_size(ref.path)))
     for stage, key, tmp in store.stale_temp_folders():
@@ -103,9 +178,11 @@ def apply_gc(store: Store, plan: GcPlan) -> None:
     import shutil
 
     for stage, key, path, _size in plan.remove:
+        if path.is_symlink():
+            continue
         if path.name == key:
             store.remove(stage, key)
-        else:  # a crash leftover (.tmp-...)
+        else:  # a crash leftover (.tmp-...) or a corrupt artifact moved aside (.corrupt-...)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -121,5 +198,5 @@ def command_line() -> list[str]:
     return [os.path.basename(sys.argv[0])] + sys.argv[1:]
 
 
-__all__ = ["new_run_id", "write_run", "load_runs", "latest_run", "upstream_closure", "plan_gc", "apply_gc", "GcPlan",
+__all__ = ["new_run_id", "write_run", "start_run", "end_run", "active_runs", "latest_run_with", "load_runs", "latest_run", "upstream_closure", "plan_gc", "apply_gc", "GcPlan",
            "human_bytes", "command_line", "utc_now"]

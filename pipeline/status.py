@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import luigi
 
 from pipeline.base import NestTask, closure
-from pipeline.runs import latest_run
+from pipeline.runs import latest_run, load_runs
 from pipeline.store import Store
 
 
@@ -52,15 +52,43 @@ def _differences(ing: dict, manifest: dict) -> list[tuple[str, str, Any, Any]]:
     return diffs
 
 
+def _same_instance(task: NestTask, manifest: dict, labels: dict[tuple[str, str], str]) -> bool:
+    """Whether ``manifest`` is an earlier build of the same stage *instance* (same task/method/variant...): its recorded
+    label when a run recorded it, else the label parameters that enter the key. A Generate for ``method=base`` is then
+    "new", not a "rerun" of the ``ra`` one."""
+    if not task.label_params:
+        return True
+    label = labels.get((task.stage, manifest.get("key")))
+    if label is not None:
+        return label == task.label
+    params, mine = manifest.get("params", {}), task.key_params
+    return all(params.get(p) == mine[p] for p in task.label_params if p in mine)
+
+
+def run_labels(store: Store) -> dict[tuple[str, str], str]:
+    """{(stage, key): label} of every artifact a recorded run reached."""
+    out: dict[tuple[str, str], str] = {}
+    for run in load_runs(store) + [latest_run(store) or {}]:
+        for r in run.get("reached", []):
+            if r.get("label"):
+                out[(r["stage"], r["key"])] = r["label"]
+    return out
+
+
 def explain(task: NestTask, store: Store, latest_keys: set[tuple[str, str]] | None = None,
-            states: dict[str, StageStatus] | None = None) -> StageStatus:
-    """Cached, or the reasons ``task`` would rerun, relative to the closest earlier artifact of its stage."""
+            states: dict[str, StageStatus] | None = None,
+            labels: dict[tuple[str, str], str] | None = None) -> StageStatus:
+    """Cached, or the reasons ``task`` would rerun, relative to the closest earlier artifact of the same stage instance
+    (``new`` when there is none)."""
     if store.complete(task.stage, task.key):
         return StageStatus(task, "cached")
     ing = task.key_ingredients()
     latest_keys = latest_keys or set()
+    labels = labels if labels is not None else run_labels(store)
     best = None
     for m in store.manifests(task.stage):
+        if not _same_instance(task, m, labels):
+            continue
         diffs = _differences(ing, m)
         rank = (len(diffs), 0 if (task.stage, m["key"]) in latest_keys else 1, _neg(m.get("created_at", "")))
         if best is None or rank < best[0]:
@@ -96,9 +124,10 @@ def dag_status(roots: Iterable[luigi.Task], store: Store) -> list[StageStatus]:
     latest = latest_run(store)
     latest_keys = {(r["stage"], r["key"]) for r in (latest or {}).get("reached", [])}
     states: dict[str, StageStatus] = {}
+    labels = run_labels(store)
     out = []
     for task in closure(roots):
-        st = explain(task, store, latest_keys, states)
+        st = explain(task, store, latest_keys, states, labels)
         states[task.task_id] = st
         out.append(st)
     return out

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import sys
@@ -26,6 +27,10 @@ from typing import Any, Callable, Iterator, Mapping
 from stages.common import sha256_file  # one streamed digest for the stages and the store
 
 MANIFEST = "manifest.json"
+ASIDE_REASONS = ("corrupt", "replaced")  # .corrupt-<key>-<time>: failed verify; .replaced-<key>-<time>: --force
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+_TMP_RE = re.compile(r"\.tmp-([0-9a-f]{64})-\d+-[0-9a-f]+")
+_ASIDE_RE = re.compile(r"\.(?:corrupt|replaced)-([0-9a-f]{64})-\d{8}T\d{6}\.\d{6}Z-\d+")
 MANIFEST_FORMAT = 1
 KEY_LEN = 64
 
@@ -37,6 +42,10 @@ _TOOLS = (
     ("numpy", "numpy"), ("pyarrow", "pyarrow"), ("duckdb", "duckdb"), ("zstandard", "zstandard"), ("luigi", "luigi"),
     ("gguf", "gguf"), ("safetensors", "safetensors"),
 )
+
+
+class StoreError(Exception):
+    """A one-line, user-facing store problem (not a directory, no write access): the CLI prints it, no traceback."""
 
 
 class Identified:
@@ -135,6 +144,27 @@ def _atomic_write_json(path: Path, doc: Any) -> None:
         raise
 
 
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the renames and new names inside it durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder (deepest first): before a manifest names the files, their
+    bytes are on disk, so a power cut cannot leave a manifest over truncated files."""
+    dirs = []
+    for root, subdirs, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(root) / name)
+        dirs.append(Path(root))
+    for d in reversed(dirs):
+        fsync_path(d)
+
+
 def folder_size(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -198,16 +228,18 @@ class Store:
     def stages(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name != "runs" and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.is_symlink() and p.name != "runs" and not p.name.startswith("."))
 
     def folders(self, stage: str | None = None) -> Iterator[ArtifactRef]:
-        """Every artifact folder (complete or not), skipping temp folders and lock files."""
+        """Every artifact folder (complete or not): real folders named by a content key, never a symlink (nor one
+        under a symlinked stage folder), skipping temp folders, lock files and anything else a user put there."""
         for s in [stage] if stage else self.stages():
             d = self.root / s
-            if not d.is_dir():
+            if not d.is_dir() or d.is_symlink():
                 continue
             for p in sorted(d.iterdir()):
-                if p.is_dir() and not p.name.startswith("."):
+                if _KEY_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                     yield ArtifactRef(s, p.name, p)
 
     def manifests(self, stage: str | None = None) -> Iterator[dict]:
@@ -253,9 +285,33 @@ class Store:
         finally:
             os.close(fd)
 
+    def _enter_lock(self, stage: str, key: str):
+        """The key's lock, acquired now (so that a missing write permission fails before any work)."""
+        cm = self.lock(stage, key)
+        cm.__enter__()
+        return _Held(cm)
+
     def is_locked(self, stage: str, key: str) -> bool:
-        with self.lock(stage, key, blocking=False) as held:
-            return not held
+        """Whether a process holds the key's lock. Writes nothing: a missing lock file means nobody holds it (a holder
+        creates it first), and a read-only descriptor is enough for ``flock``."""
+        path = self._lock_path(stage, key)
+        if path.parent.is_symlink() or path.is_symlink():
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
 
     # ---- publication -------------------------------------------------------------------------------------------------
     def _tmp_folders(self, stage: str, key: str | None = None) -> list[Path]:
@@ -263,7 +319,7 @@ class Store:
         if not d.is_dir():
             return []
         pattern = f".tmp-{key}-*" if key else ".tmp-*"
-        return sorted(p for p in d.glob(pattern) if p.is_dir())
+        return sorted(p for p in d.glob(pattern) if _TMP_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
     def _clear_incomplete(self, stage: str, key: str) -> None:
         """Under the key's lock: remove temp folders of this key (left by a crash) and a manifest-less final folder;
@@ -278,24 +334,67 @@ class Store:
         if final.exists() and not self.complete(stage, key):
             shutil.rmtree(final)
 
+    def check_root(self) -> None:
+        """Raise :class:`StoreError` (one line) when the root is a file or a symlink loop, not a folder."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root}: not a folder (set NEST_STORE or [nest] store to a folder)")
+
+    def _writable(self, what: str, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except PermissionError as e:
+            raise StoreError(f"store {self.root}: no write access ({what}: {e.strerror}); cached artifacts can be "
+                             f"read, building a new one needs a writable store (NEST_STORE)") from None
+        except OSError as e:
+            if e.errno in (30, 13, 20, 2):  # EROFS, EACCES, ENOTDIR, ENOENT
+                raise StoreError(f"store {self.root}: cannot write ({what}: {e.strerror}); building a new artifact "
+                                 f"needs a writable store (NEST_STORE)") from None
+            raise
+
+    def quarantine(self, stage: str, key: str, reason: str = "corrupt") -> Path:
+        """Move an artifact aside to ``<Stage>/.<reason>-<key>-<UTC time>-<pid>`` (kept for inspection; ``nest gc``
+        removes it): ``corrupt`` when it failed verification, ``replaced`` for ``--force``. Call it under the key's
+        lock. The manifest is renamed first, so the key never looks complete while the folder moves."""
+        if reason not in ASIDE_REASONS:
+            raise ValueError(f"reason must be one of {ASIDE_REASONS}")
+        folder = self.path(stage, key)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = folder.parent / f".{reason}-{key}-{stamp}-{os.getpid()}"
+        os.rename(folder / MANIFEST, folder / f".{MANIFEST}.corrupt")
+        os.rename(folder, aside)
+        return aside
+
     def publish(self, stage: str, key: str, build: Callable[[Path], Mapping | None], *, version: str,
-                params: Mapping[str, Any], inputs: Mapping[str, tuple[str, str]]) -> Path:
+                params: Mapping[str, Any], inputs: Mapping[str, tuple[str, str]], verify: bool = False,
+                on_corrupt: Callable[[Path, list[str]], None] | None = None) -> Path:
         """Build the artifact ``(stage, key)`` unless it exists; return its folder.
 
         ``build(tmp_dir)`` writes the files into an empty temp folder and returns stats (JSON-serialisable). ``params``
         are the key-form parameters, ``inputs`` ``{name: (stage, key)}``. A build that raises (or a process that dies)
-        leaves no folder that looks complete: the manifest is the last thing written.
+        leaves no folder that looks complete: the manifest is the last thing written, after every data file (and the
+        folder, after its rename) was fsynced.
+
+        ``verify``: an existing artifact whose files no longer match its manifest is moved aside (:meth:`quarantine`;
+        ``on_corrupt(aside, problems)`` is told) and built again. Hook for remote stores: a caller that can fetch the
+        artifact again passes a ``build`` that pulls instead of computing.
         """
         if len(key) != KEY_LEN or any(c not in "0123456789abcdef" for c in key):
             raise ValueError(f"not a content key: {key!r}")
+        self.check_root()
         final = self.path(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock(stage, key):
+        self._writable(f"creating {stage}/", lambda: final.parent.mkdir(parents=True, exist_ok=True))
+        lock = self._writable(f"locking {stage}/{key[:12]}", lambda: self._enter_lock(stage, key))
+        with lock:
             if self.complete(stage, key):  # another worker built it while we waited
-                return final
+                problems = self.verify(stage, key) if verify else []
+                if not problems:
+                    return final
+                aside = self.quarantine(stage, key)
+                if on_corrupt is not None:
+                    on_corrupt(aside, problems)
             self._clear_incomplete(stage, key)
             tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.mkdir()
+            self._writable(f"creating a temp folder in {stage}/", tmp.mkdir)
             started = utc_now()
             t0 = time.perf_counter()
             try:
@@ -304,7 +403,9 @@ class Store:
                 files = _file_table(tmp)
                 t2 = time.perf_counter()
                 json.dumps(stats or {})  # fail here, before the rename, if the stage returned something unserialisable
+                fsync_tree(tmp)
                 os.rename(tmp, final)
+                fsync_path(final.parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -323,6 +424,7 @@ class Store:
                 "created_at": utc_now(),
             }
             _atomic_write_json(final / MANIFEST, manifest)
+            fsync_path(final)
             return final
 
     # ---- verification and removal ------------------------------------------------------------------------------------
@@ -355,18 +457,38 @@ class Store:
     def remove(self, stage: str, key: str) -> None:
         """Remove an artifact: the manifest first, so that a half-removed folder never looks complete."""
         folder = self.path(stage, key)
+        if folder.is_symlink() or folder.parent.is_symlink() or not _KEY_RE.fullmatch(key):
+            raise ValueError(f"{stage}/{key}: not an artifact folder of this store (a symlink or not a key)")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / MANIFEST)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # rmtree never follows symlinks inside the folder
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._lock_path(stage, key))
 
     def stale_temp_folders(self) -> list[tuple[str, str, Path]]:
-        """Temp folders whose key is not being built right now (its lock is free): leftovers of crashed builds."""
+        """Folders the store itself named that nobody needs: temp folders whose key is not being built right now (its
+        lock is free), leftovers of crashed builds, and corrupt artifacts moved aside by ``verify``."""
         out = []
         for s in self.stages():
             for tmp in self._tmp_folders(s):
                 key = tmp.name[len(".tmp-"):][:KEY_LEN]
                 if not self.is_locked(s, key):
                     out.append((s, key, tmp))
+            for p in sorted((self.root / s).glob(".*-*")):
+                m = _ASIDE_RE.fullmatch(p.name)
+                if m and p.is_dir() and not p.is_symlink():
+                    out.append((s, m.group(1), p))
         return out
+
+
+class _Held:
+    """A lock already acquired, released on ``with`` exit."""
+
+    def __init__(self, cm):
+        self.cm = cm
+
+    def __enter__(self):
+        return True
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)

@@ -72,17 +72,101 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+class _ZstdReader(io.RawIOBase):
+    """Decompress a ``.zst`` file (one frame or several concatenated), streamed, and check that the last frame ends.
+
+    ``zstandard``'s stream reader stops silently when a file is cut between two blocks; this reader keeps its own
+    decompression object per frame and raises :class:`InputError` when the file ends inside a frame (truncated) or the
+    bytes are not zstd data (corrupt)."""
+
+    def __init__(self, path: Path, chunk: int = 1 << 17):
+        import zstandard
+
+        self.path, self.chunk = path, chunk
+        self._zstd = zstandard
+        self._f = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False  # bytes of the current frame were fed and its end not seen yet
+        self._pending = b""
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            try:
+                out.append(self._obj.decompress(data))
+            except self._zstd.ZstdError as e:
+                raise InputError(self.path, None, f"corrupt zstd data ({e})") from None
+            self._in_frame = True
+            if not self._obj.eof:
+                break
+            self._in_frame = False  # a frame ended: what follows is the next frame
+            data = self._obj.unused_data
+            self._obj = self._dctx.decompressobj()
+        return b"".join(out)
+
+    def readinto(self, buf) -> int:
+        while not self._pending and not self._done:
+            data = self._f.read(self.chunk)
+            if not data:
+                self._done = True
+                if self._in_frame:
+                    raise InputError(self.path, None, "truncated zstd file: it ends inside a frame (an incomplete "
+                                                      "copy or download?)")
+                break
+            self._pending = self._feed(data)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+class _GzipReader(io.RawIOBase):
+    """``gzip`` streamed, with a truncated or corrupt file turned into one :class:`InputError` naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._g = gzip.open(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        import zlib
+
+        try:
+            return self._g.readinto(buf)
+        except EOFError:
+            raise InputError(self.path, None, "truncated gzip file: it ends before the end-of-stream marker (an "
+                                              "incomplete copy or download?)") from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise InputError(self.path, None, f"corrupt gzip data ({e})") from None
+
+    def close(self) -> None:
+        self._g.close()
+        super().close()
+
+
 @contextlib.contextmanager
 def open_binary(path: str | Path) -> Iterator[io.BufferedIOBase]:
-    """Open plain, ``.gz`` or ``.zst`` files for streaming binary reads (decompressed)."""
+    """Open plain, ``.gz`` or ``.zst`` files for streaming binary reads (decompressed).
+
+    A truncated or corrupt ``.gz``/``.zst`` raises :class:`InputError` (one line naming the file) when the reader gets
+    there; a ``.zst`` cut exactly between two blocks is caught too (the last frame must end)."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".gz"):
-        raw = gzip.open(path, "rb")
+        raw = io.BufferedReader(_GzipReader(path))
     elif name.endswith(".zst") or name.endswith(".zstd"):
-        import zstandard
-
-        raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        raw = io.BufferedReader(_ZstdReader(path))
     else:
         raw = open(path, "rb")
     try:

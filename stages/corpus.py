@@ -32,7 +32,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections import deque
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -71,26 +73,44 @@ def embedded_corpus_path() -> Path:
 
 _WORD = re.compile(r"\S+")
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]]*$")
+_END_CHARS = frozenset(".!?…\"'”’»)]")  # a word can end a sentence only if it ends in one of these (a fast pre-check)
 _NOT_AN_END = re.compile(r"[(\"'“‘\[]*(?:[A-Z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Col|Lt|Mt|No|vs|c|ca|e\.g|i\.e|approx)\.")
 
 
 def split_passage(text: str, max_words: int = DEFAULT_MAX_WORDS) -> list[str]:
     """Split ``text`` into chunks of at most ``max_words`` words at sentence ends (rule in the module docstring)."""
+    return list(iter_split(text, max_words))
+
+
+def iter_split(text: str, max_words: int = DEFAULT_MAX_WORDS) -> Iterator[str]:
+    """The chunks of :func:`split_passage`, one at a time, in memory bounded by ``max_words`` (not by the text's length):
+    a window of at most ``max_words + 1`` words is kept, so a 50 MB record costs its text and one chunk, not a list of
+    every word's offsets."""
     if max_words < 1:
         raise ValueError("max_words must be >= 1")
-    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-    if len(words) <= max_words:
-        return [text.strip()] if words else []
-    ends = [bool(_SENTENCE_END.search(text, s, e)) and not _NOT_AN_END.fullmatch(text, s, e) for s, e in words]
-    chunks, start = [], 0
-    while start < len(words):
-        stop = min(start + max_words, len(words))
-        if stop < len(words):
-            cut = next((i + 1 for i in range(stop - 1, start - 1, -1) if ends[i]), stop)
-            stop = cut
-        chunks.append(text[words[start][0]: words[stop - 1][1]])
-        start = stop
-    return chunks
+    words = _WORD.finditer(text)
+    window: deque[tuple[int, int, bool]] = deque()  # (start, end, ends a sentence) of the words not yet emitted
+    first = True
+    while True:
+        for m in words:
+            s, e = m.span()
+            window.append((s, e, text[e - 1] in _END_CHARS and bool(_SENTENCE_END.search(text, s, e))
+                           and not _NOT_AN_END.fullmatch(text, s, e)))
+            if len(window) > max_words:
+                break
+        if len(window) <= max_words:  # the rest fits in one chunk
+            if window:
+                yield text.strip() if first else text[window[0][0]: window[-1][1]]
+            return
+        first = False
+        cut = max_words  # rule 2: the last sentence end that fits; rule 3: else exactly max_words words
+        for i in range(max_words - 1, -1, -1):
+            if window[i][2]:
+                cut = i + 1
+                break
+        yield text[window[0][0]: window[cut - 1][1]]
+        for _ in range(cut):
+            window.popleft()
 
 
 # --- duplicate ids, bounded memory ----------------------------------------------------------------------------------
@@ -159,13 +179,9 @@ def run(out_dir: Path, *, source: str | Path, fmt: str = "auto", max_words: int 
             n_records += 1
             bar.update(1)
             hashes.add(rec.source_id)
-            chunks = split_passage(rec.text, max_words)
-            if not chunks:
-                skipped["empty_text"] = skipped.get("empty_text", 0) + 1
-                continue
-            n_split += len(chunks) > 1
             meta = json.dumps(rec.meta, ensure_ascii=False, sort_keys=True) if rec.meta else ""
-            for part, chunk in enumerate(chunks):
+            part = -1
+            for part, chunk in enumerate(iter_split(rec.text, max_words)):
                 cols["doc_id"].append(doc_id)
                 cols["source_id"].append(rec.source_id)
                 cols["title"].append(rec.title)
@@ -175,9 +191,13 @@ def run(out_dir: Path, *, source: str | Path, fmt: str = "auto", max_words: int 
                 cols["meta"].append(meta)
                 n_words += len(_WORD.findall(chunk))
                 doc_id += 1
-            if len(cols["doc_id"]) >= writer.row_group_size:
-                writer.write(cols)
-                cols = {name: [] for name in schema.names}
+                if len(cols["doc_id"]) >= writer.row_group_size:  # inside the record: a huge one streams out too
+                    writer.write(cols)
+                    cols = {name: [] for name in schema.names}
+            if part < 0:
+                skipped["empty_text"] = skipped.get("empty_text", 0) + 1
+                continue
+            n_split += part > 0
         writer.write(cols)
     if n_records == 0:
         raise InputError(source, None, "empty corpus: no records")

@@ -322,9 +322,28 @@ def detect_format(path: str | Path) -> str:
             return "ovos"
         raise InputError(path, n, f"cannot tell the corpus format from the first record (keys {sorted(rec)[:8]}); "
                                   f"pass fmt= one of {', '.join(FORMATS)}")
-    if first.startswith("{"):
+    if first.startswith("{") and _first_entry_is_ovos(path):
         return "ovos"
+    if first.startswith("{"):
+        try:
+            json.loads(first)
+        except json.JSONDecodeError as e:
+            raise InputError(path, n, f"cannot tell the corpus format: the first line is not valid JSON ({e.msg} at "
+                                      f"column {e.colno}; cut or unterminated?) and the file is not one JSON object "
+                                      f"of ovos entries; pass fmt= one of {', '.join(FORMATS)}") from None
     raise InputError(path, n, f"cannot tell the corpus format from the first line; pass fmt= one of {', '.join(FORMATS)}")
+
+
+def _first_entry_is_ovos(path: Path) -> bool:
+    """Whether the file is one JSON object whose first entry is an ovos article (``{key: {"extract": ...}}``): read
+    with the streaming parser, one entry at most (a cut or malformed JSONL line is not taken for ovos)."""
+    with open_binary(path) as f:
+        try:
+            for _line, _key, value in JsonObjectStream(path, f):
+                return isinstance(value, dict) and "extract" in value
+        except InputError:
+            return False
+    return False
 
 
 def read_records(path: str | Path, fmt: str = "auto") -> Iterator[Record]:

@@ -1,6 +1,7 @@
 """HotpotQA dev (NEST: dev, fullwiki setting, yes/no questions removed, seeded 2,500-question subsample).
 
-Format: one JSON array of ``{"question", "answer", ...}`` objects: the ReAct ``hotpot_dev_v1_simplified.json``
+Format: one JSON array of ``{"question", "answer", ...}`` objects (``answer``: one string, or a list of gold aliases,
+the first being the primary answer): the ReAct ``hotpot_dev_v1_simplified.json``
 (``type`` kept in meta) or the official ``hotpot_dev_*_v1.json`` (``_id``, ``type``, ``level`` kept; contexts ignored).
 
 Filter (bug B11 fixed): drop a question only when its answer IS "yes" or "no" (case-insensitive, stripped). The
@@ -17,7 +18,7 @@ from typing import Iterator
 
 from tasks.base import Example, QATask, qa_example
 from tasks.errors import TaskInputError
-from tasks.files import iter_json_array, text_field
+from tasks.files import answer_list, iter_json_array, text_field
 
 SAMPLE_SIZE = 2500
 PLACEHOLDERS = {"XXXX-3": "Princeton", "XXXX-2": "Google"}
@@ -48,17 +49,20 @@ class HotpotQA(QATask):
             if not isinstance(obj, dict):
                 raise TaskInputError(path, line, f"{where}expected a JSON object, got {type(obj).__name__}")
             question = text_field(path, line, obj, "question", where=where)
-            answer = text_field(path, line, obj, "answer", where=where)
+            if isinstance(obj.get("answer"), (list, tuple)):
+                answers = answer_list(path, line, obj["answer"], where=where)
+            else:
+                answers = [text_field(path, line, obj, "answer", where=where)]
             n += 1
-            if is_yes_no(answer):
+            if is_yes_no(answers[0]):  # the primary answer says whether it is a yes/no question
                 stats["filtered_yes_no"] += 1
                 continue
             meta = {"line": line, "index": index}
             meta.update({k: obj[k] for k in META_KEYS if k in obj})
-            fixed_q, fixed_a = patch_placeholders(question), patch_placeholders(answer)
-            if (fixed_q, fixed_a) != (question, answer):
+            fixed_q, fixed_a = patch_placeholders(question), [patch_placeholders(a) for a in answers]
+            if (fixed_q, fixed_a) != (question, answers):
                 stats["patched_placeholders"] += 1
                 meta["patched"] = True
-            yield qa_example(self.name, fixed_q, [fixed_a.strip()], **meta)
+            yield qa_example(self.name, fixed_q, [a.strip() for a in fixed_a], **meta)
         if n == 0:
             raise TaskInputError(path, None, "no questions (empty JSON array)")

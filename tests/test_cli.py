@@ -121,11 +121,18 @@ def test_status_names_a_stage_version_change(fake_env):
 
 
 def test_status_compares_with_the_closest_artifact(fake_env):
-    # two FkSide variants exist; a third differs from each in `text`, the reasons come from one of them only
+    # two FkMid variants exist; a third differs from each in `scale` only, the reasons come from one of them only
+    assert _build(FkMid(scale=1), FkMid(scale=2)) == 0
+    st = _status(lambda: FkMid(scale=3))
+    assert st["FkMid"][0] == "rerun"
+    assert len(st["FkMid"][1]) == 1 and st["FkMid"][1][0].startswith("param scale: ")
+
+
+def test_status_says_new_for_an_instance_never_built(fake_env):
+    # FkSide(tag=c) was never built: its siblings tag=a/b are other instances (labels), not earlier builds of it
     assert _build(FkSide(tag="a"), FkSide(tag="b")) == 0
     st = _status(lambda: FkSide(tag="c"))
-    assert st["FkSide(tag=c)"][0] == "rerun"
-    assert len(st["FkSide(tag=c)"][1]) == 1 and st["FkSide(tag=c)"][1][0].startswith("param text: ")
+    assert st["FkSide(tag=c)"] == ("new", ["never built"])
 
 
 def test_nest_status_command_on_the_real_dag_with_an_empty_store(tmp_path, monkeypatch, capsys):

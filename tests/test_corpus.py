@@ -377,3 +377,108 @@ def test_real_dpr_wiki_sample(tmp_path):
     assert all(r["title"] for r in got)  # every `"Title"\ntext` was split
     assert (got[0]["source_id"], got[0]["title"]) == ("0", "Evan Morris")
     assert got[0]["text"].startswith("Evan Morris Evan L. Morris (January 26, 1977")
+
+
+# ---- truncated and corrupt compressed corpora (issue 9 §4) -------------------------------------------------------------
+
+def _jsonl_records(n: int) -> bytes:
+    return b"".join(json.dumps({"id": str(i), "title": "T", "text": f"word {i} " * 30}).encode() + b"\n"
+                    for i in range(n))
+
+
+def _streamed_zst(data: bytes, block: int = 50_000) -> tuple[bytes, int]:
+    """``data`` as one zstd frame written in flushed blocks (as a streaming writer does); also the length of the first
+    block, a cut there is a stream that ends cleanly between two blocks."""
+    import io
+
+    buf = io.BytesIO()
+    w = zstandard.ZstdCompressor(level=3).stream_writer(buf, closefd=False)
+    w.write(data[:block])
+    w.flush(zstandard.FLUSH_BLOCK)
+    first = len(buf.getvalue())
+    for i in range(block, len(data), block):
+        w.write(data[i: i + block])
+        w.flush(zstandard.FLUSH_BLOCK)
+    w.flush(zstandard.FLUSH_FRAME)
+    return buf.getvalue(), first
+
+
+def test_zst_cut_between_two_blocks_is_an_error_not_a_shorter_corpus(tmp_path):
+    data = _jsonl_records(1000)
+    full, first_block = _streamed_zst(data)
+    src = write(tmp_path, "silent.jsonl.zst", full[:first_block])
+    with pytest.raises(InputError, match=r"silent\.jsonl\.zst: truncated zstd file: it ends inside a frame"):
+        convert(tmp_path, src)
+    (tmp_path / "w").mkdir()
+    whole = write(tmp_path / "w", "whole.jsonl.zst", full)
+    assert convert(tmp_path / "w", whole)[0]["num_records"] == 1000
+
+
+def test_zst_of_several_frames_reads_every_frame(tmp_path):
+    data = _jsonl_records(200)
+    src = write(tmp_path, "frames.jsonl.zst", zstandard.compress(data[:5000]) + zstandard.compress(data[5000:]))
+    assert convert(tmp_path, src)[0]["num_records"] == 200
+
+
+@pytest.mark.parametrize("name, damage, words", [
+    ("cut.jsonl.gz", lambda b: b[: len(b) // 2], "truncated gzip file"),
+    ("bad.jsonl.gz", lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], "corrupt gzip data"),
+    ("bad.jsonl.zst", lambda b: b[:4] + b"\xff\xff" + b[6:], "corrupt zstd data"),
+    ("mid.jsonl.zst", lambda b: b[: len(b) // 2 + 7], "truncated zstd file"),
+])
+def test_truncated_or_corrupt_compressed_corpus_is_one_input_error(tmp_path, name, damage, words):
+    data = _jsonl_records(3000)
+    packed = gzip.compress(data) if name.endswith(".gz") else _streamed_zst(data)[0]
+    src = write(tmp_path, name, damage(packed))
+    with pytest.raises(InputError, match=rf"{name.replace('.', '[.]')}: {words}"):
+        convert(tmp_path, src)
+
+
+def test_nest_run_on_a_cut_zst_prints_one_line_and_publishes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    full, first_block = _streamed_zst(_jsonl_records(3000))
+    src = write(tmp_path, "silent.jsonl.zst", full[:first_block])
+    env = {**os.environ, "NEST_STORE": str(tmp_path / "store"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "ConvertCorpus", "--source", str(src)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("nest:")]
+    assert lines == [f"nest: {src}: truncated zstd file: it ends inside a frame (an incomplete copy or download?)"]
+    assert not list((tmp_path / "store").glob("ConvertCorpus/*/manifest.json"))
+
+
+def test_a_cut_jsonl_line_is_not_taken_for_ovos(tmp_path):
+    src = write(tmp_path, "cut.jsonl", '{"id": "1", "title": "A", "text": "a very long line that was cut')
+    with pytest.raises(InputError, match="first line is not valid JSON"):
+        detect_format(src)
+    ovos = write(tmp_path, "o.json", '{\n "A": {"title": "A", "extract": "x"}\n}\n')
+    assert detect_format(ovos) == "ovos"
+
+
+def test_splitting_a_huge_record_keeps_memory_bounded_by_max_words():
+    import tracemalloc
+
+    text = "alpha beta gamma. " * 40_000  # 120,000 words
+    tracemalloc.start()
+    try:
+        n = 0
+        for chunk in corpus.iter_split(text, 100):
+            n += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == -(-120_000 // 99)  # 33 whole sentences (99 words) a chunk
+    assert peak < 200_000  # a list of every word's offsets would take ~20 MB; the window holds 101 words
+
+
+def test_iter_split_gives_what_split_passage_gives():
+    text = "Dr. Who met Mr. Smith. They talked! Then e.g. nothing happened? " * 7 + "tail words here"
+    for m in (1, 3, 7, 25, 1000):
+        chunks = list(corpus.iter_split(text, m))
+        assert chunks == split_passage(text, m)
+        assert all(len(c.split()) <= m for c in chunks)
+        assert " ".join(" ".join(chunks).split()) == " ".join(text.split())

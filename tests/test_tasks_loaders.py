@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tasks import registry
+from tasks.errors import TaskInputError
 from tasks.hotpotqa import is_yes_no
 from tasks.wikitext import chunk_starts, parse_articles
 
@@ -112,6 +114,20 @@ def test_hotpotqa_fixture():
     assert task.last_stats["filtered_yes_no"] == 3
     assert ex[2].question == "Which Princeton alumnus founded Google?" and ex[2].meta["patched"] is True
     assert ex[0].meta["type"] == "bridge" and ex[0].meta["line"] == 2
+
+
+def test_hotpotqa_accepts_answer_aliases_as_a_list(tmp_path):
+    data = [{"question": "Who directed Inception?", "answer": ["Christopher Nolan", "Nolan"]},
+            {"question": "Is water wet?", "answer": ["yes", "Yes"]},
+            {"question": "Which XXXX-3 alumnus?", "answer": "XXXX-3 University"},
+            {"question": "Bad?", "answer": [3]}]
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps(data[:3]))
+    ex = registry.get("hotpotqa").load(path)
+    assert [e.references for e in ex] == [["Christopher Nolan", "Nolan"], ["Princeton University"]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(TaskInputError, match="element 3: answer holds a int"):
+        registry.get("hotpotqa").load(path)
 
 
 def test_hotpotqa_real_sample_keeps_all_at_sample_size():

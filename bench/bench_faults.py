@@ -1,0 +1,290 @@
+"""Faults benchmark (issue 9 §5): random ``kill -9`` during ``nest run``, a rerun after each, every manifest verified.
+
+    python -m bench.run faults                    # 20 kills (a few minutes)
+    python -m bench.run faults --kills 40
+    python -m bench.run --quick faults            # 3 kills, to check the benchmark itself
+
+The DAG is small and cheap on CPU: the real ConvertCorpus (the embedded corpus with ``limit``, a new limit each round so
+that every round has work to do) feeding fake stages (a module written into a scratch folder; stages never import
+Luigi) that write several files of a few MB each, in chunks, so that a kill often lands while a file is half written::
+
+    ConvertCorpus ─┬─ FaultA ── FaultB
+                   └─ FaultC            (target: FaultTop = FaultB + FaultC)
+
+Each round: start ``nest run FaultTop`` in its own process group, ``kill -9`` the group after a random delay (uniform
+between the clean run's first "building" line and its end), then check **every** manifest in the store (size and sha256 of every file):
+an artifact that looks complete (it has a manifest) but does not verify is *corrupt-complete* (goal 0). Then rerun the
+same command without a kill: a rerun that does not exit 0 or leaves the target incomplete is a *run not finished* (goal
+0). Where each kill landed (the stage being built, from the run's ``[nest] X: building`` lines) is tallied.
+
+Push/pull kills (issue 9 §5) belong to the remote store's benchmark: :data:`EXTRA_ROUNDS` is the hook where it can add
+commands to kill (``(name, argv builder)``), checked the same way; the local-store checks here apply unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGE_SRC = '''"""Fake stages of the faults benchmark: several files of a few MB, written in chunks."""
+import hashlib
+import json
+import time
+from pathlib import Path
+
+VERSION = "1"
+
+
+def run(out_dir, *, name, files=3, size=2_000_000, passages=None, upstream=None, seed=0, pause=0.02):
+    out_dir = Path(out_dir)
+    h = hashlib.sha256(f"{name}:{seed}".encode())
+    for src in (passages, upstream):
+        if src is not None:
+            for p in sorted(Path(src).glob("*.json*")):
+                h.update(p.read_bytes())
+    block = (h.hexdigest() * (65536 // 64 + 1)).encode()[:65536]
+    for i in range(files):
+        with open(out_dir / f"part-{i}.bin", "wb") as f:
+            left = size
+            while left > 0:
+                f.write(block[: min(left, len(block))])
+                left -= len(block)
+                time.sleep(pause / 16)
+        time.sleep(pause)
+    (out_dir / "info.json").write_text(json.dumps({"name": name, "digest": h.hexdigest()}))
+    return {"files": files}
+'''
+
+DAG_SRC = '''"""Luigi wiring of the faults benchmark's DAG (the real ConvertCorpus, then fake stages)."""
+import luigi
+
+from pipeline.base import NestTask
+from pipeline.dag import ConvertCorpus
+
+
+class _Fault(NestTask):
+    stage_module = "bench_fault_stage"
+    seed = luigi.IntParameter(default=0)
+    size = luigi.IntParameter(default=2_000_000)
+
+
+class FaultA(_Fault):
+    def requires(self):
+        return {"passages": ConvertCorpus()}
+
+    def stage_params(self):
+        return {"name": "A", "seed": self.seed, "size": self.size}
+
+
+class FaultB(_Fault):
+    def requires(self):
+        return {"upstream": FaultA(seed=self.seed, size=self.size)}
+
+    def stage_params(self):
+        return {"name": "B", "seed": self.seed, "size": self.size}
+
+
+class FaultC(_Fault):
+    def requires(self):
+        return {"passages": ConvertCorpus()}
+
+    def stage_params(self):
+        return {"name": "C", "seed": self.seed, "size": self.size, "files": 2}
+
+
+class FaultTop(luigi.WrapperTask):
+    seed = luigi.IntParameter(default=0)
+    size = luigi.IntParameter(default=2_000_000)
+
+    def requires(self):
+        return [FaultB(seed=self.seed, size=self.size), FaultC(seed=self.seed, size=self.size)]
+'''
+
+# Hook for more fault rounds (helper "remote": push/pull): (name, argv(round_index) -> list[str]). Each command is
+# killed at a random moment, rerun, and the local store verified like the `nest run` rounds.
+EXTRA_ROUNDS: list[tuple[str, Callable[[int], list[str]]]] = []
+
+
+def _nest_argv(limit: int, seed: int, size: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "run", "--set", f"ConvertCorpus.limit={limit}", "FaultTop",
+            "--module", "bench_fault_dag", "--seed", str(seed), "--size", str(size)]
+
+
+def _verify_store(root: Path) -> tuple[int, int, list[str]]:
+    """(complete artifacts, corrupt-complete ones, their problems) over every manifest of the store."""
+    from pipeline.store import Store
+
+    store = Store(root)
+    n = bad = 0
+    problems = []
+    for ref in store.folders():
+        if not store.complete(ref.stage, ref.key):
+            continue
+        n += 1
+        found = store.verify(ref.stage, ref.key)
+        if found:
+            bad += 1
+            problems.append(f"{ref.stage}/{ref.key[:12]}: {found[0]}")
+    return n, bad, problems
+
+
+def _leftovers(root: Path) -> int:
+    """Temp folders and manifest-less key folders (what a kill leaves until the next build of that stage clears it)."""
+    from pipeline.store import Store
+
+    store = Store(root)
+    tmp = sum(1 for s in store.stages() for _ in store._tmp_folders(s))
+    half = sum(1 for r in store.folders() if not store.complete(r.stage, r.key))
+    return tmp + half
+
+
+def _run(argv: list[str], env: dict, cwd: Path, kill_after: float | None) -> tuple[int, list[tuple[float, str]], float]:
+    """Run ``argv`` in its own process group, ``kill -9`` the group after ``kill_after`` seconds (None: no kill).
+    Returns the exit status, the stderr lines with their times since the start, and the wall time."""
+    import threading
+
+    t0 = time.perf_counter()
+    lines: list[tuple[float, str]] = []
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+
+    def read():
+        for line in proc.stderr:
+            lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=kill_after if kill_after is not None else 600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    reader.join(timeout=10)
+    return rc, lines, time.perf_counter() - t0
+
+
+def _landed(lines: list[tuple[float, str]]) -> str:
+    """The stage the run was building when it died (its last ``building`` line without a ``built`` line)."""
+    building, seen = None, False
+    for _t, line in lines:
+        if line.startswith("[nest] ") and line.endswith(": building"):
+            building, seen = line[len("[nest] "):].split()[0], True
+        elif line.startswith("[nest] ") and ": built in " in line:
+            building = None
+    if building:
+        return building
+    return "between two stages" if seen else "start-up (before the first stage)"
+
+
+def _first_build_s(lines: list[tuple[float, str]]) -> float:
+    return next((t for t, line in lines if line.endswith(": building")), 0.3)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--size", type=int, default=2_000_000, help="bytes per fake file")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    kills = 3 if args.quick else args.kills
+    rng = random.Random(args.seed)
+
+    with tempfile.TemporaryDirectory(prefix="nest-faults-") as scratch:
+        scratch = Path(scratch)
+        mods = scratch / "mods"
+        mods.mkdir()
+        (mods / "bench_fault_stage.py").write_text(STAGE_SRC)
+        (mods / "bench_fault_dag.py").write_text(DAG_SRC)
+        store = scratch / "store"
+        env = {**os.environ, "NEST_STORE": str(store), "PYTHONPATH": os.pathsep.join([str(ROOT), str(mods)]),
+               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+        rc, err, clean_s = _run(_nest_argv(200, 0, args.size), env, ROOT, None)
+        if rc != 0:
+            raise RuntimeError(f"the clean run failed (exit {rc}): {[line for _t, line in err[-3:]]}")
+        startup_s = _first_build_s(err)  # kills land between the first stage starting and the run's end
+        rounds, landed = [], {}
+        corrupt_total = unfinished = 0
+        t_start = time.perf_counter()
+        for i in range(1, kills + 1):
+            cmd = _nest_argv(200 + i, i, args.size)  # new keys every round: there is always work to kill
+            delay = rng.uniform(startup_s, max(startup_s + 0.3, clean_s))
+            rc_k, err_k, _ = _run(cmd, env, ROOT, delay)
+            where = _landed(err_k) if rc_k == -signal.SIGKILL else f"finished before the kill (exit {rc_k})"
+            landed[where] = landed.get(where, 0) + 1
+            n_after_kill, bad_after_kill, problems = _verify_store(store)
+            left_after_kill = _leftovers(store)
+            rc_r, err_r, rerun_s = _run(cmd, env, ROOT, None)
+            n_after_rerun, bad_after_rerun, problems2 = _verify_store(store)
+            ok = rc_r == 0
+            unfinished += not ok
+            corrupt_total += bad_after_kill + bad_after_rerun
+            rounds.append({"round": i, "kill_after_s": round(delay, 2), "killed": rc_k == -signal.SIGKILL,
+                           "landed_in": where, "complete_after_kill": n_after_kill,
+                           "corrupt_after_kill": bad_after_kill, "leftovers_after_kill": left_after_kill,
+                           "rerun_exit": rc_r, "rerun_s": round(rerun_s, 1), "corrupt_after_rerun": bad_after_rerun,
+                           "leftovers_after_rerun": _leftovers(store),
+                           "problems": (problems + problems2)[:3],
+                           "rerun_error": "" if ok else (err_r[-1][1] if err_r else "")})
+            print(f"[faults] round {i}/{kills}: killed after {delay:.1f} s in {where}; corrupt {bad_after_kill}"
+                  f"+{bad_after_rerun}; rerun exit {rc_r}", file=sys.stderr, flush=True)
+        for name, make in EXTRA_ROUNDS:  # the hook (see the module docstring)
+            for i in range(1, kills + 1):
+                cmd = make(i)
+                _run(cmd, env, ROOT, rng.uniform(startup_s, max(startup_s + 0.3, clean_s)))
+                _n, bad, _p = _verify_store(store)
+                rc_r, _e, _s = _run(cmd, env, ROOT, None)
+                corrupt_total += bad + _verify_store(store)[1]
+                unfinished += rc_r != 0
+        elapsed = time.perf_counter() - t_start
+        n_final, bad_final, _ = _verify_store(store)
+
+    killed = sum(r["killed"] for r in rounds)
+    result = {
+        "kills_attempted": kills, "kills_landed": killed, "clean_run_s": round(clean_s, 1),
+        "startup_s": round(startup_s, 1), "corrupt_complete_artifacts": corrupt_total, "runs_not_finished_after_rerun": unfinished,
+        "artifacts_verified_at_end": n_final, "corrupt_at_end": bad_final, "landed_in": landed,
+        "leftovers_after_kills": sum(r["leftovers_after_kill"] for r in rounds),
+        "leftovers_after_reruns": sum(r["leftovers_after_rerun"] for r in rounds[-1:]),
+        "rounds": rounds, "elapsed_s": round(elapsed, 1), "quick": args.quick,
+        "goals": {"corrupt_complete_artifacts": 0, "runs_not_finished_after_rerun": 0},
+    }
+    lines = [
+        "# Faults: random `kill -9` during `nest run`, rerun after each",
+        "",
+        f"{kills} rounds ({killed} killed mid-run" + (", the rest finished first" if killed < kills else "") + ") on a DAG of the real ConvertCorpus "
+        f"(embedded corpus, limit 200+round) and three fake stages writing {args.size / 1e6:.0f} MB files in chunks; "
+        f"clean run {clean_s:.1f} s, its first stage starting at {startup_s:.1f} s; kill delay uniform in between. "
+        "Every manifest of the store verified "
+        "(size and sha256 of each file) after each kill and each rerun.",
+        "",
+        "| measure | value | goal |",
+        "|---|---|---|",
+        f"| artifacts that look complete but are corrupt | {corrupt_total} | 0 |",
+        f"| runs not finished after a rerun | {unfinished} of {kills} | 0 |",
+        f"| artifacts verified at the end | {n_final} ({bad_final} corrupt) | all verify |",
+        f"| leftovers (temp / manifest-less folders) right after the kills, summed | "
+        f"{result['leftovers_after_kills']} | cleared by the next build |",
+        "",
+        "Where the kills landed: " + ", ".join(f"{k} ×{v}" for k, v in sorted(landed.items())) + ".",
+        "",
+        "Push/pull kills are the remote store's (hook `EXTRA_ROUNDS` in bench/bench_faults.py).",
+    ]
+    result["markdown"] = "\n".join(lines)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps({k: v for k, v in main(sys.argv[1:]).items() if k != "markdown"}, indent=1))
