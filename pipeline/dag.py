@@ -298,6 +298,7 @@ class decoding(luigi.Config):  # noqa: N801
     methods = luigi.ListParameter(default=("base", "ra", "knnlm", "nest", "ra_nest"))
     config = luigi.DictParameter(default={}, description="NestConfig overrides for every method")
     method_config = luigi.DictParameter(default={}, description="{method: NestConfig overrides}")
+    task_config = luigi.DictParameter(default={}, description="{task: NestConfig overrides} (before method_config)")
     gammas = luigi.ListParameter(default=(0.5, 0.05, 0.005, 0.0005))
     sweep_tasks = luigi.ListParameter(default=("completion",))
     ablation_tasks = luigi.ListParameter(default=("completion",))
@@ -312,7 +313,8 @@ def experiment_runs():
     d = decoding()
     tasks = configured_tasks()
     return grid(tasks, list(d.methods), _plain(d.config), _plain(d.method_config), [float(g) for g in d.gammas],
-                [t for t in d.sweep_tasks if t in tasks], [t for t in d.ablation_tasks if t in tasks])
+                [t for t in d.sweep_tasks if t in tasks], [t for t in d.ablation_tasks if t in tasks],
+                _plain(d.task_config))
 
 
 def _key_cache_dir() -> str:
@@ -434,6 +436,7 @@ class Report(NestTask):
                   else PurePath(lm.removeprefix("gguf:")).name,
             "examples per task": cfg.config().get("LoadTask", "n_examples", "16"),
             "decoding (all methods)": json.dumps(_plain(d.config), sort_keys=True),
+            "per-task overrides": json.dumps(_plain(d.task_config), sort_keys=True),
             "per-method overrides": json.dumps(_plain(d.method_config), sort_keys=True),
         }}
 
