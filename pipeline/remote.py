@@ -244,12 +244,13 @@ class Remote:
         return sorted(out)
 
     # ---- push ----------------------------------------------------------------------------------------------------
-    def push(self, store: Store, stage: str, key: str, *, verify: bool = True,
+    def push(self, store: Store, stage: str, key: str, *, verify: bool = False,
              progress: Callable[[int], Any] | None = None) -> dict | None:
         """Upload ``(stage, key)`` from ``store`` unless the remote has it: archive first, manifest last.
 
-        Returns ``{"size", "sha256", "bytes"}`` of what was sent, or None when it was already there. ``verify``
-        re-hashes every file while packing and refuses to send one that no longer matches the local manifest.
+        Returns ``{"size", "sha256", "bytes"}`` of what was sent, or None when it was already there. Sizes are always
+        checked against the local manifest; ``verify`` also re-hashes every file while packing and refuses to send one
+        that no longer matches it (without it, such a file is sent, and every pull refuses it, naming the file).
         """
         local = store.manifest(stage, key)
         if local is None:
@@ -278,7 +279,12 @@ class Remote:
             return result
         except BaseException:
             with contextlib.suppress(Exception):
-                f.discard()
+                f.discard()  # an S3 multipart upload is aborted; a local temp file removed
+            if hasattr(f, "forced"):  # an fsspec buffered file: never let its __del__ upload the discarded part
+                f.closed = True
+            else:
+                with contextlib.suppress(Exception):
+                    f.close()
             raise
 
     # ---- pull ----------------------------------------------------------------------------------------------------

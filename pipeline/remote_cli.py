@@ -1,6 +1,6 @@
 """``nest push`` and ``nest pull``: share artifacts through the remote store (``pipeline.remote``).
 
-    nest push [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--no-verify]
+    nest push [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--verify]
         no argument: what the latest recorded run reached; STAGE: every complete local artifact of that stage;
         KEY-PREFIX: the artifacts whose key starts with it; --all: every complete artifact of the store.
     nest pull [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--profile P] [--set ...]
@@ -99,7 +99,7 @@ def cmd_push(args) -> int:
     def sizes(stage, key):
         return (store.manifest(stage, key) or {}).get("size")
 
-    results, errors = transfer(refs, lambda s, k, p: remote.push(store, s, k, verify=not args.no_verify, progress=p),
+    results, errors = transfer(refs, lambda s, k, p: remote.push(store, s, k, verify=args.verify, progress=p),
                                sizes, "push")
     sent = [r for r in results if r[2] is not None]
     raw = sum(r[2]["bytes"] for r in sent)
@@ -152,8 +152,8 @@ def add_parsers(sub, profile_opts) -> None:
     p.add_argument("targets", nargs="*", metavar="STAGE|KEY-PREFIX")
     p.add_argument("--all", action="store_true", help="every complete artifact of the store")
     p.add_argument("--remote", default=None, metavar="URL", help="this remote instead of [nest] remote / $NEST_REMOTE")
-    p.add_argument("--no-verify", action="store_true", dest="no_verify",
-                   help="do not re-hash files against their manifest while packing")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every file against its manifest while packing; refuse to send a corrupt one")
     p.set_defaults(fn=cmd_push)
 
     p = sub.add_parser("pull", help="fetch artifacts from the remote store (default: what `nest all` needs)")

@@ -251,6 +251,23 @@ def test_a_flipped_byte_is_refused_and_nothing_local_changes(fake_env, remote_ur
     assert _build(FkMid()) == 0 and dst.verify("FkMid", key) == []
 
 
+def test_a_corrupt_local_file_is_refused_by_push_verify_and_by_every_pull(fake_env, remote_url, monkeypatch, capsys):
+    assert _build(FkMid()) == 0
+    store = Store(fake_env.store_root)
+    key = FkMid().key
+    out = store.path("FkMid", key) / "out.txt"
+    out.write_bytes(bytes([out.read_bytes()[0] ^ 1]) + out.read_bytes()[1:])  # same size, one bit flipped
+    assert cli.main(["push", "--verify", "FkMid"]) == 1
+    assert "out.txt differs from its manifest" in capsys.readouterr().err
+    remote = _remote(remote_url)
+    assert remote.list() == []
+    assert cli.main(["push", "FkMid"]) == 0  # without --verify it is sent ...
+    dst = _use_store(monkeypatch, fake_env.root / "b")
+    with pytest.raises(RemoteError, match=r"FkMid/\w{12}: out.txt: sha256 differs from the manifest"):
+        remote.pull(dst, "FkMid", key)  # ... and no pull takes it
+    assert not dst.complete("FkMid", key)
+
+
 def _repush_with(remote: Remote, stage: str, key: str, archive: bytes, doc: dict) -> None:
     """Replace an artifact on the remote with ``archive`` and a self-consistent manifest ``doc`` (a well-formed lie)."""
     import hashlib
