@@ -125,7 +125,10 @@ def pack(folder: Path, files: Mapping[str, Mapping], out: BinaryIO, *, threads: 
                 if safe_name(rel) != rel:
                     raise ArchiveError(f"{label}: manifest names {rel!r}, not a plain relative path")
                 path = folder / rel
-                st = os.lstat(path)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    raise ArchiveError(f"{label}: {rel} is in the manifest but missing from the artifact") from None
                 if not os.path.isfile(path) or os.path.islink(path):
                     raise ArchiveError(f"{label}: {rel} is not a regular file")
                 if st.st_size != want["size"]:
