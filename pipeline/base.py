@@ -131,7 +131,11 @@ class NestTask(luigi.Task):
 
     def complete(self) -> bool:
         RUN_LOG.touch(self)
-        return super().complete()
+        if super().complete():
+            return True
+        from pipeline.remote import read_through  # a missing stage is pulled when the remote has it
+
+        return read_through(self)
 
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the stage call: input artifact folders, then parameters (``Identified`` → value)."""
@@ -168,6 +172,9 @@ class NestTask(luigi.Task):
         seconds = time.perf_counter() - t0
         RUN_LOG.built[ref] = seconds
         print(f"[nest] {self.label} {self.key[:12]}: built in {seconds:.1f} s", file=sys.stderr, flush=True)
+        from pipeline.remote import push_built  # remote_mode = push|both: share what was built
+
+        push_built(self)
 
 
 def _walk(roots: Iterable[luigi.Task]) -> list[tuple[luigi.Task, list[luigi.Task]]]:
@@ -194,6 +201,19 @@ def closure(roots: Iterable[luigi.Task]) -> list[NestTask]:
     return [t for t, _deps in _walk(roots) if isinstance(t, NestTask)]
 
 
+def _mark_skipped(tasks: list[NestTask], reached: list[dict], target_keys: set[str]) -> None:
+    """A missing stage that only feeds stages which are cached or pulled was never needed: ``skipped``, not a failure
+    (Luigi does not look below a complete task)."""
+    status = {t.task_id: r for t, r in zip(tasks, reached)}
+    needed = {t.task_id for t in tasks if t.key in target_keys}
+    for t in reversed(tasks):  # dependents before their inputs
+        if t.task_id in needed and status[t.task_id]["status"] not in ("cached", "pulled"):
+            needed.update(d.task_id for d in t.inputs().values())
+    for t in tasks:
+        if t.task_id not in needed and status[t.task_id]["status"] == "missing":
+            status[t.task_id]["status"] = "skipped"
+
+
 class RunLog:
     """What this process's Luigi runs reached: written as a run record by the CLI, or at exit for plain ``luigi``.
 
@@ -210,6 +230,7 @@ class RunLog:
         self.required: set[str] = set()           # task_ids some reached task requires
         self.built: dict[tuple[str, str], float] = {}
         self.failed: dict[tuple[str, str], BaseException] = {}
+        self.pulled: dict[tuple[str, str], float] = {}  # read-through: pulled from the remote, not built
         self.started_at = utc_now()
         self.store: Store | None = None
 
@@ -247,14 +268,18 @@ class RunLog:
                 status = "failed"
             elif ref in self.built:
                 status = "built"
+            elif ref in self.pulled:
+                status = "pulled"
             elif store.complete(*ref):
                 status = "cached"
             else:
                 status = "missing"
             reached.append({"stage": t.stage, "key": t.key, "label": t.label, "status": status,
-                            "seconds": round(self.built[ref], 3) if ref in self.built else None})
+                            "seconds": round(self.built[ref], 3) if ref in self.built
+                            else round(self.pulled[ref], 3) if ref in self.pulled else None})
         targets = [{"stage": t.stage, "key": t.key, "label": t.label} for t in tasks if t.task_id not in self.required]
-        ok = all(r["status"] in ("built", "cached") for r in reached)
+        _mark_skipped(tasks, reached, {t["key"] for t in targets})
+        ok = all(r["status"] in ("built", "cached", "pulled", "skipped") for r in reached)
         return {"id": new_run_id(), "started_at": self.started_at, "finished_at": utc_now(),
                 "command": command if command is not None else [sys.argv[0].rsplit("/", 1)[-1]] + sys.argv[1:],
                 "profile": profile, "ok": ok, "targets": targets, "reached": reached}

@@ -9,6 +9,8 @@
     nest gc [--keep N] [--yes]                             artifacts no recorded run reaches (dry run by default)
     nest query "SQL" [--task T|all]                        DuckDB over manifests and the latest run's Parquet files
     nest generate "prompt" [--method nest] [...]           decode one prompt with attribution (the decoding demo)
+    nest push [STAGE|KEY-PREFIX ...] [--all]               send artifacts to the remote store (pipeline/remote_cli.py)
+    nest pull [STAGE|KEY-PREFIX ...] [--all]               fetch artifacts from it (default: what `nest all` needs)
 
 Bad input (``stages.errors.InputError``) prints one line ``path:line: message`` and exits with status 2.
 """
@@ -37,6 +39,13 @@ def _input_error_types() -> tuple[type, ...]:
     from tasks.errors import TaskInputError
 
     return InputError, TaskInputError, ProfileError, ConfigError, StoreError, CliError, FileNotFoundError
+
+
+def _remote_error_types() -> tuple[type, ...]:
+    from pipeline.archive import ArchiveError
+    from pipeline.remote import RemoteError
+
+    return RemoteError, ArchiveError
 
 
 # ---- building ----------------------------------------------------------------------------------------------------------
@@ -293,6 +302,14 @@ def cmd_status(args) -> int:
     _setup(args.profile, args.set)
     store = get_store()
     rows = dag_status([dag.All()], store)
+    from pipeline.remote import RemoteError, get_remote, mark_remote
+
+    try:
+        remote = get_remote()
+        if remote is not None:
+            mark_remote(rows, remote)  # cached locally / on the remote / to be built
+    except RemoteError as e:
+        print(f"nest: status of the remote unknown: {e}", file=sys.stderr)
     width = max(len(s.task.label) for s in rows)
     for s in rows:
         head = f"{s.task.label:<{width}}  {s.task.key[:12]}  {s.state}"
@@ -303,8 +320,14 @@ def cmd_status(args) -> int:
         else:
             against = f" (vs {s.compared_with[:12]})" if s.compared_with else ""
             print(f"{head}{against}: " + "; ".join(s.reasons))
-    stale = sum(s.state != "cached" for s in rows)
-    print(f"{len(rows) - stale} cached, {stale} to build")
+    stale = sum(s.state not in ("cached", "remote", "not needed") for s in rows)
+    remote_n = sum(s.state == "remote" for s in rows)
+    skipped = sum(s.state == "not needed" for s in rows)
+    cached_n = len(rows) - stale - remote_n - skipped
+    if remote_n or skipped:
+        print(f"{cached_n} cached, {remote_n} on the remote, {stale} to build, {skipped} not needed")
+    else:
+        print(f"{cached_n} cached, {stale} to build")
     return 0
 
 
@@ -499,6 +522,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--passages", type=int, help="b, passages retrieved for the prompt")
     profile_opts(p)
     p.set_defaults(fn=cmd_generate)
+
+    from pipeline.remote_cli import add_parsers
+
+    add_parsers(sub, profile_opts)
     return ap
 
 
@@ -509,6 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _input_error_types() as e:
         print(f"nest: {e}", file=sys.stderr)
         return _EXIT_INPUT
+    except _remote_error_types() as e:  # unreachable remote, refused pull: one line, exit 1
+        print(f"nest: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("nest: interrupted", file=sys.stderr)
         return 130

@@ -79,6 +79,9 @@ class nest(luigi.Config):  # noqa: N801  (Luigi names config classes after their
     tasks = accepts(luigi.ListParameter(default=("completion", "completion_excluded", "bio")), _TASK)
     store = luigi.Parameter(default="artifacts", description="artifact store (relative: to the project folder)")
     verify = luigi.BoolParameter(default=False, description="re-hash artifacts against their manifest in complete()")
+    remote = luigi.Parameter(default="", description="remote store URL (folder, file://, s3://, gs://); $NEST_REMOTE")
+    remote_mode = luigi.ChoiceParameter(default="pull", choices=["pull", "push", "both", "off"],
+                                        description="pull: runs pull missing stages; push: runs push what they build")
 
 
 class encoder(luigi.Config):  # noqa: N801

@@ -427,6 +427,29 @@ class Store:
             fsync_path(final)
             return final
 
+    def adopt(self, stage: str, key: str, fill: Callable[[Path], None], manifest: Mapping) -> Path:
+        """Publish an artifact built elsewhere (``nest pull``) under the same lock and temp-then-rename rules as
+        :meth:`publish`: ``fill(tmp)`` writes the files into an empty temp folder and checks them against ``manifest``
+        (raising when they differ: nothing is published); ``manifest`` is then written as is, last."""
+        if len(key) != KEY_LEN or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"not a content key: {key!r}")
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock(stage, key):
+            if self.complete(stage, key):
+                return final
+            self._clear_incomplete(stage, key)
+            tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+            try:
+                fill(tmp)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _atomic_write_json(final / MANIFEST, dict(manifest))
+            return final
+
     # ---- verification and removal ------------------------------------------------------------------------------------
     def verify(self, stage: str, key: str) -> list[str]:
         """Problems found checking the folder against its manifest (empty list: the artifact verifies)."""

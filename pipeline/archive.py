@@ -1,0 +1,283 @@
+"""An artifact folder as one streamed ``.tar.zst``: packing for a push, checked extraction for a pull.
+
+Both directions stream in constant memory whatever the artifact's size: files are read and written in 1 MiB chunks,
+the tar stream is never seeked, and zstandard compresses in a bounded window (multi-threaded when ``threads`` allows).
+Archives are deterministic for the same files: names sorted, owner, times and modes normalised, and zstandard's
+multi-threaded output does not depend on the number of threads, so two machines pushing the same artifact write the
+same bytes.
+
+Extraction accepts only regular files (each named in the manifest, once) and folders, under the destination. It runs
+tarfile's ``data`` filter on every member and refuses, in one line, absolute names, ``..``, links, device files and
+anything else; every file's size and sha256 is checked while it is written, and so is the archive's own sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import tarfile
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Callable, Mapping
+
+import zstandard
+
+CHUNK = 1 << 20
+LEVEL = 3
+
+
+class ArchiveError(Exception):
+    """An archive that must not be extracted (one line: the artifact, the member, what is wrong)."""
+
+
+class _HashingWriter(io.RawIOBase):
+    """Write-through wrapper counting and hashing what passes (the archive's bytes on their way to the remote)."""
+
+    def __init__(self, out: BinaryIO, progress: Callable[[int], Any] | None = None):
+        self.out, self.progress = out, progress
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = len(b)
+        self.sha.update(b)
+        self.out.write(b)
+        self.size += n
+        if self.progress:
+            self.progress(n)
+        return n
+
+
+class _HashingReader(io.RawIOBase):
+    """Read-through wrapper counting the archive's bytes as they arrive from the remote and hashing them on a second
+    thread (hashlib releases the GIL), so that the archive's digest costs no time on the decompressing thread."""
+
+    def __init__(self, raw: BinaryIO, progress: Callable[[int], Any] | None = None):
+        self.raw, self.progress = raw, progress
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._q: queue.Queue = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._hash, daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self.sha.update(chunk)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        if n:
+            self._q.put(bytes(data))
+            self.size += n
+            if self.progress:
+                self.progress(n)
+        return n
+
+    def drain(self) -> None:
+        while self.readinto(bytearray(CHUNK)):
+            pass
+
+    def digest(self) -> str:
+        """The archive's sha256 (call once, after the last read)."""
+        self._q.put(None)
+        self._thread.join()
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        super().close()
+
+
+def safe_name(name: str) -> str | None:
+    """``name`` as a relative POSIX path with no ``..``, empty or absolute part, or None when it is not one."""
+    if not name or "\\" in name or "\x00" in name or name.startswith("/"):
+        return None
+    parts = PurePosixPath(name).parts
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def pack(folder: Path, files: Mapping[str, Mapping], out: BinaryIO, *, threads: int = -1, level: int = LEVEL,
+         verify: bool = False, label: str = "", progress: Callable[[int], Any] | None = None) -> dict:
+    """Write the files ``files`` (``{relative path: {size, sha256}}``, a manifest's table) of ``folder`` to ``out`` as
+    a ``.tar.zst``; return ``{"size", "sha256"}`` of the archive. ``verify`` re-hashes each file as it is read and
+    refuses to send one that no longer matches the manifest. ``progress(n)`` is called with input bytes packed."""
+    sink = _HashingWriter(out)
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    with cctx.stream_writer(sink, closefd=False, write_size=CHUNK) as zout:
+        with tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+            tar.copybufsize = CHUNK  # tarfile copies 16 KiB at a time by default: far too many calls for a GiB
+            for rel in sorted(files):
+                want = files[rel]
+                if safe_name(rel) != rel:
+                    raise ArchiveError(f"{label}: manifest names {rel!r}, not a plain relative path")
+                path = folder / rel
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    raise ArchiveError(f"{label}: {rel} is in the manifest but missing from the artifact") from None
+                if not os.path.isfile(path) or os.path.islink(path):
+                    raise ArchiveError(f"{label}: {rel} is not a regular file")
+                if st.st_size != want["size"]:
+                    raise ArchiveError(f"{label}: {rel} has {st.st_size} bytes, the manifest says {want['size']}")
+                info = tarfile.TarInfo(rel)
+                info.size, info.mode, info.mtime, info.type = st.st_size, 0o644, 0, tarfile.REGTYPE
+                with open(path, "rb") as f:
+                    reader = _VerifyingFile(f, progress) if verify else f
+                    tar.addfile(info, reader)
+                if verify and reader.sha.hexdigest() != want["sha256"]:
+                    raise ArchiveError(f"{label}: {rel} differs from its manifest (sha256); not pushed")
+    return {"size": sink.size, "sha256": sink.sha.hexdigest()}
+
+
+class _VerifyingFile:
+    """A file object for ``tarfile.addfile`` that hashes what tarfile reads."""
+
+    def __init__(self, f: BinaryIO, progress: Callable[[int], Any] | None):
+        self.f, self.progress = f, progress
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        if self.progress and data:
+            self.progress(len(data))
+        return data
+
+
+class _Writer(threading.Thread):
+    """Hash and write one file's chunks on a second thread, so that hashing overlaps decompression (both release the
+    GIL). The queue is bounded: memory stays a few chunks whatever the file's size."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "xb") as f:
+                while True:
+                    chunk = self.q.get()
+                    if chunk is None:
+                        break
+                    self.sha.update(chunk)
+                    f.write(chunk)
+                    self.size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:  # reported by the caller
+            self.error = e
+            while self.q.get() is not None:  # let the producer finish
+                pass
+
+
+def unpack(raw: BinaryIO, dest: Path, files: Mapping[str, Mapping], archive: Mapping | None, *, label: str,
+           progress: Callable[[int], Any] | None = None) -> None:
+    """Extract the ``.tar.zst`` stream ``raw`` into the empty folder ``dest``, checking every member against the
+    manifest table ``files`` and the whole archive against ``archive`` (``{"size", "sha256"}``, or None). Raises
+    :class:`ArchiveError` (one line naming ``label`` and the member) at the first problem; the caller discards
+    ``dest``. ``progress(n)`` is called with archive bytes read."""
+    src = _HashingReader(raw, progress)
+    try:
+        _unpack(src, dest, files, archive, label)
+    finally:
+        src.close()  # stops the hashing thread
+
+
+def _unpack(src: "_HashingReader", dest: Path, files: Mapping[str, Mapping], archive: Mapping | None,
+            label: str) -> None:
+    seen: set[str] = set()
+    dest_str = str(dest)
+    try:
+        dctx = zstandard.ZstdDecompressor()
+        with dctx.stream_reader(io.BufferedReader(src, CHUNK), read_size=CHUNK, closefd=False) as zin:
+            with tarfile.open(fileobj=zin, mode="r|", bufsize=CHUNK) as tar:
+                for member in tar:
+                    _check_member(member, dest_str, files, seen, label)
+                    rel = safe_name(member.name.rstrip("/") if member.isdir() else member.name)
+                    target = dest / rel
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _extract_file(tar, member, target, files[rel], label, rel)
+                    seen.add(rel)
+                while zin.read(CHUNK):  # the rest of the zstd frame (its checksum is checked at its end)
+                    pass
+            src.drain()  # the archive's hash covers every byte, the end of the zstd frame included
+    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
+        raise ArchiveError(f"{label}: archive unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                           ) from None
+    missing = sorted(set(files) - seen)
+    if missing:
+        raise ArchiveError(f"{label}: {missing[0]} is in the manifest but not in the archive"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if archive is not None:
+        if src.size != archive.get("size"):
+            raise ArchiveError(f"{label}: archive has {src.size} bytes, the manifest says {archive.get('size')}")
+        if src.digest() != archive.get("sha256"):
+            raise ArchiveError(f"{label}: archive sha256 differs from the manifest")
+
+
+def _check_member(member: tarfile.TarInfo, dest: str, files: Mapping[str, Mapping], seen: set[str], label: str) -> None:
+    """Refuse anything but a regular file named in the manifest (once) or a folder, under ``dest``."""
+    name = member.name
+    rel = safe_name(name.rstrip("/") if member.isdir() else name)
+    if rel is None:
+        raise ArchiveError(f"{label}: refused member {name!r}: absolute name, '..' or empty part")
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"{label}: refused member {name!r}: a link (only regular files and folders are accepted)")
+    if not (member.isreg() or member.isdir()):
+        raise ArchiveError(f"{label}: refused member {name!r}: a device, fifo or other special file")
+    try:
+        tarfile.data_filter(member, dest)
+    except tarfile.FilterError as e:
+        raise ArchiveError(f"{label}: refused member {name!r}: {e}") from None
+    if member.isreg():
+        if rel not in files:
+            raise ArchiveError(f"{label}: refused member {name!r}: not in the manifest")
+        if rel in seen:
+            raise ArchiveError(f"{label}: refused member {name!r}: appears twice")
+
+
+def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, want: Mapping, label: str,
+                  rel: str) -> None:
+    if member.size != want["size"]:
+        raise ArchiveError(f"{label}: {rel}: {member.size} bytes in the archive, the manifest says {want['size']}")
+    fobj = tar.extractfile(member)
+    writer = _Writer(target)
+    writer.start()
+    try:
+        while True:
+            if writer.error is not None:
+                break
+            chunk = fobj.read(CHUNK)
+            if not chunk:
+                break
+            writer.q.put(chunk)
+    finally:
+        writer.q.put(None)
+        writer.join()
+    if writer.error is not None:
+        raise writer.error
+    if writer.size != want["size"]:
+        raise ArchiveError(f"{label}: {rel}: {writer.size} bytes, the manifest says {want['size']}")
+    if writer.sha.hexdigest() != want["sha256"]:
+        raise ArchiveError(f"{label}: {rel}: sha256 differs from the manifest")
