@@ -42,7 +42,8 @@ class NestConfig:
         streaming: after a fully accepted draft, draft the next n tokens of the same passage (still verified).
         masking: ``"paper"`` = every emitted corpus token's key is masked; ``"code"`` = only the first emitted key of a
             step, never a passage's first key (D4); ``"off"``.
-        token_mode_attribution: a token-mode token carries the source of the selected neighbour when it equals it.
+        token_mode_attribution: a token-mode token whose value equals the selected neighbour's is recorded as
+            *supported* by that neighbour (never as copied: ``Generation.supported``), and masking masks that key.
     Generation
         max_new_tokens, stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
         and seed (base and RA only), ra_passages (top-3 in the prompt), prompt_overflow (``"error"`` or
