@@ -183,7 +183,7 @@ def make_runners(model, tok, max_new: int, gammas, configs=("paper",), cold_gamm
 # --- aggregation ------------------------------------------------------------------------------------------------------
 
 def summarise(records: list[dict]) -> dict:
-    from stages.decoding.attribution import attribution_length, attribution_ratio
+    from tasks.metrics import attribution_stats
 
     secs = sum(r["seconds"] for r in records)
     toks = sum(r["tokens"] for r in records)
@@ -194,8 +194,11 @@ def summarise(records: list[dict]) -> dict:
            "per_example_tok_per_s": [round(r["tokens"] / r["seconds"], 3) for r in records]}
     with_src = [r for r in records if r["sources"] is not None]
     if with_src:
-        out["attribution_ratio"] = round(statistics.mean(attribution_ratio(r["sources"]) for r in with_src), 4)
-        out["attribution_length"] = round(statistics.mean(attribution_length(r["sources"]) for r in with_src), 3)
+        # pooled over examples: Σ copied tokens / Σ tokens, Σ copied tokens / Σ copied runs (tasks.metrics)
+        st = [attribution_stats(r["sources"]) for r in with_src]
+        copied, n_tok, n_runs = (sum(x[k] for x in st) for k in ("copied_tokens", "tokens", "runs"))
+        out["attribution_ratio"] = round(copied / n_tok, 4) if n_tok else 0.0
+        out["attribution_length"] = round(copied / n_runs, 3) if n_runs else 0.0
     passes = sum(r["counters"].get("lm_forward_passes", 0) for r in records)
     if passes:
         out["passes_per_token"] = round(passes / max(toks, 1), 4)

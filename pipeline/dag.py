@@ -398,9 +398,10 @@ class Score(NestTask):
         ppl_tasks = set(decoding().ppl_tasks) | ({"wikitext"} & set(paper_task_paths()))
         if self.variant == "main" and self.task in ppl_tasks and self.method in PPL_METHODS:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
+        if self.task in ("bio", "factscore"):  # titles of copied passages: topical precision, off-topic copies
+            req["passages"] = ConvertCorpus()
         if self._judged():
             req["bm25"] = BuildBM25Index()
-            req["passages"] = ConvertCorpus()
         return req
 
     def _judged(self) -> bool:

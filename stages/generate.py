@@ -8,7 +8,9 @@ Inputs: ``examples`` (LoadTask), ``retrievals`` (PreRetrieve; unused by the base
 | example_id, task, method | int64, str, str | |
 | text | str | the generated text (EOS and what follows it are never generated) |
 | token_ids | list<int32> | generated token ids |
-| source_doc_ids, source_positions | list<int64>, list<int32> | per token: the corpus passage and position it was copied from, −1 if none |
+| source_doc_ids, source_positions | list<int64>, list<int32> | per token: the corpus passage and position it was copied from (an accepted draft or a streamed continuation), −1 if not copied |
+| supported_doc_ids, supported_positions | list<int64>, list<int32> | per token produced one at a time: the neighbour (passage, position) that carries its value, −1 if none (docs/metrics.md) |
+| token_char_ends | list<int32> | per token: the length of the decoded text up to and including it (the characters of each copied span) |
 | spans | list<list<int64>> | attribution runs ``[start, length, doc_id]`` |
 | num_tokens | int32 | |
 | wall_s | float64 | wall time of the example (decoding, passage lookup and token index build included; passage keys
@@ -29,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "2"
+VERSION = "3"
 
 SCHEMA = pa.schema([
     ("example_id", pa.int64()), ("task", pa.string()), ("method", pa.string()), ("text", pa.string()),
@@ -37,6 +39,8 @@ SCHEMA = pa.schema([
     ("source_positions", pa.list_(pa.int32())), ("spans", pa.list_(pa.list_(pa.int64()))),
     ("num_tokens", pa.int32()), ("wall_s", pa.float64()), ("counters", pa.string()), ("timings", pa.string()),
     ("config", pa.string()),
+    ("supported_doc_ids", pa.list_(pa.int64())), ("supported_positions", pa.list_(pa.int32())),
+    ("token_char_ends", pa.list_(pa.int32())),
 ])
 
 
@@ -91,6 +95,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     from tqdm import tqdm
 
     from stages.decoding import NestConfig, PassageKeyCache, make_decoder
+    from stages.decoding.attribution import token_char_ends
     from stages.lm import load_lm
     from stages.passages import PassageReader
     from stages.pretokenize import TokenLookup
@@ -134,7 +139,9 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
                     "num_tokens": len(r["token_ids"]), "wall_s": wall,
                     "counters": json.dumps(r["counters"], sort_keys=True),
                     "timings": json.dumps(r["timings"], sort_keys=True),
-                    "config": json.dumps(config or {}, sort_keys=True)})
+                    "config": json.dumps(config or {}, sort_keys=True),
+                    "supported_doc_ids": r["supported_doc_ids"], "supported_positions": r["supported_positions"],
+                    "token_char_ends": token_char_ends(tokenizer, r["token_ids"])})  # after the timed decode
     pq.write_table(pa.Table.from_pylist(out_rows, schema=SCHEMA), out_dir / "generations.parquet",
                    compression="zstd")
     return {"examples": len(out_rows), "tokens": sum(r["num_tokens"] for r in out_rows),

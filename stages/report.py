@@ -1,9 +1,12 @@
 """Report stage: the paper's tables and figures from the scored runs (Markdown + PNG + Parquet).
 
-Input: one or more ``summary.parquet`` files written by :mod:`stages.score`, rows
-``(task, method, variant, metric, value, n)`` with values already in the paper's table scale (%): ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the
-leniency sweep and ``"ablation:<step>"`` for Table 3. Every number in the report comes from those rows; a metric that was
-not computed (no value) is printed as "not computed", never filled in.
+Input: one or more Score artifact folders (or ``summary.parquet`` files) written by :mod:`stages.score`: the
+``summary.parquet`` rows ``(task, method, variant, metric, value, n)`` with values already in the paper's table scale
+(%): ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the leniency sweep and ``"ablation:<step>"`` for
+Table 3. Next to a summary, ``scores.parquet`` (per-example values: the paired bootstrap against the base LM) and, for
+the bio tasks, ``copied_sources.parquet`` (the off-topic copies) are read when present. Every number in the report comes
+from those rows; a metric that was not computed (no value) is printed as "not computed", never filled in. A section
+with no rows (no γ sweep, no ablation, no QA task, ...) is left out, not printed empty.
 
 Outputs: ``report.md``, ``tables.parquet`` (every table cell, long format), ``gamma_sweep.png``, ``latency.png``.
 """
@@ -18,7 +21,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "3"
+VERSION = "4"
 
 METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 METHOD_LABELS = {"base": "Base LM", "ra": "+RA", "knnlm": "+kNN-LM", "nest": "+NEST", "ra_nest": "+RA-NEST"}
@@ -38,14 +41,19 @@ TABLE1_COLUMNS = {
                    ("rougeL", "RG-L", 1, 1), ("num_tokens", "Avg.Len", 1, 1)],
     "bio": [("factscore", "FS", 1, 1), ("num_facts", "#Facts", 1, 1), ("rouge1_source", "RG-1 vs source", 1, 1),
             ("num_tokens", "Avg.Len", 1, 1)],
-    "qa": [("alr", "ALR", 1, 1), ("alr_first_only", "ALR (first alias, as released code)", 1, 1),
-           ("num_tokens", "Avg.Len", 1, 1)],
+    "qa": [("alr", "ALR", 1, 1), ("num_tokens", "answer length (tokens)", 1, 1),
+           ("answer_in_copied_span", "answer in a copied span (% of correct)", 1, 1),
+           ("alr_first_only", "ALR (first alias, as released code)", 1, 1)],
     "truthfulqa": [("bleu_diff", "∆BLEU", 1, 2), ("rouge1_diff", "∆RG-1", 1, 2), ("num_tokens", "Avg.Len", 1, 1)],
 }
 
 
 # the one quality metric per task family used by Table 3 and the γ sweep
 QUALITY_KEY = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "rouge1_diff"}
+# the headline quality metrics per task family that get a paired-bootstrap interval against the base LM
+HEADLINE = {"completion": ("rouge1", "rouge2", "rougeL"), "bio": ("factscore", "rouge1_source"), "qa": ("alr",),
+            "truthfulqa": ("bleu_diff", "rouge1_diff")}
+BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
 
 
 def task_family(task: str) -> str:
@@ -120,22 +128,33 @@ def table1(s: Summary, cells: list[dict]) -> str:
 
 
 def table2(s: Summary, cells: list[dict]) -> str:
-    """Attribution (the paper's Table 2): ratio of corpus tokens and mean copied-span length."""
+    """Attribution (the paper's Table 2): the share of copied tokens and the mean copied-span length, beside them the
+    share of "supported" tokens (produced one at a time, their value among the neighbours: not copies) and, for the bio
+    tasks, the topical precision (copied tokens from the person's own passages). Only the retrieval methods."""
     rows = []
+    cols = (("attribution_ratio", "Ratio (%)"), ("attribution_span_length", "Length (tokens)"),
+            ("supported_ratio", "Supported (%)"), ("topical_precision", "Topical precision (%)"))
     for task in s.tasks():
-        for m in ("nest", "ra_nest"):
-            ratio, length = s.get(task, m, "attribution_ratio"), s.get(task, m, "attribution_span_length")
-            if ratio is None and length is None:
+        for m in ("knnlm", "nest", "ra_nest"):
+            vals = [s.get(task, m, k) for k, _ in cols]
+            if all(v is None for v in vals[:3]):
                 continue
-            rows.append([task, METHOD_LABELS[m], fmt(ratio, 1, 1), fmt(length, 1, 1)])
-            cells.append({"table": "2", "task": task, "row": m, "column": "Ratio (%)", "value": ratio})
-            cells.append({"table": "2", "task": task, "row": m, "column": "Length (tokens)", "value": length})
-    return _md_table(["task", "method", "Ratio (%)", "Length (tokens)"], rows)
+            bio = task_family(task) == "bio"
+            rows.append([task, METHOD_LABELS[m]] + [fmt(v, 1, 1) if bio or k != "topical_precision" else "—"
+                                                    for (k, _), v in zip(cols, vals)])
+            for (k, label), v in zip(cols, vals):
+                if bio or k != "topical_precision":
+                    cells.append({"table": "2", "task": task, "row": m, "column": label, "value": v})
+    if not rows:
+        return ""
+    return _md_table(["task", "method"] + [c[1] for c in cols], rows)
 
 
 def table3(s: Summary, cells: list[dict]) -> str:
     """Ablation (the paper's Table 3): kNN-LM → +RRC → +dynamic span selection → +relaxed speculative decoding."""
     tasks = [t for t in s.tasks("ablation:nest")]
+    if not tasks:
+        return ""
     header = ["variant"]
     metric_of = {}
     for t in tasks:
@@ -179,6 +198,8 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
                              ("attribution_ratio", ratio), (QUALITY_KEY[task_family(task)], rouge)):
                 cells.append({"table": "gamma", "task": task, "row": f"{g:g}", "column": col, "value": val})
         series[task] = sorted(pts, reverse=True)
+    if not rows:
+        return ""
     if out_dir is not None and series:
         _plot_gamma(series, out_dir / "gamma_sweep.png")
     return _md_table(["task", "γ", "tokens/s", "speedup vs base", "mean proposed span", "mean accepted span",
@@ -222,6 +243,8 @@ def latency(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
                         fmt(s.get(task, m, "ms_per_token"), 1, 1)])
             bars.append((f"{task}\n{m}", [c or 0.0 for c in comps] + [max(rest, 0.0)]))
             cells.append({"table": "latency", "task": task, "row": m, "column": "seconds_per_query", "value": total})
+    if not rows:
+        return ""
     if out_dir is not None and bars:
         _plot_latency(bars, out_dir / "latency.png")
     return _md_table(["task", "method", "s/query"] + list(LATENCY_COMPONENTS) + ["LM decoding + other", "ms/token"], rows)
@@ -279,23 +302,120 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
     return checks
 
 
+def paired_differences(scores: list[dict], cells: list[dict]) -> str:
+    """Every method's difference from the base LM on each headline quality metric of each task (main runs), with a
+    95% paired-bootstrap interval over the examples both have a value for (:func:`tasks.metrics.paired_bootstrap`,
+    seeded, 10k resamples); significant when the interval excludes 0."""
+    from tasks.metrics import paired_bootstrap
+
+    values: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in scores:
+        if r["variant"] != "main" or r["value"] is None or (isinstance(r["value"], float) and math.isnan(r["value"])):
+            continue
+        values.setdefault((r["task"], r["method"], r["metric"]), {})[int(r["example_id"])] = float(r["value"])
+    rows = []
+    tasks = list(dict.fromkeys(r["task"] for r in scores if r["variant"] == "main"))
+    for task in tasks:
+        for metric in HEADLINE[task_family(task)]:
+            base = values.get((task, "base", metric))
+            if not base:
+                continue
+            for m in METHODS[1:]:
+                mine = values.get((task, m, metric))
+                if not mine:
+                    continue
+                shared = sorted(set(base) & set(mine))
+                if not shared:
+                    continue
+                b = paired_bootstrap([mine[e] for e in shared], [base[e] for e in shared], **BOOTSTRAP)
+                rows.append([task, metric, METHOD_LABELS[m], str(b["n"]), f"{b['diff']:+.2f}",
+                             f"[{b['low']:+.2f}, {b['high']:+.2f}]", "yes" if b["significant"] else "no"])
+                for col in ("diff", "low", "high", "n"):
+                    cells.append({"table": "bootstrap", "task": task, "row": m, "column": f"{metric} {col}",
+                                  "value": b[col]})
+                cells.append({"table": "bootstrap", "task": task, "row": m, "column": f"{metric} significant",
+                              "value": float(b["significant"])})
+    if not rows:
+        return ""
+    return _md_table(["task", "metric", "method", "examples", "difference from base LM", "95% interval",
+                      "significant"], rows)
+
+
+def off_topic_copies(s: Summary, scores: list[dict], copied: list[dict], cells: list[dict]) -> str:
+    """For each bio example and method that copied anything: its topical precision and the off-topic passages it
+    copied from (title, copied tokens), most tokens first."""
+    prec = {(r["task"], r["method"], int(r["example_id"])): r["value"] for r in scores
+            if r["variant"] == "main" and r["metric"] == "topical_precision"}
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for r in copied:
+        if r["variant"] == "main":
+            groups.setdefault((r["task"], int(r["example_id"]), r["method"]), []).append(r)
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = []
+    for (task, eid, m) in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99))):
+        rs = groups[(task, eid, m)]
+        off = sorted((r for r in rs if not r["on_topic"]), key=lambda r: (-r["tokens"], r["title"]))
+        p = prec.get((task, m, eid))
+        listed = "; ".join(f"{r['title']} ({r['tokens']})" for r in off) or "none"
+        rows.append([task, str(eid), rs[0]["topic"] or "", METHOD_LABELS.get(m, m), fmt(p, 1, 1),
+                     str(sum(r["tokens"] for r in rs)), listed])
+        cells.append({"table": "off_topic", "task": task, "row": f"{m}:{eid}", "column": "topical_precision",
+                      "value": p})
+        cells.append({"table": "off_topic", "task": task, "row": f"{m}:{eid}", "column": "off_topic_tokens",
+                      "value": float(sum(r["tokens"] for r in off))})
+    if not rows:
+        return ""
+    pooled = []
+    for task in dict.fromkeys(k[0] for k in groups):
+        for m in METHODS:
+            v = s.get(task, m, "topical_precision")
+            if v is not None:
+                pooled.append(f"{task} {METHOD_LABELS[m]}: {v:.1f}%")
+    head = ("Topical precision over all copied tokens: " + ", ".join(pooled) + ".\n\n") if pooled else ""
+    return head + _md_table(["task", "example", "topic", "method", "topical precision (%)", "copied tokens",
+                             "off-topic sources (copied tokens)"], rows)
+
+
 def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduction report",
-           context: dict | None = None) -> tuple[str, list[dict]]:
+           context: dict | None = None, scores: list[dict] | None = None,
+           copied: list[dict] | None = None) -> tuple[str, list[dict]]:
+    """The Markdown report and its cells. ``scores``: per-example rows of ``scores.parquet`` (bootstrap, per-example
+    topical precision); ``copied``: rows of ``copied_sources.parquet`` (off-topic copies). Empty sections are left
+    out."""
     cells: list[dict] = []
     parts = [f"# {title}", ""]
     if context:
         parts += [f"- {k}: `{v}`" for k, v in context.items()] + [""]
-    parts += ["## Table 1: quality per method and task", "", table1(s, cells), "",
-              "## Table 2: attribution (NEST, RA-NEST)", "", table2(s, cells), "",
-              "## Table 3: ablation", "", table3(s, cells), "",
-              "## Leniency sweep (γ)", "", gamma_sweep(s, cells, out_dir), "",
-              "![gamma sweep](gamma_sweep.png)", "",
-              "## Latency breakdown (seconds per query)", "", latency(s, cells, out_dir), "",
-              "![latency](latency.png)", "",
-              "## The paper's trends on this run", ""]
-    for name, ok, detail in trend_checks(s):
-        parts.append(f"- {'holds' if ok else 'does NOT hold'}: {name} ({detail})")
+    sections = [
+        ("## Table 1: quality per method and task", table1(s, cells), None),
+        ("## Differences from the base LM (95% paired bootstrap)", paired_differences(scores or [], cells), None),
+        ("## Table 2: attribution (copied tokens; supported tokens apart)", table2(s, cells), None),
+        ("## Off-topic copies per biography", off_topic_copies(s, scores or [], copied or [], cells), None),
+        ("## Table 3: ablation", table3(s, cells), None),
+        ("## Leniency sweep (γ)", gamma_sweep(s, cells, out_dir), "![gamma sweep](gamma_sweep.png)"),
+        ("## Latency breakdown (seconds per query)", latency(s, cells, out_dir), "![latency](latency.png)"),
+    ]
+    for heading, body, figure in sections:
+        if not body:
+            continue
+        parts += [heading, "", body, ""]
+        if figure and out_dir is not None:
+            parts += [figure, ""]
+    checks = trend_checks(s)
+    if checks:
+        parts += ["## The paper's trends on this run", ""]
+        for name, ok, detail in checks:
+            parts.append(f"- {'holds' if ok else 'does NOT hold'}: {name} ({detail})")
     return "\n".join(parts) + "\n", cells
+
+
+def _read_next_to(paths: list[Path], name: str) -> list[dict]:
+    rows: list[dict] = []
+    for p in paths:
+        f = p.parent / name
+        if f.exists():
+            rows.extend(pq.read_table(f).to_pylist())
+    return rows
 
 
 def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict | None = None) -> dict:
@@ -306,7 +426,8 @@ def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict
         p = Path(p)
         paths.append(p / "summary.parquet" if p.is_dir() else p)
     s = Summary.from_files(paths)
-    text, cells = render(s, out_dir, context=context)
+    text, cells = render(s, out_dir, context=context, scores=_read_next_to(paths, "scores.parquet"),
+                         copied=_read_next_to(paths, "copied_sources.parquet"))
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     table = pa.Table.from_pylist(
         [{**c, "value": None if c["value"] is None else float(c["value"])} for c in cells],

@@ -13,8 +13,11 @@ in the paper's table scale (ROUGE, ALR and attribution ratio in %):
 | ``ms_per_token`` | 1000 · Σ wall seconds / Σ generated tokens |
 | ``seconds_per_query`` | mean wall seconds per example |
 | ``time_<component>`` | mean seconds per example spent in passage_load, token_index_build, lm_encoding, token_search, verification |
-| ``attribution_ratio`` | 100 · Σ tokens with a corpus source / Σ generated tokens |
-| ``attribution_span_length`` | Σ attributed tokens / Σ runs (a run: consecutive tokens from consecutive positions of one passage) |
+| ``attribution_ratio`` | 100 · Σ copied tokens / Σ generated tokens (copied: emitted from an accepted draft or a streamed continuation) |
+| ``attribution_span_length`` | Σ copied tokens / Σ runs (a run: consecutive tokens copied from consecutive positions of one passage) |
+| ``supported_ratio`` | 100 · Σ supported tokens / Σ generated tokens (produced one at a time, their value among the neighbours) |
+| ``topical_precision`` | bio, factscore: 100 · Σ on-topic copied tokens / Σ copied tokens (``tasks.metrics.Topic``) |
+| ``answer_in_copied_span`` | QA (ALR tasks): 100 · share of correct answers whose gold alias lies inside one copied span |
 | ``mean_proposed_span`` | Σ drafted tokens / Σ drafts (a draft: a span step or a streamed continuation; the paper's "average proposed span length", Fig. 2b) |
 | ``mean_accepted_span`` | Σ accepted draft tokens / Σ drafts |
 | ``ppl`` | exp(Σ target NLL / Σ target tokens) over the examples (evaluation mode, Table 1) |
@@ -26,18 +29,24 @@ against the person's passages (``rouge1_source``, a proxy) and FactScore only wh
 ``factscore`` is null and the report prints "not computed". A judge is configured with ``[factscore] judge_lm`` (a local
 HF chat LM folder; :mod:`stages.judge`); it decomposes each bio into atomic facts and checks each against the top BM25
 passages of the corpus for "entity fact".
+
+For the bio tasks a third output, ``copied_sources.parquet``, lists per example every passage tokens were copied from
+``(example_id, task, method, variant, topic, doc_id, title, tokens, on_topic)``: the report's off-topic section. Titles
+and source ids of the copied passages come from ``passages`` (ConvertCorpus) when given; without it only the example's
+``doc_ids`` decide what is on topic.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "2"
+VERSION = "3"
 
 COMPONENTS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification")
 QUALITY_MEAN = "mean"
@@ -71,8 +80,64 @@ def example_metrics(task: str, text: str, example: dict, factscore_task=None) ->
     return registry.get(task).score(text, _example(example))
 
 
-def _sources(gen: dict) -> list:
-    return [None if d < 0 else (d, p) for d, p in zip(gen["source_doc_ids"], gen["source_positions"])]
+def _sources(gen: dict, prefix: str = "source") -> list:
+    """Per-token ``(doc_id, position)`` or None from the ``<prefix>_doc_ids/_positions`` columns (``supported``:
+    empty for generations written before those columns existed)."""
+    docs, pos = gen.get(f"{prefix}_doc_ids"), gen.get(f"{prefix}_positions")
+    if docs is None or pos is None:
+        return [None] * int(gen.get("num_tokens") or 0)
+    return [None if d < 0 else (d, p) for d, p in zip(docs, pos)]
+
+
+BIO_TASKS = ("bio", "factscore")
+COPIED_SCHEMA = pa.schema([("example_id", pa.int64()), ("task", pa.string()), ("method", pa.string()),
+                           ("variant", pa.string()), ("topic", pa.string()), ("doc_id", pa.int64()),
+                           ("title", pa.string()), ("tokens", pa.int64()), ("on_topic", pa.bool_())])
+
+
+def _passage_info(passages: Path | None, doc_ids: set[int]) -> dict[int, dict]:
+    """``{doc_id: {"title", "source_id"}}`` of the given passages (empty without a passages folder)."""
+    if passages is None or not doc_ids:
+        return {}
+    from stages.passages import PassageReader
+
+    ids = sorted(doc_ids)
+    return {d: r for d, r in zip(ids, PassageReader(passages).get(ids, ("title", "source_id")))}
+
+
+def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, passages: dict[int, dict] | None = None
+                        ) -> tuple[dict[str, float | None], dict]:
+    """Per-example attribution metrics (in %) of one generation, and the counts to pool: ``attribution_ratio``,
+    ``attribution_span_length``, ``supported_ratio``; ``topical_precision`` for the bio tasks (when the example knows
+    its topic); ``answer_in_copied_span`` for tasks scored by ALR (``quality`` holds ``alr``)."""
+    from tasks.metrics import Topic, answer_in_copied_span, attribution_stats, topical_counts
+
+    src = _sources(gen)
+    st = attribution_stats(src, _sources(gen, "supported"))
+    n = st["tokens"]
+    out = {"attribution_ratio": 100.0 * st["copied_tokens"] / n if n else None,
+           "attribution_span_length": st["attribution_span_length"],
+           "supported_ratio": 100.0 * st["supported_tokens"] / n if n else None}
+    counts = {"copied": st["copied_tokens"], "runs": st["runs"], "supported": st["supported_tokens"],
+              "topic_copied": 0, "topic_on": 0, "off_topic": {}, "on_topic_docs": {}, "topic": None}
+    if task in BIO_TASKS:
+        meta = _example(example).meta
+        topic = Topic.from_meta(meta)
+        if topic is not None:
+            copied, on, off = topical_counts(src, topic, passages)
+            out["topical_precision"] = 100.0 * on / copied if copied else None
+            on_docs: dict[int, int] = {}
+            for s_ in src:
+                if s_ is not None and int(s_[0]) not in off:
+                    on_docs[int(s_[0])] = on_docs.get(int(s_[0]), 0) + 1
+            counts.update(topic_copied=copied, topic_on=on, off_topic=off, on_topic_docs=on_docs,
+                          topic=str(topic.title or meta.get("source_id") or ""))
+    if quality.get("alr") is not None:
+        ends = gen.get("token_char_ends")
+        if ends is not None and len(ends) == len(src):
+            v = answer_in_copied_span(gen["text"], list(example.get("references") or []), src, ends)
+            out["answer_in_copied_span"] = None if v is None else 100.0 * v
+    return out, counts
 
 
 def _num(v) -> float | None:
@@ -88,9 +153,8 @@ def _num(v) -> float | None:
 def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: str, variant: str = "main",
         perplexity: Path | None = None, judge_lm: Path | None = None, bm25: Path | None = None,
         passages: Path | None = None) -> dict:
-    """Score one (task, method, variant). ``judge_lm`` (with ``bm25`` and ``passages``): FactScore for the bio tasks."""
-    from tasks.metrics import attribution_runs
-
+    """Score one (task, method, variant). ``judge_lm`` (with ``bm25`` and ``passages``): FactScore for the bio tasks;
+    ``passages`` alone: the titles and source ids of copied passages (topical precision, ``copied_sources.parquet``)."""
     factscore_task = None
     if judge_lm is not None and task in ("bio", "factscore"):
         from stages.judge import HFJudge, bm25_retriever
@@ -106,9 +170,15 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         for r in pq.read_table(Path(perplexity) / "perplexity.parquet").to_pylist():
             ppl_rows[int(r["example_id"])] = r
 
+    passage_info: dict[int, dict] = {}
+    if task in BIO_TASKS:
+        passage_info = _passage_info(passages, {int(d) for g in gens for d in (g["source_doc_ids"] or []) if d >= 0})
+
     long_rows: list[dict] = []
+    copied_rows: list[dict] = []
     per_metric: dict[str, list[float]] = {}
-    pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafted": 0, "drafts": 0}
+    pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafted": 0, "drafts": 0,
+              "supported": 0, "topic_copied": 0, "topic_on": 0}
     comp_sum = {c: 0.0 for c in COMPONENTS}
 
     def add(eid: int, metric: str, value) -> None:
@@ -127,16 +197,23 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         n = int(g["num_tokens"])
         add(eid, "num_tokens", n)
         add(eid, "wall_s", g["wall_s"])
-        src = _sources(g)
-        runs = attribution_runs(src)
-        add(eid, "attribution_ratio", 100.0 * sum(runs) / n if n else None)
-        add(eid, "attribution_span_length", sum(runs) / len(runs) if runs else None)
+        attr, cnt = attribution_metrics(g, ex, task, m, passage_info)
+        for k, v in attr.items():
+            add(eid, k, v)
+        for k in ("supported", "topic_copied", "topic_on"):
+            pooled[k] += cnt[k]
+        for on_topic, docs in ((False, cnt["off_topic"]), (True, cnt["on_topic_docs"])):
+            for doc, k in sorted(docs.items()):
+                copied_rows.append({"example_id": eid, "task": task, "method": method, "variant": variant,
+                                    "topic": cnt["topic"], "doc_id": doc,
+                                    "title": (passage_info.get(doc) or {}).get("title") or f"passage {doc}",
+                                    "tokens": k, "on_topic": on_topic})
         counters = json.loads(g["counters"] or "{}")
         timings = json.loads(g["timings"] or "{}")
         pooled["tokens"] += n
         pooled["seconds"] += float(g["wall_s"])
-        pooled["attributed"] += sum(runs)
-        pooled["runs"] += len(runs)
+        pooled["attributed"] += cnt["copied"]
+        pooled["runs"] += cnt["runs"]
         pooled["accepted"] += int(counters.get("accepted", 0))
         pooled["drafted"] += int(counters.get("drafted", 0))
         pooled["drafts"] += int(counters.get("steps_span", 0)) + int(counters.get("steps_stream", 0))
@@ -149,7 +226,8 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     n_ex = len(gens)
     summary: dict[str, float | None] = {}
     for metric, values in per_metric.items():
-        if metric in ("attribution_ratio", "attribution_span_length", "wall_s", "nll_sum", "ppl_tokens"):
+        if metric in ("attribution_ratio", "attribution_span_length", "supported_ratio", "topical_precision",
+                      "wall_s", "nll_sum", "ppl_tokens"):
             continue
         summary[metric] = sum(values) / len(values) if values else None
     for metric in {k for r in long_rows for k in [r["metric"]]} - set(summary):
@@ -160,6 +238,10 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     summary["seconds_per_query"] = pooled["seconds"] / n_ex if n_ex else None
     summary["attribution_ratio"] = 100.0 * pooled["attributed"] / pooled["tokens"] if pooled["tokens"] else None
     summary["attribution_span_length"] = pooled["attributed"] / pooled["runs"] if pooled["runs"] else None
+    summary["supported_ratio"] = 100.0 * pooled["supported"] / pooled["tokens"] if pooled["tokens"] else None
+    if task in BIO_TASKS:
+        summary["topical_precision"] = (100.0 * pooled["topic_on"] / pooled["topic_copied"]
+                                        if pooled["topic_copied"] else None)
     summary["mean_accepted_span"] = pooled["accepted"] / pooled["drafts"] if pooled["drafts"] else None
     summary["mean_proposed_span"] = pooled["drafted"] / pooled["drafts"] if pooled["drafts"] else None
     for c in COMPONENTS:
@@ -173,6 +255,10 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
                              ("variant", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
     pq.write_table(pa.Table.from_pylist(long_rows, schema=long_schema), out_dir / "scores.parquet",
                    compression="zstd")
+    if task in BIO_TASKS:
+        tmp = out_dir / ".copied_sources.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(copied_rows, schema=COPIED_SCHEMA), tmp, compression="zstd")
+        os.replace(tmp, out_dir / "copied_sources.parquet")
     sum_schema = pa.schema([("task", pa.string()), ("method", pa.string()), ("variant", pa.string()),
                             ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64())])
     sum_rows = [{"task": task, "method": method, "variant": variant, "metric": k, "value": v, "n": n_ex}

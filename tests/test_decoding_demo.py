@@ -29,6 +29,12 @@ def test_markers_after_copied_runs_and_numbered_sources():
     # nothing copied: the text alone
     plain = Generation(0, text, ids, [None] * 7, [], {}, {})
     assert format_attributed(plain, tok, passages, summary=False) == text
+    # supported tokens (produced one at a time, value among the neighbours) get no marker, only a count
+    knn = Generation(0, text, ids, [None] * 7, [], {"lm_forward_passes": 7}, {"total": 2.0},
+                     supported=[(5, 0), None, (7, 3), (7, 4), None, None, None])
+    out = format_attributed(knn, tok, passages)
+    assert out.splitlines()[0] == text and "Sources:" not in out
+    assert "(7 tokens, 0% copied from the corpus, 3 more produced by the LM but carried by a neighbour" in out
 
 
 def test_split_options():

@@ -1,11 +1,11 @@
-"""The pure kernels of stages.decoding.kernels and .attribution on hand-made tensors, answers worked out by hand."""
+"""The pure kernels of stages.decoding.kernels on hand-made tensors, answers worked out by hand.
+(Attribution metrics: tests/test_attribution.py.)"""
 
 import math
 
 import pytest
 import torch
 
-from stages.decoding.attribution import attribution_length, attribution_ratio, attribution_runs
 from stages.decoding.kernels import (acceptance_length, knn_distribution, lm_distribution, mixture,
                                      mixture_from_neighbors, mu_for, negative_squared_l2, neighbor_weights,
                                      relative_retrieval_confidence, select_span_start, top_neighbors)
@@ -129,15 +129,3 @@ def test_acceptance_length_relaxed_eq7_and_strict():
     assert acceptance_length(p_m[:0], torch.tensor([], dtype=torch.long), gamma=0.5) == 0
     # the boundary is strict: p = 0.5·γ·max exactly is rejected (Alg. 1: stop when P(accept) ≤ 0.5)
     assert acceptance_length(torch.tensor([[0.8, 0.2]]), torch.tensor([1]), gamma=0.5) == 0
-
-
-def test_attribution_runs_ratio_length():
-    src = [(4, 10), (4, 11), (4, 13), None, (2, 0)]
-    assert attribution_runs(src) == [(0, 2, 4), (2, 1, 4), (4, 1, 2)]
-    assert attribution_runs(src, contiguous=False) == [(0, 3, 4), (4, 1, 2)]
-    assert attribution_ratio(src) == pytest.approx(0.8)
-    assert attribution_length(src) == pytest.approx(4 / 3)
-    assert attribution_length(src, contiguous=False) == pytest.approx(2.0)
-    assert attribution_runs([]) == [] and attribution_ratio([]) == 0.0 and attribution_length([None]) == 0.0
-    # a different doc at the next position breaks a run even when positions continue
-    assert attribution_runs([(1, 5), (2, 6)]) == [(0, 1, 1), (1, 1, 2)]

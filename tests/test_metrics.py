@@ -93,18 +93,20 @@ def test_attribution_ratio_by_hand():
 
 def test_attribution_span_length_by_hand():
     # runs: (3,10..12) = 3 | None breaks | (3,13) = 1 | (5,0..1) = 2 | (3,20) = 1 → mean 7/4
-    assert attribution_runs(SOURCES) == [3, 1, 2, 1]
+    assert [r[1] for r in attribution_runs(SOURCES)] == [3, 1, 2, 1]
+    assert attribution_runs(SOURCES) == [(0, 3, 3), (4, 1, 3), (5, 2, 5), (7, 1, 3)]  # (start, length, doc_id)
     assert attribution_span_length(SOURCES) == pytest.approx(1.75)
     jumpy = [(3, 10), (3, 11), (3, 30), (3, 31), (4, 32)]
-    assert attribution_runs(jumpy) == [2, 2, 1]  # positions jump 11 → 30: a new span of the same doc
-    assert attribution_runs(jumpy, same_doc_only=True) == [4, 1]
+    assert [r[1] for r in attribution_runs(jumpy)] == [2, 2, 1]  # positions jump 11 → 30: a new span of the doc
+    assert attribution_runs(jumpy, same_doc_only=True) == [(0, 4, 3), (4, 1, 4)]
     assert attribution_span_length(jumpy, same_doc_only=True) == pytest.approx(2.5)
     assert attribution_span_length([None]) is None
 
 
 def test_attribution_stats_pooling_counts():
     s = attribution_stats(SOURCES)
-    assert (s["tokens"], s["attributed_tokens"], s["runs"], s["runs_same_doc"]) == (10, 7, 4, 4)
+    assert (s["tokens"], s["copied_tokens"], s["runs"], s["runs_same_doc"]) == (10, 7, 4, 4)
+    assert s["supported_tokens"] == 0 and s["supported_ratio"] == 0.0
     assert s["attribution_ratio"] == pytest.approx(0.7) and s["attribution_span_length"] == pytest.approx(1.75)
 
 

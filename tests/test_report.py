@@ -55,3 +55,60 @@ def test_trend_reported_as_failing_when_order_breaks():
     rows.append({"task": "completion", "method": "nest", "variant": "main", "metric": "ppl", "value": 99.0, "n": 4})
     checks = dict((n, ok) for n, ok, _ in report.trend_checks(report.Summary(rows)))
     assert checks["completion: PPL base > kNN-LM > NEST > RA-NEST"] is False
+
+
+# -- issue 7 §4/§4b: paired bootstrap, off-topic copies, answer length beside ALR, empty sections left out ------------
+def _score_dir(folder, summary_rows, score_rows, copied_rows=None):
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(summary_rows), folder / "summary.parquet")
+    pq.write_table(pa.Table.from_pylist(score_rows), folder / "scores.parquet")
+    if copied_rows is not None:
+        pq.write_table(pa.Table.from_pylist(copied_rows), folder / "copied_sources.parquet")
+    return folder
+
+
+def test_bootstrap_off_topic_and_no_empty_sections(tmp_path):
+    base = [10.0, 20.0, 30.0, 40.0] * 5                       # 20 examples
+    per_method = {"base": base,
+                  "nest": [v + 5.0 for v in base],              # +5 on every example: interval [5, 5]
+                  "knnlm": [v + (1.0 if i % 2 else -1.0) for i, v in enumerate(base)]}  # ±1: mean 0
+    dirs = []
+    for m, vals in per_method.items():
+        summ = [{"task": "completion", "method": m, "variant": "main", "metric": "rouge1",
+                 "value": sum(vals) / len(vals), "n": 20}]
+        sc = [{"example_id": i, "task": "completion", "method": m, "variant": "main", "metric": "rouge1", "value": v}
+              for i, v in enumerate(vals)]
+        dirs.append(_score_dir(tmp_path / f"c_{m}", summ, sc))
+    # a bio run: one example, NEST copied 2 tokens of the person's passage and 3 of another's
+    summ = [{"task": "bio", "method": "nest", "variant": "main", "metric": k, "value": v, "n": 1}
+            for k, v in (("rouge1_source", 30.0), ("topical_precision", 40.0), ("attribution_ratio", 50.0),
+                         ("supported_ratio", 20.0), ("num_tokens", 10.0))]
+    sc = [{"example_id": 0, "task": "bio", "method": "nest", "variant": "main", "metric": "topical_precision",
+           "value": 40.0}]
+    cp = [{"example_id": 0, "task": "bio", "method": "nest", "variant": "main", "topic": "Ada Lovelace", "doc_id": d,
+           "title": t, "tokens": n, "on_topic": on}
+          for d, t, n, on in ((4, "Ada Lovelace", 2, True), (9, "Cesare Beccaria", 3, False))]
+    dirs.append(_score_dir(tmp_path / "bio_nest", summ, sc, cp))
+    # a QA run: answer length beside ALR
+    summ = [{"task": "nq", "method": "nest", "variant": "main", "metric": k, "value": v, "n": 3}
+            for k, v in (("alr", 66.7), ("num_tokens", 42.0), ("answer_in_copied_span", 50.0))]
+    dirs.append(_score_dir(tmp_path / "nq_nest", summ, []))
+    out = tmp_path / "out"
+    out.mkdir()
+    report.run(out, summaries=dirs)
+    text = (out / "report.md").read_text()
+    assert "| completion | rouge1 | +NEST | 20 | +5.00 | [+5.00, +5.00] | yes |" in text
+    knn = next(line for line in text.splitlines() if line.startswith("| completion | rouge1 | +kNN-LM | 20 | +0.00 |"))
+    assert knn.endswith("| no |")
+    assert "| bio | 0 | Ada Lovelace | +NEST | 40.0 | 5 | Cesare Beccaria (3) |" in text
+    assert "Topical precision over all copied tokens: bio +NEST: 40.0%." in text
+    assert "| method | ALR | answer length (tokens) | answer in a copied span (% of correct) |" in text
+    assert "| +NEST | 66.7 | 42.0 | 50.0 |" in text
+    # no γ sweep, no ablation in these runs: those sections are left out, not printed empty
+    for absent in ("## Table 3", "## Leniency sweep", "gamma_sweep.png", "## The paper's trends"):
+        assert absent not in text
+    cells = pq.read_table(out / "tables.parquet").to_pylist()
+    boot = {(c["row"], c["column"]): c["value"] for c in cells if c["table"] == "bootstrap"}
+    assert boot[("nest", "rouge1 diff")] == 5.0 and boot[("nest", "rouge1 significant")] == 1.0
+    assert boot[("knnlm", "rouge1 low")] < 0 < boot[("knnlm", "rouge1 high")]
+    assert boot[("knnlm", "rouge1 significant")] == 0.0

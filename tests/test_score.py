@@ -88,3 +88,86 @@ def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
               judge_lm=tmp_path / "judge", bm25=tmp_path, passages=tmp_path)
     s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
     assert math.isclose(s["factscore"], 50.0) and s["num_facts"] == 12
+
+
+# -- attribution: copied vs supported, topical precision, answer in a copied span (issue 7 §4) -------------------------
+def _passages(folder, rows):
+    """A ConvertCorpus-style passages folder: (title, source_id) per doc_id 0..n-1."""
+    folder.mkdir()
+    n = len(rows)
+    pq.write_table(pa.table({"doc_id": list(range(n)), "source_id": [s for _, s in rows],
+                             "title": [t for t, _ in rows], "section": [""] * n, "text": ["x"] * n}),
+                   folder / "passages-00000.parquet")
+    (folder / "passages.json").write_text(json.dumps({"num_rows": n, "shard_rows": n,
+                                                      "shards": [{"file": "passages-00000.parquet"}]}))
+    return folder
+
+
+def _with_supported(gen, docs, pos, ends=None):
+    return {**gen, "supported_doc_ids": docs, "supported_positions": pos, "token_char_ends": ends}
+
+
+def test_bio_topical_precision_supported_and_off_topic_copies_by_hand(tmp_path):
+    ex = [Example(example_id=0, task="bio", kind="qa", query="Ada Lovelace", question="Tell me a bio of Ada Lovelace.",
+                  references=["Ada Lovelace was a mathematician."],
+                  meta={"source_id": "s_ada", "title": "Ada Lovelace", "doc_ids": [0, 1]}),
+          Example(example_id=1, task="bio", kind="qa", query="Cesare Beccaria", question="Tell me a bio of C. B.",
+                  references=["Beccaria was a jurist."],
+                  meta={"source_id": "s_bec", "title": "Cesare Beccaria", "doc_ids": [2]})]
+    gens = [
+        # copied: doc 0 (Ada's) ×2, doc 2 (Beccaria's) ×3 → 2 of 5 on topic; token 5 supported by doc 3
+        _with_supported({**_gen(0, "Ada was a mathematician who wrote", [0, 0, 2, 2, 2, -1], [0, 1, 5, 6, 7, -1],
+                                1.0, {}), "task": "bio"}, [-1, -1, -1, -1, -1, 3], [-1, -1, -1, -1, -1, 4]),
+        # copied: doc 2 (his own) ×1, doc 3 (Ebla) ×1 → 1 of 2; token 2 supported by doc 0
+        _with_supported({**_gen(1, "Beccaria was a jurist", [2, 3, -1, -1], [0, 0, -1, -1], 1.0, {}), "task": "bio"},
+                        [-1, -1, 0, -1], [-1, -1, 0, -1]),
+    ]
+    _write(tmp_path, gens, ex)
+    passages = _passages(tmp_path / "p", [("Ada Lovelace", "s_ada"), ("Ada Lovelace", "s_ada"),
+                                          ("Cesare Beccaria", "s_bec"), ("Ebla", "s_ebla")])
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="bio", method="nest", passages=passages)
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert math.isclose(s["attribution_ratio"], 100 * 7 / 10)      # copied tokens only
+    assert math.isclose(s["supported_ratio"], 100 * 2 / 10)        # apart
+    assert math.isclose(s["topical_precision"], 100 * 3 / 7)       # pooled: Σ on-topic / Σ copied
+    per = {(r["example_id"], r["metric"]): r["value"] for r in pq.read_table(out / "scores.parquet").to_pylist()}
+    assert math.isclose(per[(0, "topical_precision")], 40.0) and math.isclose(per[(1, "topical_precision")], 50.0)
+    copied = sorted((r["example_id"], r["title"], r["tokens"], r["on_topic"], r["topic"])
+                    for r in pq.read_table(out / "copied_sources.parquet").to_pylist())
+    assert copied == [(0, "Ada Lovelace", 2, True, "Ada Lovelace"), (0, "Cesare Beccaria", 3, False, "Ada Lovelace"),
+                      (1, "Cesare Beccaria", 1, True, "Cesare Beccaria"), (1, "Ebla", 1, False, "Cesare Beccaria")]
+
+
+def test_qa_answer_in_copied_span_and_old_generations_without_new_columns(tmp_path):
+    ends = [3, 11, 14, 20, 21, 28, 29]  # "The| capital| is| Paris|,| France|."
+    text = "The capital is Paris, France."
+    ex = [Example(example_id=i, task="nq", kind="qa", query="q", question="Capital of France?",
+                  references=["Paris", "paris, france"]) for i in range(3)]
+    gens = [
+        {**_with_supported(_gen(0, text, [-1, -1, -1, 4, 4, 4, -1], [-1, -1, -1, 10, 11, 12, -1], 1.0, {}),
+                           [-1] * 7, [-1] * 7, ends), "task": "nq"},   # " Paris, France" copied: inside
+        {**_with_supported(_gen(1, text, [-1, -1, -1, -1, 4, 4, -1], [-1, -1, -1, -1, 11, 12, -1], 1.0, {}),
+                           [-1] * 7, [-1] * 7, ends), "task": "nq"},   # only ", France" copied: not inside
+        {**_with_supported(_gen(2, "I do not know", [7, 7, 7, 7], [0, 1, 2, 3], 1.0, {}), [-1] * 4, [-1] * 4,
+                           [1, 4, 8, 13]), "task": "nq"},              # wrong: not counted
+    ]
+    _write(tmp_path, gens, ex)
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="nq", method="nest")
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert math.isclose(s["alr"], 100 * 2 / 3)
+    assert math.isclose(s["answer_in_copied_span"], 100 * 1 / 2)  # of the 2 correct answers, 1
+    assert math.isclose(s["num_tokens"], (7 + 7 + 4) / 3)
+    assert not (out / "copied_sources.parquet").exists()           # bio tasks only
+    # generations written before the supported/offset columns: supported 0, no answer-in-span
+    old = [{k: v for k, v in g.items() if k not in ("supported_doc_ids", "supported_positions", "token_char_ends")}
+           for g in gens]
+    assert all("supported_doc_ids" not in g for g in old)
+    (tmp_path / "g" / "generations.parquet").unlink()
+    pq.write_table(pa.Table.from_pylist(old), tmp_path / "g" / "generations.parquet")
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="nq", method="nest")
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert s["supported_ratio"] == 0.0 and "answer_in_copied_span" not in s

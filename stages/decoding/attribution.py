@@ -1,53 +1,31 @@
-"""Attribution runs and the paper's attribution metrics (Table 2: ratio and length), as pure functions.
+"""Attribution on the decoding side: the character offsets of generated tokens (for the demo's markers and the QA
+"answer inside a copied span" metric), and the attribution metrics themselves, which live in ONE place,
+:mod:`tasks.metrics` (re-exported here for the decoding library's users).
 
-A *source* is ``(doc_id, position)``: the token equals ``passage[doc_id].token_ids[position]``, or None.
-
-Definitions (docs/decoding.md):
-- **ratio** = tokens with a source / generated tokens (0 for an empty generation).
-- **run** (``contiguous=True``, the default) = a maximal stretch of consecutive output tokens that all have a source, with
-  the same doc_id and source positions increasing by exactly 1 (i.e. a copied n-gram).
-  With ``contiguous=False`` a run only needs the same doc_id (the paper's "consecutive tokens from the same document").
-- **length** = mean number of tokens per run (0 when there is no run).
+A *source* is ``(doc_id, position)``: the token equals ``passage[doc_id].token_ids[position]``, or None. A
+generation's ``sources`` hold a source only for COPIED tokens (an accepted draft or a streamed continuation); tokens
+produced one at a time whose value occurs among the neighbours are in the parallel list ``supported`` (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-
-def attribution_runs(sources: Sequence[tuple[int, int] | None], contiguous: bool = True
-                     ) -> list[tuple[int, int, int]]:
-    """Maximal runs ``(start, length, doc_id)`` over ``sources``.
-
-    Example: sources [(4,10), (4,11), (4,13), None, (2,0)] → contiguous: [(0,2,4), (2,1,4), (4,1,2)];
-    same-doc only: [(0,3,4), (4,1,2)].
-    """
-    runs: list[tuple[int, int, int]] = []
-    start = None
-    for i, src in enumerate(sources):
-        if src is None:
-            if start is not None:
-                runs.append((start, i - start, sources[start][0]))
-                start = None
-            continue
-        if start is not None:
-            prev = sources[i - 1]
-            same = prev[0] == src[0] and (not contiguous or src[1] == prev[1] + 1)
-            if same:
-                continue
-            runs.append((start, i - start, sources[start][0]))
-        start = i
-    if start is not None:
-        runs.append((start, len(sources) - start, sources[start][0]))
-    return runs
+from tasks.metrics import (attribution_ratio, attribution_runs, attribution_span_length,  # noqa: F401 (re-exports)
+                           attribution_stats)
 
 
-def attribution_ratio(sources: Sequence[tuple[int, int] | None]) -> float:
-    """Share of generated tokens that carry a source (paper Table 2 "Ratio")."""
-    return sum(s is not None for s in sources) / len(sources) if len(sources) else 0.0
-
-
-def attribution_length(sources: Sequence[tuple[int, int] | None], contiguous: bool = True) -> float:
-    """Mean run length in tokens (paper Table 2 "Length")."""
-    runs = attribution_runs(sources, contiguous)
-    return sum(r[1] for r in runs) / len(runs) if runs else 0.0
+def token_char_ends(tokenizer, token_ids: Sequence[int]) -> list[int]:
+    """``ends[i]`` = the length of the decoded text of ``token_ids[:i+1]`` (special tokens skipped, as the generation's
+    text), made non-decreasing and at most the length of the whole text. Token i spans ``[ends[i-1], ends[i])``
+    (``ends[-1]`` read as 0). One decode per token: O(n²) characters, a few ms for a few hundred tokens."""
+    ids = [int(t) for t in token_ids]
+    if not ids:
+        return []
+    total = len(tokenizer.decode(ids, skip_special_tokens=True))
+    ends, prev = [], 0
+    for i in range(1, len(ids) + 1):
+        e = len(tokenizer.decode(ids[:i], skip_special_tokens=True)) if i < len(ids) else total
+        prev = min(max(e, prev), total)
+        ends.append(prev)
+    return ends

@@ -15,11 +15,11 @@ from typing import Sequence
 
 import torch
 
-from stages.decoding.attribution import attribution_runs
 from stages.decoding.config import NestConfig
 from stages.decoding.lm_runner import BatchedLM, model_device
 from stages.decoding.types import DecodeRequest, Generation, Passage
 from stages.errors import InputError
+from tasks.metrics import attribution_runs
 from tasks.prompts import KINDS, format_background, render_prompt_ids
 
 TIMING_KEYS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification", "total")
@@ -37,7 +37,8 @@ class Row:
     prompt: list[int]
     max_new: int
     tokens: list[int] = field(default_factory=list)
-    sources: list = field(default_factory=list)
+    sources: list = field(default_factory=list)  # copied tokens' (doc_id, position), else None
+    supported: list = field(default_factory=list)  # token-mode tokens whose value a neighbour carries, else None
     done: bool = False
     eos: bool = False
     counters: dict = field(default_factory=dict)
@@ -173,8 +174,11 @@ class Decoder(ABC):
         return row
 
     # ---------------------------------------------------------------- emission and output
-    def emit(self, row: Row, token: int, source: tuple[int, int] | None = None) -> bool:
-        """Append a token to the row's output (True if appended); EOS ends the row and is never emitted (B9)."""
+    def emit(self, row: Row, token: int, source: tuple[int, int] | None = None,
+             supported: tuple[int, int] | None = None) -> bool:
+        """Append a token to the row's output (True if appended); EOS ends the row and is never emitted (B9).
+        ``source``: where a copied token was copied from; ``supported``: the neighbour that carries a token produced
+        one at a time (never both)."""
         if row.done:
             return False
         if self.config.stop_at_eos and token in self.eos_ids:
@@ -182,6 +186,7 @@ class Decoder(ABC):
             return False
         row.tokens.append(int(token))
         row.sources.append(source)
+        row.supported.append(supported)
         if len(row.tokens) >= row.max_new:
             row.done = True
         return True
@@ -192,7 +197,7 @@ class Decoder(ABC):
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True) if row.tokens else ""
         return Generation(example_id=row.req.example_id, text=text, token_ids=list(row.tokens),
                           sources=list(row.sources), spans=attribution_runs(row.sources), counters=dict(row.counters),
-                          timings={k: float(v) for k, v in row.timings.items()})
+                          timings={k: float(v) for k, v in row.timings.items()}, supported=list(row.supported))
 
 
 class BaseDecoder(Decoder):

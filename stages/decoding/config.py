@@ -43,7 +43,8 @@ class NestConfig:
         streaming: after a fully accepted draft, draft the next n tokens of the same passage (still verified).
         masking: ``"paper"`` = every emitted corpus token's key is masked; ``"code"`` = only the first emitted key of a
             step, never a passage's first key (D4); ``"off"``.
-        token_mode_attribution: a token-mode token carries the source of the selected neighbour when it equals it.
+        token_mode_attribution: a token-mode token whose value equals the selected neighbour's is recorded as
+            *supported* by that neighbour (never as copied: ``Generation.supported``), and masking masks that key.
         sink_keys: ``"keep"`` (paper) or ``"drop"``: leave out each passage's first key, the state of the attention sink
             (the first position; a BOS when there is one), whose norm is ~3x the others' on SmolLM2. Once r covers every
             key (few passages: r is clamped to the valid keys, B7), those outliers set d_max for every query, so RRC's

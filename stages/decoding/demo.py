@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from stages.decoding.attribution import attribution_ratio, attribution_runs
+from stages.decoding.attribution import token_char_ends
 from stages.decoding.config import NestConfig
+from tasks.metrics import attribution_runs
 from stages.decoding.types import DecodeRequest, Generation, Passage
 
 DEMO_DEFAULTS = {"max_new_tokens": 128, "passages": 40}
@@ -47,23 +48,28 @@ def format_attributed(generation: Generation, tokenizer, passages: Sequence[Pass
                       summary: bool = True) -> str:
     """The generated text with ``[n]`` after every run of tokens copied from one passage, then the numbered sources.
 
-    Runs are maximal stretches of tokens from the same passage (``attribution_runs(contiguous=False)``); runs shorter
-    than ``min_span_tokens`` get no marker. Sources are numbered in order of first use. Character offsets come from
-    decoding growing prefixes, so markers land where the decoded text of the whole generation has them.
+    Only copies are marked: ``generation.sources`` holds a source only for tokens emitted from an accepted draft or a
+    streamed continuation; tokens produced one at a time whose value a neighbour carries (``generation.supported``) get
+    no marker and are only counted in the summary line. Runs are maximal stretches of tokens copied from the same
+    passage (``attribution_runs(same_doc_only=True)``); runs shorter than ``min_span_tokens`` get no marker. Sources
+    are numbered in order of first use. Character offsets come from decoding growing prefixes
+    (:func:`~stages.decoding.attribution.token_char_ends`), so markers land where the decoded text of the whole
+    generation has them.
     """
     ids = list(generation.token_ids)
     by_doc = {p.doc_id: p for p in passages}
     numbers: dict[int, int] = {}
     marks: list[tuple[int, int]] = []  # (token end, source number)
-    for start, length, doc in attribution_runs(generation.sources, contiguous=False):
+    for start, length, doc in attribution_runs(generation.sources, same_doc_only=True):
         if length < min_span_tokens:
             continue
         n = numbers.setdefault(doc, len(numbers) + 1)
         marks.append((start + length, n))
     pieces, prev_chars = [], 0
     full = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+    ends = token_char_ends(tokenizer, ids) if marks else []
     for end, n in marks:
-        upto = len(tokenizer.decode(ids[:end], skip_special_tokens=True))
+        upto = ends[end - 1]
         pieces.append(full[prev_chars:upto] + f" [{n}]")
         prev_chars = upto
     pieces.append(full[prev_chars:])
@@ -78,7 +84,11 @@ def format_attributed(generation: Generation, tokenizer, passages: Sequence[Pass
     if summary:
         c = generation.counters
         lines.append("")
-        lines.append(f"({len(ids)} tokens, {attribution_ratio(generation.sources):.0%} copied from the corpus, "
+        copied = sum(x is not None for x in generation.sources)
+        supported = sum(x is not None for x in (generation.supported or []))
+        share = f"{copied / len(ids):.0%}" if ids else "0%"
+        more = f", {supported} more produced by the LM but carried by a neighbour (not marked)" if supported else ""
+        lines.append(f"({len(ids)} tokens, {share} copied from the corpus{more}, "
                      f"{c.get('lm_forward_passes', 0)} LM passes, {generation.timings.get('total', 0.0):.1f} s)")
     return "\n".join(lines)
 

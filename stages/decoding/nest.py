@@ -171,7 +171,8 @@ class NestDecoder(Decoder):
 
     # ---------------------------------------------------------------- one step of one row
     def token_source(self, row: NestRow, d: Scored, token: int) -> tuple[int, int] | None:
-        """Token-mode attribution: the span-start neighbour's source when its value is the emitted token."""
+        """A token-mode token's neighbour: the span-start neighbour's source when its value is the emitted token. It
+        is not a copy: it is recorded as *supported* (and its key is masked like a copied token's)."""
         if not self.config.token_mode_attribution:
             return None
         scores, nb_rows, values = self.neighbors_of(row, d)
@@ -197,9 +198,14 @@ class NestDecoder(Decoder):
             scores, rows = scores[ok], rows[ok]
         return scores, rows, row.index.values[rows]
 
-    def emit_source(self, row: NestRow, token: int, source: tuple[int, int] | None) -> None:
-        """Emit, then mask the used key (paper: every emitted corpus token; code: the step's first one, D4)."""
-        if not self.emit(row, token, source) or source is None or row.index is None:
+    def emit_source(self, row: NestRow, token: int, source: tuple[int, int] | None, copied: bool = True) -> None:
+        """Emit, then mask the used key (paper: every emitted corpus token; code: the step's first one, D4).
+
+        ``copied``: the token comes from an accepted draft or a streamed continuation, so ``source`` is its copy
+        source; otherwise (token mode) ``source`` is only a neighbour carrying the same value and is recorded as
+        *supported*. Masking does not depend on the difference."""
+        emitted = self.emit(row, token, source, None) if copied else self.emit(row, token, None, source)
+        if not emitted or source is None or row.index is None:
             return
         mode = self.config.masking
         if mode == "paper":
@@ -245,7 +251,7 @@ class NestDecoder(Decoder):
         if not draft:  # token mode
             w = int(torch.argmax(d.p_m[0]))
             row.count("steps_token")
-            self.emit_source(row, w, self.token_source(row, d, w) if row.index is not None else None)
+            self.emit_source(row, w, self.token_source(row, d, w) if row.index is not None else None, copied=False)
             row.feed, row.feed_kind = [w], "token"
             return
         if self.record_drafts:

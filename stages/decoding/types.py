@@ -51,9 +51,11 @@ class Generation:
     """The output of one example.
 
     ``token_ids`` are the generated tokens (EOS and anything after it are never included, B9); ``sources[i]`` is the
-    ``(doc_id, position)`` of token ``i`` in its passage's token ids, or None when the token did not come from the corpus;
-    ``spans`` are the attribution runs ``(start, length, doc_id)`` over ``sources`` (see
-    :func:`stages.decoding.attribution.attribution_runs`); ``counters`` and ``timings`` (seconds) are described in
+    ``(doc_id, position)`` of token ``i`` in its passage's token ids when the token was **copied** (emitted from an
+    accepted draft or a streamed continuation), else None; ``supported[i]`` is the neighbour's ``(doc_id, position)``
+    when token ``i`` was produced one at a time (token mode) and its value occurs among the neighbours, else None (at
+    most one of the two is set; empty list: not recorded). ``spans`` are the copied runs ``(start, length, doc_id)`` over
+    ``sources`` (see :func:`tasks.metrics.attribution_runs`); ``counters`` and ``timings`` (seconds) are described in
     ``docs/decoding.md``.
     """
 
@@ -64,15 +66,19 @@ class Generation:
     spans: list[tuple[int, int, int]]
     counters: dict
     timings: dict
+    supported: list[tuple[int, int] | None] = field(default_factory=list)
 
     def to_row(self) -> dict:
-        """A JSON/Parquet-friendly dict (sources as two parallel lists with -1 for "no source")."""
+        """A JSON/Parquet-friendly dict (sources and supported sources as parallel lists with -1 for "none")."""
+        supported = self.supported or [None] * len(self.token_ids)
         return {
             "example_id": int(self.example_id),
             "text": self.text,
             "token_ids": [int(t) for t in self.token_ids],
             "source_doc_ids": [-1 if s is None else int(s[0]) for s in self.sources],
             "source_positions": [-1 if s is None else int(s[1]) for s in self.sources],
+            "supported_doc_ids": [-1 if s is None else int(s[0]) for s in supported],
+            "supported_positions": [-1 if s is None else int(s[1]) for s in supported],
             "spans": [list(map(int, s)) for s in self.spans],
             "counters": dict(self.counters),
             "timings": dict(self.timings),
