@@ -43,7 +43,8 @@ def _log(msg: str) -> None:
     print(f"[bench key_store] {msg}", file=sys.stderr, flush=True)
 
 
-def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str] | None = None) -> dict:
+def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str] | None = None,
+                 tasks=TASKS) -> dict:
     """Build (or reuse) the inputs and both key stores through the pipeline; return folders, requests and stats."""
     if quick:
         os.environ.setdefault("NEST_STORE", str(QUICK_STORE))
@@ -55,7 +56,7 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
     sets += list(extra_sets or [])
     config.apply_overrides(config.parse_set(sets))
     roots: dict = {"lm": dag.PrepareLM(), "passages": dag.ConvertCorpus(), "tokens": dag.PreTokenize()}
-    for t in TASKS:
+    for t in tasks:
         roots[f"examples/{t}"] = dag.LoadTask(task=t)
         roots[f"retrievals/{t}"] = dag.PreRetrieve(task=t)
         for c in ("fp16", "pq"):
@@ -74,7 +75,7 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
     nest_cfg = dag._plain(dag.decoding().config)
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     out = {"lm_dir": roots["lm"].artifact_dir, "config": nest_cfg, "tasks": {}, "stores": {}}
-    for t in TASKS:
+    for t in tasks:
         examples = pq.read_table(Path(roots[f"examples/{t}"].artifact_dir) / "examples.parquet").to_pylist()
         retrievals = read_retrievals(Path(roots[f"retrievals/{t}"].artifact_dir))
         out["tasks"][t] = {"examples": examples,
@@ -102,7 +103,7 @@ def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) ->
     out = {"ppl": {}, "generations": {}, "cache": {}}
     nll = {"nest": 0.0, "knnlm": 0.0}
     n_tok = 0
-    for t in TASKS:
+    for t in inputs["tasks"]:
         store = None if setting == "exact" else PassageKeyStore.open(inputs["stores"][(t, setting)]["dir"])
         cache = PassageKeyCache(store=store)
         nest = make_decoder("nest", model, tok, NestConfig(**cfg), key_cache=cache)
@@ -121,40 +122,40 @@ def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) ->
                 "attribution": attribution_ratio(g.sources) if g.token_ids else 0.0,
                 "rouge1": scorer.score(refs[0], g.text)["rouge1"].fmeasure if refs and t != "bio" else None}
         out["cache"][t] = dict(cache.stats)
+        out.setdefault("caches", {})[t] = cache
     out["ppl"] = {m: math.exp(v / n_tok) if n_tok else None for m, v in nll.items()}
     out["ppl_tokens"] = n_tok
     return out
 
 
-def key_error(inputs: dict, model, tok, setting: str, sample: int = 20) -> float:
-    """Σ‖k̂ − k‖² / Σ‖k‖² over up to ``sample`` stored passages of each task (k: encoded now, fp32)."""
-    from stages.decoding import NestConfig
+def key_error(inputs: dict, results: dict, reference: str, setting: str) -> float:
+    """Σ‖k̂ − k‖² / Σ‖k‖² of the ``setting`` store's keys against the reference keys (``exact``: the fp32 keys the
+    exact run encoded, every passage it used; otherwise the reference store's keys of every passage)."""
     from stages.decoding.key_store import PassageKeyStore
-    from stages.decoding.nest import NestDecoder
-    from stages.decoding.passage_keys import encode_passages, passage_digest
+    from stages.decoding.passage_keys import PassageKeyCache
 
-    probe = NestDecoder(model, tok, NestConfig(**inputs["config"]))
     err = norm = 0.0
-    for t in TASKS:
+    for t in inputs["tasks"]:
         store = PassageKeyStore.open(inputs["stores"][(t, setting)]["dir"])
-        seen, toks = set(), []
-        for req in inputs["tasks"][t]["requests"]:
-            for p in req.passages:
-                cut = list(p.token_ids)[:max(probe.window - 1, 2)]
-                if p.doc_id not in seen and len(toks) < sample and passage_digest(cut) in store:
-                    seen.add(p.doc_id)
-                    toks.append(cut)
-        for cut, k in zip(toks, encode_passages(model, toks, probe.config.key_layer, probe.passage_bos)):
-            got = store.get_by_digest(passage_digest(cut))
-            err += float(((got - k) ** 2).sum())
-            norm += float((k ** 2).sum())
+        if reference == "exact":
+            pairs = ((PassageKeyCache.parse_key(n)[3], k) for n, k in results["exact"]["caches"][t]._mem.items())
+        else:
+            ref = PassageKeyStore.open(inputs["stores"][(t, reference)]["dir"])
+            pairs = ((d, ref.get_by_digest(d)) for d in list(ref._where))
+        for digest, k in pairs:
+            got = store.get_by_digest(digest)
+            if got is not None:
+                err += float(((got - k) ** 2).sum())
+                norm += float((k ** 2).sum())
     return err / norm if norm else float("nan")
 
 
-def summarise(results: dict, inputs: dict, dim: int) -> dict:
-    exact = results["exact"]
+def summarise(results: dict, inputs: dict, dim: int, settings=SETTINGS) -> dict:
+    """One row per setting: PPL, ROUGE-1, attribution and their changes against ``exact``; bytes and build time."""
+    ref_name = settings[0]
+    exact = results[ref_name]
     rows = {}
-    for s in SETTINGS:
+    for s in settings:
         r = results[s]
         gens = r["generations"]
         rouge = [g["rouge1"] for g in gens.values() if g["rouge1"] is not None]
@@ -166,22 +167,24 @@ def summarise(results: dict, inputs: dict, dim: int) -> dict:
                "store_hits": sum(c["store_hits"] for c in r["cache"].values())}
         if s == "exact":
             row["bytes_per_key"] = 4 * dim
+            row["key_rel_sq_error"] = 0.0
         else:
-            stats = [inputs["stores"][(t, s)]["stats"] for t in TASKS]
+            tasks = list(inputs["tasks"])
+            stats = [inputs["stores"][(t, s)]["stats"] for t in tasks]
             keys = sum(x["keys"] for x in stats)
             prefix = "codes" if s == "pq" else "keys"
-            row["bytes_per_key"] = sum(_files_bytes(inputs["stores"][(t, s)]["dir"], prefix) for t in TASKS) / keys
+            row["bytes_per_key"] = sum(_files_bytes(inputs["stores"][(t, s)]["dir"], prefix) for t in tasks) / keys
             row["build_s_per_1k_passages"] = 1000 * sum(x["seconds"] for x in stats) / sum(x["passages"] for x in stats)
             row["store_keys"] = keys
             row["store_passages"] = sum(x["passages"] for x in stats)
-            row["key_rel_sq_error"] = results[f"{s}_key_error"]
+            row["key_rel_sq_error"] = results.get(f"{s}_key_error", 0.0)
         if exact["ppl"]["nest"]:
             row["ppl_nest_change_pct"] = 100 * (r["ppl"]["nest"] / exact["ppl"]["nest"] - 1)
             row["ppl_knnlm_change_pct"] = 100 * (r["ppl"]["knnlm"] / exact["ppl"]["knnlm"] - 1)
-        row["attribution_change_points"] = 100 * (attr - rows.get("exact", row)["attribution_ratio"]) \
-            if s != "exact" else 0.0
-        if rouge and s != "exact":
-            row["rouge1_change"] = row["rouge1"] - rows["exact"]["rouge1"]
+        row["attribution_change_points"] = 100 * (attr - rows.get(ref_name, row)["attribution_ratio"]) \
+            if s != ref_name else 0.0
+        if rouge and s != ref_name:
+            row["rouge1_change"] = row["rouge1"] - rows[ref_name]["rouge1"]
         rows[s] = row
     return rows
 
@@ -195,15 +198,15 @@ def _fmt(v, nd=3):
 
 
 def markdown(rows: dict, meta: dict) -> str:
-    pq_row = rows["pq"]
+    pq_row = rows.get("pq") or {"attribution_change_points": float("nan"), "bytes_per_key": float("nan")}
     ppl_ok = abs(pq_row.get("ppl_nest_change_pct", 0.0)) <= 2.0
     attr_ok = abs(pq_row["attribution_change_points"]) <= 2.0
     lines = [
         "# Key-store benchmark: fp16 and PQ keys against exact fp32 keys",
         "",
         f"{meta['machine']}; {meta['date']}. Command: `{meta['command']}`. Corpus: {meta['corpus']}; examples: "
-        f"{meta['examples']} per task ({', '.join(TASKS)}), b = {meta['passages']} passages each, "
-        f"{meta['max_new_tokens']} new tokens, NEST config {json.dumps(meta['config'], sort_keys=True)}. "
+        f"{meta['examples']} per task ({', '.join(meta['tasks'])}), b = {meta['passages']} passages each, "
+        f"{meta['max_new_tokens']} new tokens; reference keys: {meta['reference']}; NEST config {json.dumps(meta['config'], sort_keys=True)}. "
         f"PQ: M = {meta['pq_m']} subquantizers × 8 bits, trained on the store's own keys (in-sample; a corpus store "
         f"trains on a sample). PPL: the completion_excluded references ({meta['ppl_tokens']} tokens), evaluation mode.",
         "",
@@ -212,7 +215,7 @@ def markdown(rows: dict, meta: dict) -> str:
         "store hits / misses |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in SETTINGS:
+    for s in rows:
         r = rows[s]
         lines.append(
             f"| {s if s != 'exact' else 'exact fp32 (on the fly)'} | {_fmt(r['bytes_per_key'], 1)} | "
@@ -233,7 +236,7 @@ def markdown(rows: dict, meta: dict) -> str:
         f"{'yes' if pq_row['bytes_per_key'] <= 64 else 'no'} |",
         "",
         "Build time is the EncodePassageKeys stage's wall time (LM encoding on this CPU, PQ training, writing) over the "
-        "passages of both tasks' stores. Store misses would be encoded on the fly and are counted; 0 means every key "
+        "passages of the tasks' stores. Store misses would be encoded on the fly and are counted; 0 means every key "
         "came from the store. Attribution ratio here = tokens with a source ÷ generated tokens (the decoder's own "
         "definition at the time of the run).",
     ]
@@ -247,6 +250,10 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     ap.add_argument("--corpus-limit", type=int, default=0, help="ConvertCorpus.limit (0: the profile's; quick 300)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="default: the profile's (quick 16)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                    help="key sources; the first is the reference (default: exact fp32 keys encoded on the fly)")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N examples of each task")
     ap.add_argument("--set", action="append", default=[], metavar="TASK.PARAM=VALUE",
                     help="more pipeline overrides, e.g. PreRetrieve.mode=bm25 (no dense index to build)")
     args = ap.parse_args(argv or [])
@@ -263,19 +270,23 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     n_examples = args.examples or (2 if quick else 4)
     corpus_limit = args.corpus_limit or (300 if quick else 0)
     t0 = time.perf_counter()
-    inputs = build_inputs(n_examples, corpus_limit, quick, args.set)
+    inputs = build_inputs(n_examples, corpus_limit, quick, args.set, args.tasks)
     inputs_s = time.perf_counter() - t0
     max_new = args.max_new_tokens or (16 if quick else int(inputs["config"].get("max_new_tokens", 96)))
     model, tok = load_lm(inputs["lm_dir"])
     dim = int(model.config.hidden_size)
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     results = {}
-    for s in SETTINGS:
+    settings = list(args.settings)
+    if args.limit:
+        for t in inputs["tasks"].values():
+            t["examples"], t["requests"] = t["examples"][:args.limit], t["requests"][:args.limit]
+    for s in settings:
         _log(f"setting {s}")
         results[s] = run_setting(model, tok, inputs, s, max_new, scorer)
-    for s in ("fp16", "pq"):
-        results[f"{s}_key_error"] = key_error(inputs, model, tok, s)
-    rows = summarise(results, inputs, dim)
+    for s in settings[1:]:
+        results[f"{s}_key_error"] = key_error(inputs, results, settings[0], s)
+    rows = summarise(results, inputs, dim, settings)
     from stages.decoding.key_store import pq_subquantizers
 
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
@@ -285,11 +296,16 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
                        "python -m bench.run key_store",
             "corpus": (f"embedded, ConvertCorpus.limit={corpus_limit}" if corpus_limit else "embedded (all)")
                       + "".join(f", {s}" for s in args.set),
-            "examples": n_examples, "passages": int(inputs["config"].get("passages", 40)), "max_new_tokens": max_new,
-            "config": inputs["config"], "pq_m": pq_subquantizers(dim, 64), "ppl_tokens": results["exact"]["ppl_tokens"],
+            "examples": args.limit or n_examples, "tasks": list(args.tasks),
+            "reference": "exact fp32, encoded on the fly" if settings[0] == "exact" else
+                         f"the {settings[0]} store (the goals are stated against exact fp32 keys; fp16 rounding is "
+                         f"the store's only change to them)", "passages": int(inputs["config"].get("passages", 40)), "max_new_tokens": max_new,
+            "config": inputs["config"], "pq_m": pq_subquantizers(dim, 64), "ppl_tokens": results[settings[0]]["ppl_tokens"],
             "inputs_seconds": round(inputs_s, 1)}
     return {"meta": meta, "rows": rows, "markdown": markdown(rows, meta),
-            "cache_stats": {s: results[s]["cache"] for s in SETTINGS}}
+            "cache_stats": {s: results[s]["cache"] for s in settings},
+            "generations": {s: {k: {kk: vv for kk, vv in g.items() if kk != "token_ids"}
+                                for k, g in results[s]["generations"].items()} for s in settings}}
 
 
 if __name__ == "__main__":

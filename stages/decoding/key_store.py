@@ -108,6 +108,7 @@ class KeyStoreWriter:
     def _start_shard(self, shard: int):
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".npy")
         os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared store from other users
         dtype = np.uint8 if self.compression == "pq" else np.dtype(self.info["dtype"])
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self._shard_sizes[shard], self.width))
         self._open, self._fill = (shard, mm, tmp), 0
