@@ -173,7 +173,9 @@ def summarise(results: dict, inputs: dict, dim: int, settings=SETTINGS) -> dict:
             stats = [inputs["stores"][(t, s)]["stats"] for t in tasks]
             keys = sum(x["keys"] for x in stats)
             prefix = "codes" if s == "pq" else "keys"
-            row["bytes_per_key"] = sum(_files_bytes(inputs["stores"][(t, s)]["dir"], prefix) for t in tasks) / keys
+            row["bytes_per_key"] = sum(x["key_bytes"] for x in stats) / keys  # the keys' payload
+            row["file_bytes_per_key"] = sum(_files_bytes(inputs["stores"][(t, s)]["dir"], prefix)
+                                            for t in tasks) / keys  # + the .npy headers
             row["build_s_per_1k_passages"] = 1000 * sum(x["seconds"] for x in stats) / sum(x["passages"] for x in stats)
             row["store_keys"] = keys
             row["store_passages"] = sum(x["passages"] for x in stats)
@@ -210,7 +212,7 @@ def markdown(rows: dict, meta: dict) -> str:
         f"PQ: M = {meta['pq_m']} subquantizers × 8 bits, trained on the store's own keys (in-sample; a corpus store "
         f"trains on a sample). PPL: the completion_excluded references ({meta['ppl_tokens']} tokens), evaluation mode.",
         "",
-        "| keys | bytes/key | build s / 1k passages | key rel. sq. error | PPL NEST | Δ PPL NEST | PPL kNN-LM | "
+        "| keys | bytes/key (files) | build s / 1k passages | key rel. sq. error | PPL NEST | Δ PPL NEST | PPL kNN-LM | "
         "Δ PPL kNN-LM | ROUGE-1 | attribution | Δ attribution (points) | identical generations | "
         "store hits / misses |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -218,7 +220,8 @@ def markdown(rows: dict, meta: dict) -> str:
     for s in rows:
         r = rows[s]
         lines.append(
-            f"| {s if s != 'exact' else 'exact fp32 (on the fly)'} | {_fmt(r['bytes_per_key'], 1)} | "
+            f"| {s if s != 'exact' else 'exact fp32 (on the fly)'} | {_fmt(r['bytes_per_key'], 0)} "
+            f"({_fmt(r.get('file_bytes_per_key', r['bytes_per_key']), 2)}) | "
             f"{_fmt(r.get('build_s_per_1k_passages'), 1)} | {_fmt(r.get('key_rel_sq_error'), 5)} | "
             f"{_fmt(r['ppl_nest'])} | {_fmt(r.get('ppl_nest_change_pct'), 2)}% | {_fmt(r['ppl_knnlm'])} | "
             f"{_fmt(r.get('ppl_knnlm_change_pct'), 2)}% | {_fmt(r['rouge1'], 4)} | {_fmt(r['attribution_ratio'], 4)} | "
@@ -232,13 +235,18 @@ def markdown(rows: dict, meta: dict) -> str:
         f"{'yes' if ppl_ok else 'no'} |",
         f"| PQ keys: attribution change ≤ 2 points | {_fmt(pq_row['attribution_change_points'], 2)} | "
         f"{'yes' if attr_ok else 'no'} |",
-        f"| PQ keys: ≤ 64 bytes per key | {_fmt(pq_row['bytes_per_key'], 1)} | "
+        f"| PQ keys: ≤ 64 bytes per key | {_fmt(pq_row['bytes_per_key'], 0)} | "
         f"{'yes' if pq_row['bytes_per_key'] <= 64 else 'no'} |",
         "",
         "Build time is the EncodePassageKeys stage's wall time (LM encoding on this CPU, PQ training, writing) over the "
         "passages of the tasks' stores. Store misses would be encoded on the fly and are counted; 0 means every key "
         "came from the store. Attribution ratio here = tokens with a source ÷ generated tokens (the decoder's own "
-        "definition at the time of the run).",
+        "definition at the time of the run). bytes/key: the keys' payload (in parentheses: the shard files, `.npy` header "
+        "included).",
+        "",
+        f"Sample size: {meta['examples']} example(s) per task and {meta['ppl_tokens']} reference tokens for PPL; with so "
+        "few examples a ROUGE-1 or attribution difference is one or two generations diverging (see 'identical "
+        "generations'), not an estimate with an interval.",
     ]
     return "\n".join(lines)
 
@@ -292,8 +300,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                        f"({torch.get_num_threads()} threads)",
             "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "command": "python -m bench.bench_key_store " + " ".join(argv or []) if argv else
-                       "python -m bench.run key_store",
+            "command": "python -m bench.run key_store " + " ".join(argv or []),
             "corpus": (f"embedded, ConvertCorpus.limit={corpus_limit}" if corpus_limit else "embedded (all)")
                       + "".join(f", {s}" for s in args.set),
             "examples": args.limit or n_examples, "tasks": list(args.tasks),
