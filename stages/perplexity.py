@@ -71,7 +71,9 @@ def target_nll(decoder, request, target_ids: list[int]) -> float:
 
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
         method: str, config: dict | None = None, key_cache_dir: str | None = None, device: str = "cpu",
-        dtype: str | None = None) -> dict:
+        dtype: str | None = None, passage_keys: Path | None = None) -> dict:
+    """NLL of each completion example's reference under ``method`` (keys from the key store ``passage_keys`` if
+    given, else encoded on the fly)."""
     import torch
     from tqdm import tqdm
 
