@@ -308,6 +308,81 @@ class decoding(luigi.Config):  # noqa: N801
     ppl_tasks = luigi.ListParameter(default=("completion", "completion_excluded"))
     key_cache = luigi.Parameter(default="", description="passage-key cache folder (empty: <store>/.cache/passage_keys); "
                                 "a resource, not in keys: keys depend only on the passage and the LM")
+    key_store = luigi.ChoiceParameter(default="retrieved", choices=["retrieved", "corpus", "off"], var_type=str,
+                                      description="EncodePassageKeys before the token-index methods: the passages "
+                                      "their task's pre-retrieval returned, every passage of the corpus, or off "
+                                      "(keys encoded on the fly)")
+
+
+TOKEN_INDEX_METHODS = ("knnlm", "nest", "ra_nest")  # the methods that read passage keys
+
+
+def _config_value(overrides, name: str):
+    """The value of NestConfig field ``name`` under ``overrides`` (NestConfig's default where not overridden)."""
+    import dataclasses
+
+    from stages.decoding.config import NestConfig  # torch-free
+
+    if name in overrides:
+        return overrides[name]
+    return {f.name: f.default for f in dataclasses.fields(NestConfig)}[name]
+
+
+class EncodePassageKeys(NestTask):
+    """Passage keys computed offline into a memory-mapped key store (stages.encode_passage_keys; issue 7 §2).
+
+    Keyed by the LM (PrepareLM's key), the tokens artifact, the scope's retrievals, the key layer and the BOS rule (and
+    ``passages`` = b for the retrieved scope): a decoder reads it only when its own LM identity, layer and BOS rule
+    match. ``key_layer``/``passage_bos``/``passages`` default to ``[decoding] config``; the Generate tasks pass their
+    own values, so the store always matches the decoder that reads it."""
+
+    stage_module = "stages.encode_passage_keys"
+    label_params = ("task", "scope")
+    key_exclude = ("shard_passages", "batch_size")
+    scope = luigi.ChoiceParameter(default="retrieved", choices=["retrieved", "corpus"], var_type=str)
+    task = luigi.Parameter(default="", description="scope=retrieved: the task whose pre-retrieved passages are encoded")
+    key_layer = luigi.Parameter(default="")
+    passage_bos = luigi.Parameter(default="")
+    passages = luigi.IntParameter(default=0, description="b: each example's first b ranks (0: [decoding] config)")
+    compression = luigi.ChoiceParameter(default="fp16", choices=["fp16", "pq", "fp32"], var_type=str)
+    pq_bytes = luigi.IntParameter(default=64, description="PQ: at most this many bytes (8-bit subquantizers) per key")
+    pq_train_tokens = luigi.IntParameter(default=65_536, description="PQ: keys sampled to train the quantizer")
+    shard_passages = luigi.IntParameter(default=4096, description="doc_id range per shard (a resource: not in the key)")
+    batch_size = luigi.IntParameter(default=16, description="passages per LM batch (a resource: not in the key)")
+
+    def _setting(self, name: str):
+        own = getattr(self, name)
+        return own if own else _config_value(_plain(decoding().config), name)
+
+    def requires(self):
+        req = {"tokens": PreTokenize(), "lm": PrepareLM()}
+        if self.scope == "retrieved":
+            if not self.task:
+                raise ValueError("EncodePassageKeys(scope=retrieved) needs a task (whose pre-retrieval it encodes)")
+            req["retrievals"] = PreRetrieve(task=self.task)
+        return req
+
+    def stage_params(self):
+        params = {"scope": self.scope, "key_layer": self._setting("key_layer"),
+                  "passage_bos": self._setting("passage_bos"), "compression": self.compression,
+                  "shard_passages": self.shard_passages, "batch_size": self.batch_size}
+        if self.scope == "retrieved":
+            params["passages"] = int(self._setting("passages"))
+        if self.compression == "pq":
+            params.update(pq_bytes=self.pq_bytes, pq_train_tokens=self.pq_train_tokens)
+        return params
+
+
+def passage_keys_task(task: str, method: str, overrides) -> EncodePassageKeys | None:
+    """The key store a run of ``method`` on ``task`` with NestConfig ``overrides`` reads (None: keys on the fly)."""
+    scope = decoding().key_store
+    if scope == "off" or method not in TOKEN_INDEX_METHODS:
+        return None
+    overrides = _plain(overrides)
+    return EncodePassageKeys(scope=scope, task=task if scope == "retrieved" else "",
+                             key_layer=_config_value(overrides, "key_layer"),
+                             passage_bos=_config_value(overrides, "passage_bos"),
+                             passages=int(_config_value(overrides, "passages")) if scope == "retrieved" else 0)
 
 
 def experiment_runs():
@@ -344,6 +419,9 @@ class _MethodOnTask(NestTask):
                "lm": PrepareLM()}
         if self.method != "base":
             req["retrievals"] = PreRetrieve(task=self.task)
+        keys = passage_keys_task(self.task, self.method, self.config)
+        if keys is not None:
+            req["passage_keys"] = keys
         return req
 
 

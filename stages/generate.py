@@ -89,13 +89,15 @@ def read_retrievals(retrievals_dir: Path | None) -> dict[int, list[int]]:
 
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
         method: str, config: dict | None = None, start: int = 0, end: int | None = None,
-        key_cache_dir: str | None = None, device: str = "cpu", dtype: str | None = None) -> dict:
+        key_cache_dir: str | None = None, device: str = "cpu", dtype: str | None = None,
+        passage_keys: Path | None = None) -> dict:
     """Decode examples ``[start, end)`` of ``examples.parquet`` with ``method`` and ``NestConfig(**config)``."""
     import torch
     from tqdm import tqdm
 
-    from stages.decoding import NestConfig, PassageKeyCache, make_decoder
+    from stages.decoding import NestConfig, make_decoder
     from stages.decoding.attribution import token_char_ends
+    from stages.decoding.key_store import open_key_cache
     from stages.lm import load_lm
     from stages.passages import PassageReader
     from stages.pretokenize import TokenLookup
@@ -108,7 +110,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     rows = rows[start:end]
     retr = read_retrievals(retrievals)
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
-    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=PassageKeyCache(cfg.key_cache_dir))
+    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=open_key_cache(cfg, passage_keys))
     reader, lookup = PassageReader(passages), TokenLookup(tokens)
 
     out_rows = []

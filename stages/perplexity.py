@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "1"
+VERSION = "2"
 
 SCHEMA = pa.schema([("example_id", pa.int64()), ("num_tokens", pa.int32()), ("nll_sum", pa.float64()),
                     ("ppl", pa.float64())])
@@ -71,11 +71,14 @@ def target_nll(decoder, request, target_ids: list[int]) -> float:
 
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
         method: str, config: dict | None = None, key_cache_dir: str | None = None, device: str = "cpu",
-        dtype: str | None = None) -> dict:
+        dtype: str | None = None, passage_keys: Path | None = None) -> dict:
+    """NLL of each completion example's reference under ``method`` (keys from the key store ``passage_keys`` if
+    given, else encoded on the fly)."""
     import torch
     from tqdm import tqdm
 
-    from stages.decoding import NestConfig, PassageKeyCache, make_decoder
+    from stages.decoding import NestConfig, make_decoder
+    from stages.decoding.key_store import open_key_cache
     from stages.generate import build_requests, read_retrievals
     from stages.lm import load_lm
     from stages.passages import PassageReader
@@ -86,7 +89,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
         cfg.key_cache_dir = str(key_cache_dir)
     rows = pq.read_table(Path(examples) / "examples.parquet").to_pylist()
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
-    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=PassageKeyCache(cfg.key_cache_dir))
+    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=open_key_cache(cfg, passage_keys))
     reader, lookup = PassageReader(passages), TokenLookup(tokens)
     retr = read_retrievals(retrievals)
     out, skipped = [], 0

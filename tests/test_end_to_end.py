@@ -74,9 +74,12 @@ def _dir(built, stage: str, label: str | None = None) -> Path:
 def test_cold_run_builds_every_stage_and_the_second_does_nothing(built):
     stages = [r["stage"] for r in built["run1"]["reached"]]
     assert set(stages) == {"PrepareLM", "ConvertCorpus", "BuildBM25Index", "EncodePassages", "BuildDenseIndex",
-                           "LoadTask", "PreRetrieve", "PreTokenize", "Generate", "Perplexity", "Score", "Report"}
-    # 2 tasks x 3 methods + NEST at the sweep's γ = 0.5; PPL of 3 methods on one task; a Score per run; one Report
+                           "LoadTask", "PreRetrieve", "PreTokenize", "EncodePassageKeys", "Generate", "Perplexity",
+                           "Score", "Report"}
+    # 2 tasks x 3 methods + NEST at the sweep's γ = 0.5; PPL of 3 methods on one task; a Score per run; one Report;
+    # one passage-key store per task ([decoding] key_store = retrieved), shared by kNN-LM and NEST
     assert (stages.count("Generate"), stages.count("Perplexity"), stages.count("Score")) == (7, 3, 7)
+    assert stages.count("EncodePassageKeys") == 2
     assert built["run1"]["ok"]
     assert {r["status"] for r in built["run1"]["reached"]} == {"built"}
     assert {r["status"] for r in built["run2"]["reached"]} == {"cached"}

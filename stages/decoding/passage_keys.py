@@ -4,6 +4,10 @@ methods and processes (beyond the paper: keys depend only on the passage tokens 
 Cache layout on disk: ``<dir>/<lm_identity>/<layer>-bos<0|1>/<sha[:2]>/<sha>.npy`` where ``sha`` is the sha1 of the
 passage's token ids: content-addressed, so a doc_id can never point at another corpus's keys. Files are written to a
 temp name and renamed (atomic), so several processes can share one folder.
+
+A :class:`~stages.decoding.key_store.PassageKeyStore` (the ``EncodePassageKeys`` artifact, built offline) can sit in
+front of the folder: it answers first for the keys of its LM identity, layer and BOS rule, and its hits are never
+re-encoded (``stats["store_hits"]``).
 """
 
 from __future__ import annotations
@@ -82,20 +86,37 @@ def encode_passages(model, token_lists: Sequence[Sequence[int]], key_layer: str,
 
 class PassageKeyCache:
     """Passage keys by ``(LM identity, layer, BOS, token-ids digest)``: an LRU in memory (``max_bytes``) over an
-    optional shared folder. ``stats`` counts hits (memory, disk), misses, and the encoding time the hits saved
-    (estimated from the measured encoding time per token of the misses)."""
+    optional prebuilt key store (``store``: consulted before the folder, only for keys of its own LM identity, layer
+    and BOS rule) and an optional shared folder. ``stats`` counts hits (memory, store, disk), misses, and the encoding
+    time the hits saved (estimated from the measured encoding time per token of the misses)."""
 
-    def __init__(self, directory: str | Path | None = None, max_bytes: int = 2 << 30):
+    def __init__(self, directory: str | Path | None = None, max_bytes: int = 2 << 30, store=None):
         self.directory = Path(directory) if directory else None
         self.max_bytes = int(max_bytes)
+        self.store = store
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "encoded_tokens": 0, "encode_seconds": 0.0,
-                      "hit_tokens": 0, "saved_seconds_est": 0.0}
+        self.stats = {"memory_hits": 0, "store_hits": 0, "disk_hits": 0, "misses": 0, "encoded_tokens": 0,
+                      "encode_seconds": 0.0, "hit_tokens": 0, "saved_seconds_est": 0.0}
 
     @staticmethod
     def key(lm_identity: str, layer: str, bos: bool, digest: str) -> str:
         return f"{lm_identity}/{layer}-bos{int(bos)}/{digest[:2]}/{digest}"
+
+    @staticmethod
+    def parse_key(key: str) -> tuple[str, str, bool, str]:
+        """Inverse of :meth:`key`: ``(lm_identity, layer, bos, digest)`` (the identity may itself contain ``/``)."""
+        identity, layer_bos, _, digest = key.rsplit("/", 3)
+        layer, bos = layer_bos.rsplit("-bos", 1)
+        return identity, layer, bos == "1", digest
+
+    def _from_store(self, key: str) -> torch.Tensor | None:
+        if self.store is None:
+            return None
+        identity, layer, bos, digest = self.parse_key(key)
+        if not self.store.matches(identity, layer, bos):
+            return None
+        return self.store.get_by_digest(digest)
 
     def _path(self, key: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{key}.npy"
@@ -119,6 +140,11 @@ class PassageKeyCache:
             self._mem.move_to_end(key)
             self.stats["memory_hits"] += 1
             return hit
+        stored = self._from_store(key)
+        if stored is not None:
+            self.stats["store_hits"] += 1
+            self._remember(key, stored)
+            return stored
         path = self._path(key)
         if path is not None and path.exists():
             try:
