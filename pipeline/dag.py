@@ -344,6 +344,7 @@ class EncodePassageKeys(NestTask):
     key_layer = luigi.Parameter(default="")
     passage_bos = luigi.Parameter(default="")
     passages = luigi.IntParameter(default=0, description="b: each example's first b ranks (0: [decoding] config)")
+    document_end = luigi.Parameter(default="", description="NestConfig.document_end (empty: [decoding] config)")
     compression = luigi.ChoiceParameter(default="fp16", choices=["fp16", "pq", "fp32"], var_type=str)
     pq_bytes = luigi.IntParameter(default=64, description="PQ: at most this many bytes (8-bit subquantizers) per key")
     pq_train_tokens = luigi.IntParameter(default=65_536, description="PQ: keys sampled to train the quantizer")
@@ -360,6 +361,8 @@ class EncodePassageKeys(NestTask):
             if not self.task:
                 raise ValueError("EncodePassageKeys(scope=retrieved) needs a task (whose pre-retrieval it encodes)")
             req["retrievals"] = PreRetrieve(task=self.task)
+        if self._setting("document_end") == "eos":
+            req["corpus"] = ConvertCorpus()
         return req
 
     def stage_params(self):
@@ -368,6 +371,8 @@ class EncodePassageKeys(NestTask):
                   "shard_passages": self.shard_passages, "batch_size": self.batch_size}
         if self.scope == "retrieved":
             params["passages"] = int(self._setting("passages"))
+        if self._setting("document_end") == "eos":  # absent otherwise: the keys of existing stores stay the same
+            params["document_end"] = "eos"
         if self.compression == "pq":
             params.update(pq_bytes=self.pq_bytes, pq_train_tokens=self.pq_train_tokens)
         return params
@@ -382,7 +387,8 @@ def passage_keys_task(task: str, method: str, overrides) -> EncodePassageKeys | 
     return EncodePassageKeys(scope=scope, task=task if scope == "retrieved" else "",
                              key_layer=_config_value(overrides, "key_layer"),
                              passage_bos=_config_value(overrides, "passage_bos"),
-                             passages=int(_config_value(overrides, "passages")) if scope == "retrieved" else 0)
+                             passages=int(_config_value(overrides, "passages")) if scope == "retrieved" else 0,
+                             document_end=_config_value(overrides, "document_end"))
 
 
 def experiment_runs():

@@ -70,6 +70,28 @@ def _iter_tokens(tokens: Path, doc_ids: Sequence[int] | None, chunk: int = 2048)
         yield from zip(part, lookup.get(part))
 
 
+def document_end_ids(corpus: Path, doc_ids: Sequence[int] | None) -> set[int]:
+    """The doc_ids (among ``doc_ids``; None: all) of passages that end their source article."""
+    from stages.generate import ends_document
+    from stages.passages import PassageReader
+
+    reader = PassageReader(corpus)
+    if doc_ids is not None:
+        ids = list(doc_ids)
+        flags = ends_document(reader, ids, reader.get(ids, ("doc_id", "source_id"))) if ids else []
+        return {d for d, e in zip(ids, flags) if e}
+    out: set[int] = set()
+    prev = None  # (doc_id, source_id) of the previous row: doc_ids are dense and in order
+    for batch in reader.iter_batches(["doc_id", "source_id"]):
+        for d, src in zip(batch.column("doc_id").to_pylist(), batch.column("source_id").to_pylist()):
+            if prev is not None and prev[1] != src:
+                out.add(prev[0])
+            prev = (int(d), src)
+    if prev is not None:
+        out.add(prev[0])
+    return out
+
+
 def _as_list(retrievals) -> list[Path]:
     if retrievals is None:
         return []
@@ -83,8 +105,13 @@ def _as_list(retrievals) -> list[Path]:
 def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = "retrieved",
         key_layer: str = "paper", passage_bos: str = "auto", passages: int = 40, compression: str = "fp16",
         pq_bytes: int = 64, pq_train_tokens: int = 65_536, seed: int = 0, shard_passages: int = 4096,
-        batch_size: int = 16, device: str = "cpu", dtype: str | None = None) -> dict:
-    """Encode the passages of ``scope`` into a passage-key store in ``out_dir`` (see the module docstring)."""
+        batch_size: int = 16, device: str = "cpu", dtype: str | None = None, document_end: str = "none",
+        corpus: Path | None = None) -> dict:
+    """Encode the passages of ``scope`` into a passage-key store in ``out_dir`` (see the module docstring).
+
+    ``document_end = "eos"`` (NestConfig.document_end) stores the keys of the token lists the decoder indexes: the last
+    passage of each article gets EOS after its last token; ``corpus`` (the ConvertCorpus folder) tells which passages
+    end their article."""
     from stages.lm import load_lm
 
     if scope not in SCOPES:
@@ -95,11 +122,16 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
         raise ValueError("scope='retrieved' needs at least one PreRetrieve artifact (retrievals)")
     doc_ids = retrieved_doc_ids(folders, int(passages)) if scope == "retrieved" else None
 
+    ends = None
+    if document_end == "eos":
+        if corpus is None:
+            raise ValueError("document_end='eos' needs the corpus (which passages end their article)")
+        ends = document_end_ids(Path(corpus), doc_ids)
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
     stats = encode_store(out_dir, model, tokenizer, lambda: _iter_tokens(tokens, doc_ids), key_layer=key_layer,
                          passage_bos=passage_bos, compression=compression, pq_bytes=pq_bytes,
                          pq_train_tokens=pq_train_tokens, seed=seed, shard_passages=shard_passages,
-                         batch_size=batch_size,
+                         batch_size=batch_size, document_end=document_end, ends=ends,
                          extra={"scope": scope, "passages": int(passages) if scope == "retrieved" else None})
     stats["scope"] = scope
     stats["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -110,7 +142,7 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
 def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterable[tuple[int, Sequence[int]]]], *,
                  key_layer: str = "paper", passage_bos: str = "auto", compression: str = "fp16", pq_bytes: int = 64,
                  pq_train_tokens: int = 65_536, seed: int = 0, shard_passages: int = 4096, batch_size: int = 16,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, document_end: str = "none", ends: set[int] | None = None) -> dict:
     """Write the store of ``passages()`` ((doc_id, token ids) in increasing doc_id order; called once per pass, two
     or three times) for ``model``: the core of :func:`run`, usable on any loaded LM."""
     import torch
@@ -119,13 +151,15 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
     from stages.decoding.config import NestConfig
     from stages.decoding.key_store import COMPRESSIONS, KeyStoreWriter, pq_subquantizers, train_pq
     from stages.decoding.nest import NestDecoder
+    from stages.decoding.types import Passage
     from stages.decoding.passage_keys import encode_passages, passage_digest
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}; expected one of {COMPRESSIONS}")
     t_start = time.perf_counter()
     # the decoder's own view of the LM: its identity, BOS rule and token cut (so the keys are the on-the-fly ones)
-    probe = NestDecoder(model, tokenizer, NestConfig(key_layer=key_layer, passage_bos=passage_bos))
+    probe = NestDecoder(model, tokenizer, NestConfig(key_layer=key_layer, passage_bos=passage_bos,
+                                                     document_end=document_end))
     bos_id = probe.passage_bos
     max_tokens = max(probe.window - 1, 2)
     min_tokens = 1 if bos_id is not None else 2
@@ -133,7 +167,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
 
     def passages_in_scope() -> Iterator[tuple[int, list[int]]]:
         for d, toks in passages():
-            toks = [int(t) for t in toks][:max_tokens]
+            toks = probe.index_tokens(Passage(int(d), toks, ends_document=bool(ends) and int(d) in ends), max_tokens)
             if len(toks) >= min_tokens:
                 yield int(d), toks
 

@@ -248,3 +248,23 @@ def test_dag_token_index_runs_read_the_store_of_their_own_settings(clean_luigi):
         assert "passage_keys" not in dag.Generate(task="bio", method="nest").requires()
     finally:
         config.config().set("decoding", "key_store", "retrieved")
+
+
+def test_document_end_store_holds_the_keys_the_decoder_indexes(tmp_path, model, tok):
+    """document_end = eos: the last passage of an article is indexed with EOS after it; a store built with the same
+    rule serves every passage (zero encoding), one built without it misses exactly those passages."""
+    import dataclasses
+
+    reqs = requests()
+    ends = {p.doc_id for r in reqs for p in r.passages[::2]}  # every other passage ends its article
+    reqs = [dataclasses.replace(r, passages=[dataclasses.replace(p, ends_document=p.doc_id in ends)
+                                             for p in r.passages]) for r in reqs]
+    passages = all_passages(reqs)
+    with_eos, _ = build(tmp_path, model, tok, passages, name="eos", document_end="eos", ends=ends)
+    without, _ = build(tmp_path, model, tok, passages, name="none")
+    for store, misses in ((with_eos, 0), (without, len(ends))):
+        cache = PassageKeyCache(store=store)
+        dec = make_decoder("nest", model, tok, NestConfig(document_end="eos", max_new_tokens=8), key_cache=cache)
+        dec.decode(reqs)
+        assert cache.stats["misses"] == misses
+        assert cache.stats["store_hits"] == len(passages) - misses
