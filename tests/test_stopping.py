@@ -133,9 +133,10 @@ def test_blank_line_ends_an_accepted_draft_in_its_middle(model, tok):
     assert run("blank_line").text.endswith("\n\n")
 
 
-def test_newline_ids_are_found_by_decoding_each_id_once(model, tok):
+def test_newline_ids_are_found_once_per_tokenizer(model, tok):
     dec = make_decoder("base", model, tok, NestConfig())
     assert dec.newline_ids() == NL_IDS and dec.newline_ids() is dec.newline_ids()
+    assert make_decoder("nest", model, tok, NestConfig()).newline_ids() is dec.newline_ids()  # once per tokenizer
     assert make_decoder("base", model, TinyTokenizer(), NestConfig()).newline_ids() == frozenset()
 
 
