@@ -107,6 +107,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
     decoder = make_decoder(method, model, tokenizer, cfg, key_cache=PassageKeyCache(cfg.key_cache_dir))
     reader, lookup = PassageReader(passages), TokenLookup(tokens)
+    decoder.newline_ids()  # the stop rules' line-break ids: one-time start-up, never inside an example's wall time
 
     out_rows = []
     t_all = time.perf_counter()
