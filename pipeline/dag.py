@@ -306,6 +306,10 @@ class decoding(luigi.Config):  # noqa: N801
     sweep_tasks = luigi.ListParameter(default=("completion",))
     ablation_tasks = luigi.ListParameter(default=("completion",))
     ppl_tasks = luigi.ListParameter(default=("completion", "completion_excluded"))
+    lengths = luigi.DictParameter(default={}, description="{task family: new tokens, 'reference' or null} over the "
+                                  "family defaults of tasks/stopping.py (null: the config's max_new_tokens)")
+    stops = luigi.DictParameter(default={}, description="{task family: stop rule} over the family defaults "
+                                "(none, paragraph, blank_line)")
     key_cache = luigi.Parameter(default="", description="passage-key cache folder (empty: <store>/.cache/passage_keys); "
                                 "a resource, not in keys: keys depend only on the passage and the LM")
     key_store = luigi.ChoiceParameter(default="retrieved", choices=["retrieved", "corpus", "off"], var_type=str,
@@ -442,7 +446,17 @@ class Generate(_MethodOnTask):
         from stages.decoding.config import relevant_config  # torch-free
 
         return {"method": self.method, "config": relevant_config(self.method, _plain(self.config)), "start": self.start,
-                "end": None if self.end < 0 else self.end, "key_cache_dir": _key_cache_dir()}
+                "end": None if self.end < 0 else self.end, "key_cache_dir": _key_cache_dir(),
+                "stopping": stop_rule(self.task)}
+
+
+def stop_rule(task: str) -> dict:
+    """The task family's length and stop rule (tasks/stopping.py) with the ``[decoding] lengths``/``stops`` overrides:
+    part of Generate's key, so changing one family's length reruns that family's tasks only."""
+    from tasks.stopping import rule_for  # torch-free
+
+    d = decoding()
+    return rule_for(task, lengths=_plain(d.lengths), stops=_plain(d.stops)).to_dict()
 
 
 class Perplexity(_MethodOnTask):

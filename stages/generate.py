@@ -15,7 +15,8 @@ Inputs: ``examples`` (LoadTask), ``retrievals`` (PreRetrieve; unused by the base
 | num_tokens | int32 | |
 | wall_s | float64 | wall time of the example (decoding, passage lookup and token index build included; passage keys
   come warm from the key cache, filled before the timed loop: its one-time cost is ``key_prefetch_s`` in the stats) |
-| counters, timings | str (JSON) | the decoder's counters and per-component seconds |
+| counters, timings | str (JSON) | the decoder's counters (incl. ``max_new_tokens``, the example's limit, and which rule
+  ended it: ``stopped_by_eos`` / ``stopped_by_stop_rule`` / ``stopped_by_length``) and per-component seconds |
 | config | str (JSON) | the NestConfig overrides of this run (tells the γ-sweep runs apart) |
 
 The passage-key cache (``key_cache_dir``) is a resource, not part of the key: keys depend only on the passage and the LM
@@ -45,9 +46,16 @@ SCHEMA = pa.schema([
 
 
 def build_requests(examples: list[dict], retrievals: dict[int, list[int]], passage_reader, token_lookup,
-                   n_passages: int, max_new_tokens: int | None = None):
-    """DecodeRequests for ``examples``: ranked passages (token ids from the token shards, title/text for RA prompts)."""
+                   n_passages: int, max_new_tokens: int | None = None, stopping: dict | None = None):
+    """DecodeRequests for ``examples``: ranked passages (token ids from the token shards, title/text for RA prompts).
+
+    Each example's length and stop rule come from its task family (:mod:`tasks.stopping`; ``stopping`` = the run's
+    resolved :class:`tasks.stopping.StopRule` as a dict, else the family's defaults); ``max_new_tokens`` (if given)
+    overrides the length; a length of None leaves the decoding config's ``max_new_tokens``."""
     from stages.decoding import DecodeRequest, Passage
+    from tasks.stopping import StopRule, rule_for
+
+    fixed = StopRule.from_dict(stopping) if stopping else None
 
     requests = []
     for ex in examples:
@@ -60,10 +68,11 @@ def build_requests(examples: list[dict], retrievals: dict[int, list[int]], passa
             passages = [Passage(int(d), list(t), r.get("title", ""), r.get("text", ""), e) for d, t, r, e in
                         zip(doc_ids, toks, rows, ends)]
         meta = json.loads(ex.get("meta") or "{}")
+        rule = fixed or rule_for(str(ex.get("task") or ""), ex.get("kind"))
         requests.append(DecodeRequest(
             example_id=int(ex["example_id"]), kind=ex["kind"], question=ex.get("question") or "",
             prefix=ex.get("prefix") or "", passages=passages, prefix_ids=meta.get("prefix_ids"),
-            max_new_tokens=max_new_tokens))
+            max_new_tokens=rule.length_for(meta) if max_new_tokens is None else max_new_tokens, stop=rule.stop))
     return requests
 
 
@@ -90,8 +99,10 @@ def read_retrievals(retrievals_dir: Path | None) -> dict[int, list[int]]:
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
         method: str, config: dict | None = None, start: int = 0, end: int | None = None,
         key_cache_dir: str | None = None, device: str = "cpu", dtype: str | None = None,
-        passage_keys: Path | None = None) -> dict:
-    """Decode examples ``[start, end)`` of ``examples.parquet`` with ``method`` and ``NestConfig(**config)``."""
+        passage_keys: Path | None = None, stopping: dict | None = None) -> dict:
+    """Decode examples ``[start, end)`` of ``examples.parquet`` with ``method`` and ``NestConfig(**config)``; each
+    example's length and stop rule are its task family's (``stopping``: the resolved rule, see :func:`build_requests`;
+    the config's ``max_new_tokens`` is the fallback only)."""
     import torch
     from tqdm import tqdm
 
@@ -112,6 +123,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
     decoder = make_decoder(method, model, tokenizer, cfg, key_cache=open_key_cache(cfg, passage_keys))
     reader, lookup = PassageReader(passages), TokenLookup(tokens)
+    decoder.newline_ids()  # the stop rules' line-break ids: one-time start-up, never inside an example's wall time
 
     out_rows = []
     t_all = time.perf_counter()
@@ -129,7 +141,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
         for i in tqdm(range(0, len(rows), bs), desc=f"Generate {method}", unit="batch", disable=None):
             batch = rows[i:i + bs]
             t0 = time.perf_counter()
-            reqs = build_requests(batch, retr, reader, lookup, cfg.passages)
+            reqs = build_requests(batch, retr, reader, lookup, cfg.passages, stopping=stopping)
             gens = decoder.decode(reqs)
             wall = (time.perf_counter() - t0) / len(batch)
             for ex, g in zip(batch, gens):

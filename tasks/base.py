@@ -97,14 +97,15 @@ def seeded_subset(n: int, k: int, seed: int) -> list[int]:
 
 
 class Task(ABC):
-    """One benchmark. Subclasses set ``name``, ``kind``, ``metrics``, ``max_new_tokens`` and implement ``read`` and
-    ``score_text``.
+    """One benchmark. Subclasses set ``name``, ``kind``, ``family`` (:mod:`tasks.stopping`), ``metrics``,
+    ``max_new_tokens`` and implement ``read`` and ``score_text``.
 
     ``sample_size``: the paper's subsample (2,500 for HotpotQA and MedMCQA), drawn with ``seed``; ``None`` keeps all.
     """
 
     name: str = ""
     kind: str = "qa"
+    family: str = "qa"  # tasks.stopping: sets the generation length and stop rule of the task's examples
     metrics: tuple[str, ...] = ()
     max_new_tokens: int = 128
     sample_size: int | None = None

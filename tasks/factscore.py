@@ -188,6 +188,7 @@ class FactScore(Task):
 
     name = "factscore"
     kind = "qa"
+    family = "longform"
     metrics = ("factscore", "num_facts")
     max_new_tokens = 512
 

@@ -49,6 +49,7 @@ def filter_reason(question: str, answer: str) -> str | None:
 
 class MedMCQA(QATask):
     name = "medmcqa"
+    family = "multiple_choice"
     sample_size = SAMPLE_SIZE
 
     def read(self, path: Path, stats: dict) -> Iterator[Example]:

@@ -125,6 +125,7 @@ class CompletionTask(Task):
     """Text completion scored by ROUGE-1/2/L F (×100) against the reference continuation."""
 
     kind = "completion"
+    family = "completion"
     metrics = ("rouge1", "rouge2", "rougeL")
     max_new_tokens = TARGET_TOKENS
 

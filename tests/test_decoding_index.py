@@ -102,3 +102,22 @@ def test_passage_key_cache_lru_budget():
         cache.put(f"k{i}", torch.full((1, 10), float(i)))
     assert cache.get("k0") is None and cache.get("k1") is None
     assert cache.get("k4") is not None and cache.get("k2") is not None
+
+
+def test_lm_fingerprint_samples_every_layer_not_only_the_ends():
+    # The old fingerprint hashed the embeddings and the last block only: a fine-tune of a middle layer kept the
+    # identity, so the key cache served that LM another LM's keys. One changed weight of a middle layer (at a sampled
+    # position) must give another identity; so must a dtype change; the same weights give the same identity.
+    model = tiny_llama(seed=7, layers=4)
+    ident = lm_fingerprint(model)
+    assert lm_fingerprint(tiny_llama(seed=7, layers=4)) == ident
+    middle = model.model.layers[1]
+    for weight in (middle.mlp.down_proj.weight, middle.self_attn.k_proj.weight, middle.input_layernorm.weight):
+        with torch.no_grad():
+            old = weight.view(-1)[0].item()
+            weight.view(-1)[0] += 0.5
+            changed = lm_fingerprint(model)
+            weight.view(-1)[0] = old
+        assert changed != ident
+        assert lm_fingerprint(model) == ident
+    assert lm_fingerprint(tiny_llama(seed=7, layers=4).to(torch.float64)) != ident

@@ -40,6 +40,7 @@ def built(tmp_path_factory, real_lm_dir):
             "LoadTask.target_tokens=24", f"PreRetrieve.b={B}", "PreRetrieve.candidates=200",
             'decoding.methods=["base", "knnlm", "nest"]', 'decoding.method_config={}',
             'decoding.config={"max_new_tokens": 12, "passages": 6, "gamma": 0.005, "mu": 0.5, "alpha": 0.2}',
+            'decoding.lengths={"completion": 12}',  # the completion family's length (its reference: 24) cut to 12
             "decoding.gammas=[0.5]", 'decoding.sweep_tasks=["completion"]', "decoding.ablation_tasks=[]",
             'decoding.ppl_tasks=["completion"]']
     args = [a for s in sets for a in ("--set", s)]
@@ -180,6 +181,7 @@ def test_generations_attribute_tokens_to_the_passage_tokens_they_copy(built):
     attributed = 0
     for g in gens:
         assert 0 < g["num_tokens"] <= 12 and len(g["source_doc_ids"]) == g["num_tokens"]
+        assert json.loads(g["counters"])["max_new_tokens"] == 12  # [decoding] lengths reached every example
         if g["method"] == "base":
             assert set(g["source_doc_ids"]) == {-1}
         for tok, doc, pos in zip(g["token_ids"], g["source_doc_ids"], g["source_positions"]):

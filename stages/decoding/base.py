@@ -8,6 +8,7 @@ any compute), splits them into batches of ``config.batch_size`` and decodes each
 from __future__ import annotations
 
 import time
+import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from stages.decoding.types import DecodeRequest, Generation, Passage
 from stages.errors import InputError
 from tasks.metrics import attribution_runs
 from tasks.prompts import KINDS, format_background, render_prompt_ids
+from tasks.stopping import STOP_RULES, stop_reached
 
 TIMING_KEYS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification", "total")
 
@@ -41,6 +43,8 @@ class Row:
     supported: list = field(default_factory=list)  # token-mode tokens whose value a neighbour carries, else None
     done: bool = False
     eos: bool = False
+    stop: str = "none"  # the task family's stop rule (tasks.stopping)
+    stopped: bool = False  # the stop rule ended the row
     counters: dict = field(default_factory=dict)
     timings: dict = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     rng: torch.Generator | None = None
@@ -81,6 +85,37 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+_NEWLINE_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ERRORS = (IndexError, KeyError, OverflowError, TypeError, ValueError)
+
+
+def newline_token_ids(tokenizer, vocab_size: int) -> frozenset[int]:
+    """Ids in ``range(vocab_size)`` whose text, decoded alone, holds a line break (cached per tokenizer object)."""
+    try:
+        cached = _NEWLINE_IDS.get(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no cache
+        cached = {}
+    if vocab_size in cached:
+        return cached[vocab_size]
+    ids = [[i] for i in range(vocab_size)]
+    batch = getattr(tokenizer, "batch_decode", None)
+    try:
+        texts = batch(ids) if batch is not None else [tokenizer.decode(x) for x in ids]
+    except _ERRORS:  # ids past the tokenizer's vocabulary: one at a time
+        texts = []
+        for x in ids:
+            try:
+                texts.append(tokenizer.decode(x))
+            except _ERRORS:
+                texts.append("")
+    found = frozenset(i for i, t in enumerate(texts) if t and "\n" in t)
+    try:
+        _NEWLINE_IDS.setdefault(tokenizer, {})[vocab_size] = found
+    except TypeError:
+        pass
+    return found
+
+
 class Decoder(ABC):
     """One decoding method. Subclasses implement :meth:`_decode_batch`; ``method`` names them in :func:`make_decoder`."""
 
@@ -99,6 +134,7 @@ class Decoder(ABC):
         self.window = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.key_cache = key_cache
         self.last_stats: dict = {}
+        self._newline_ids: frozenset[int] | None = None
 
     # ---------------------------------------------------------------- public API
     def decode(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
@@ -159,7 +195,10 @@ class Decoder(ABC):
         budget = self.config.max_new_tokens if req.max_new_tokens is None else int(req.max_new_tokens)
         if budget < 0:
             raise _bad(req.example_id, f"max_new_tokens must be >= 0, got {budget}")
-        counters = {"prompt_tokens": len(prompt), "prompt_truncated": 0}
+        stop = req.stop or "none"
+        if stop not in STOP_RULES:
+            raise _bad(req.example_id, f"unknown stop rule {stop!r}; expected one of {STOP_RULES}")
+        counters = {"prompt_tokens": len(prompt), "prompt_truncated": 0, "max_new_tokens": budget}
         if len(prompt) >= self.window:
             if self.config.prompt_overflow == "error":
                 raise _bad(req.example_id, f"prompt has {len(prompt)} tokens, which fills the LM's context window of "
@@ -168,7 +207,7 @@ class Decoder(ABC):
             counters["prompt_truncated"] = len(prompt) - keep
             prompt = prompt[-keep:]
         max_new = min(budget, self.window - len(prompt))
-        row = Row(req=req, prompt=prompt, max_new=max_new, counters=counters)
+        row = Row(req=req, prompt=prompt, max_new=max_new, counters=counters, stop=stop)
         row.counters["stopped_at_context_window"] = int(max_new < budget)
         row.done = max_new == 0
         return row
@@ -176,9 +215,10 @@ class Decoder(ABC):
     # ---------------------------------------------------------------- emission and output
     def emit(self, row: Row, token: int, source: tuple[int, int] | None = None,
              supported: tuple[int, int] | None = None) -> bool:
-        """Append a token to the row's output (True if appended); EOS ends the row and is never emitted (B9).
-        ``source``: where a copied token was copied from; ``supported``: the neighbour that carries a token produced
-        one at a time (never both)."""
+        """Append a token to the row's output (True if appended); EOS ends the row and is never emitted (B9); the
+        row's stop rule ends it after the token that completes the stop (checked only when that token holds a line
+        break, so the text is decoded only then); the length ends it last. ``source``: where a copied token was copied
+        from; ``supported``: the neighbour that carries a token produced one at a time (never both)."""
         if row.done:
             return False
         if self.config.stop_at_eos and token in self.eos_ids:
@@ -187,13 +227,28 @@ class Decoder(ABC):
         row.tokens.append(int(token))
         row.sources.append(source)
         row.supported.append(supported)
-        if len(row.tokens) >= row.max_new:
+        if row.stop != "none" and int(token) in self.newline_ids() and stop_reached(
+                row.stop, self.tokenizer.decode(row.tokens, skip_special_tokens=True)):
+            row.done = row.stopped = True
+        elif len(row.tokens) >= row.max_new:
             row.done = True
         return True
+
+    def newline_ids(self) -> frozenset[int]:
+        """Token ids whose text holds a line break (the only tokens that can complete a stop rule): each id of the
+        vocabulary decoded alone, once per tokenizer (shared by its decoders; about 0.5 s for a 49k vocabulary, so a
+        caller that times queries calls this at start-up)."""
+        if self._newline_ids is None:
+            self._newline_ids = newline_token_ids(self.tokenizer, self.vocab_size)
+        return self._newline_ids
 
     def finish(self, row: Row) -> Generation:
         row.counters["generated_tokens"] = len(row.tokens)
         row.counters["eos"] = int(row.eos)
+        # which rule ended the row: EOS, the task family's stop rule, or the length (incl. the context window)
+        row.counters["stopped_by_eos"] = int(row.eos)
+        row.counters["stopped_by_stop_rule"] = int(row.stopped and not row.eos)
+        row.counters["stopped_by_length"] = int(not row.eos and not row.stopped)
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True) if row.tokens else ""
         return Generation(example_id=row.req.example_id, text=text, token_ids=list(row.tokens),
                           sources=list(row.sources), spans=attribution_runs(row.sources), counters=dict(row.counters),

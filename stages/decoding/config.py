@@ -55,7 +55,8 @@ class NestConfig:
             its source article gets a key whose value is EOS, so a generation that has copied an article to its end is
             told to stop there instead of stitching another article on; docs/decoding.md, "Ending with the article").
     Generation
-        max_new_tokens, stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
+        max_new_tokens (the fallback for a request that sets none: the Generate stage sets each example's length and stop
+        rule from its task family, tasks/stopping.py), stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
         and seed (base and RA only), ra_passages (top-3 in the prompt), prompt_overflow (``"error"`` or
         ``"truncate_left"`` for prompts that leave no room in the context window).
     Implementation

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stages.decoding.lm_runner import KeyLayerCapture, _StopForward, decoder_layers, model_device
+from stages.decoding.lm_runner import KeyLayerCapture, _StopForward, model_device
 
 
 def passage_digest(token_ids: Sequence[int]) -> str:
@@ -31,20 +31,19 @@ def passage_digest(token_ids: Sequence[int]) -> str:
     return hashlib.sha1(np.asarray(token_ids, dtype="<i4").tobytes()).hexdigest()
 
 
-def lm_fingerprint(model) -> str:
+def lm_fingerprint(model, sample: int = 1024) -> str:
     """A short identity for the LM's weights and dtype (keys from another LM or dtype must never be reused).
 
-    Hashes the config, the dtype, a strided sample of the input embeddings and the last block's weights: cheap (no full
-    pass over the weights) and different for any two real checkpoints."""
+    Hashes the config, and for **every** named parameter its name, shape, dtype and a strided sample of about
+    ``sample`` of its values (first element included): a change of any layer's weights that reaches a sampled value, of
+    any shape or of the dtype gives another identity. Cheap: about ``sample`` values per tensor (a few hundred thousand
+    values for a 135M LM), never a full pass over the weights."""
     h = hashlib.sha256()
     h.update(model.config.to_json_string(use_diff=False).encode())
-    param = next(model.parameters())
-    h.update(str(param.dtype).encode())
-    emb = model.get_input_embeddings().weight.detach().reshape(-1)
-    h.update(emb[:: max(1, emb.numel() // 65536)].float().cpu().numpy().tobytes())
-    for p in decoder_layers(model)[-1].parameters():
+    for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(flat[:: max(1, flat.numel() // sample)].float().cpu().numpy().tobytes())
     return f"{type(model).__name__}-{h.hexdigest()[:16]}"
 
 

@@ -33,7 +33,8 @@ class DecodeRequest:
     ``kind`` selects the prompt family (``completion`` or ``qa``, see :mod:`tasks.prompts`); ``passages`` are ranked,
     best first (the token index uses all of them, the RA prompt the top 3). ``prefix_ids`` keeps a completion prefix cut
     at a token boundary exactly as cut; ``prompt_ids`` bypasses the prompt templates entirely (tests, PPL-style use).
-    ``max_new_tokens`` overrides the config's budget for this example.
+    ``max_new_tokens`` overrides the config's budget for this example; ``stop`` is its task family's stop rule
+    (:data:`tasks.stopping.STOP_RULES`: ``"none"``, ``"paragraph"``, ``"blank_line"``).
     """
 
     example_id: int
@@ -44,6 +45,7 @@ class DecodeRequest:
     prefix_ids: Sequence[int] | None = None
     prompt_ids: Sequence[int] | None = None
     max_new_tokens: int | None = None
+    stop: str = "none"
 
 
 @dataclass
