@@ -150,3 +150,79 @@ def test_read_prompts(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
     with pytest.raises(InputError, match=r"bad.txt:2: not UTF-8"):
         read_prompts(tmp_path / "bad.txt")
+
+
+# ---- the Generate stage: wall_s counts everything, keys warm only from the run's earlier examples -----------------
+
+class _Reader:
+    def __init__(self, folder):
+        pass
+
+    def get(self, doc_ids, columns=None):
+        return [{"title": f"T{d}", "text": ""} for d in doc_ids]
+
+
+def _lookup_for(passages):
+    by_id = {p.doc_id: list(p.token_ids) for p in passages}
+
+    class _Lookup:
+        def __init__(self, folder):
+            pass
+
+        def get(self, doc_ids):
+            return [by_id[int(d)] for d in doc_ids]
+
+    return _Lookup
+
+
+def _stage_inputs(tmp_path, passages, search_s):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages import pre_retrieve
+    from tasks.base import Example, examples_to_table
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "r").mkdir()
+    ex = [Example(example_id=i, task="completion", kind="completion", query="q", prefix=f"prefix {i}",
+                  references=["x"]) for i in range(3)]
+    pq.write_table(examples_to_table(ex), tmp_path / "e" / "examples.parquet")
+    rows = [{"example_id": i, "rank": r + 1, "doc_id": p.doc_id, "fused": 1.0, "sparse": None, "dense": None,
+             "search_s": search_s} for i in range(3) for r, p in enumerate(passages)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pre_retrieve.SCHEMA), tmp_path / "r" / "retrievals.parquet")
+
+
+@pytest.mark.parametrize("method", ["nest", "base"])
+def test_generate_wall_time_counts_retrieval_and_cold_keys(model, tok, tmp_path, monkeypatch, method):
+    import pyarrow.parquet as pq
+
+    import stages.lm
+    import stages.passages
+    import stages.pretokenize
+    from stages import generate
+
+    passages = random_passages(11, 4)
+    search_s = 0.25  # PreRetrieve's share per example (written by hand)
+    _stage_inputs(tmp_path, passages, search_s)
+    monkeypatch.setattr(stages.lm, "load_lm", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(stages.passages, "PassageReader", _Reader)
+    monkeypatch.setattr(stages.pretokenize, "TokenLookup", _lookup_for(passages))
+    (tmp_path / "out").mkdir()
+    stats = generate.run(tmp_path / "out", examples=tmp_path / "e", passages=tmp_path, tokens=tmp_path, lm=tmp_path,
+                         retrievals=tmp_path / "r", method=method, config={"max_new_tokens": 5})
+    gens = pq.read_table(tmp_path / "out" / "generations.parquet").to_pylist()
+    timings = [json.loads(g["timings"]) for g in gens]
+    counters = [json.loads(g["counters"]) for g in gens]
+    for g, t in zip(gens, timings):
+        assert set(t) == set(TIMING_KEYS)
+        assert g["wall_s"] == pytest.approx(t["total"])
+        assert _parts(t) + t["other"] == pytest.approx(t["total"], abs=SLACK)
+    if method == "base":  # no retrieval: nothing of it is charged
+        assert all(t["passage_search"] == 0.0 and t["passage_encoding"] == 0.0 for t in timings)
+        assert stats["key_hit_rate"] is None
+        return
+    assert all(t["passage_search"] >= search_s and g["wall_s"] > search_s for g, t in zip(gens, timings))
+    # the run's cache starts empty: the first example encodes, the later ones (same passages) reuse its keys
+    assert counters[0]["key_cache_misses"] == 4 and timings[0]["passage_encoding"] > 0
+    assert all(c["key_cache_hits"] == 4 and t["passage_encoding"] == 0.0 for c, t in zip(counters[1:], timings[1:]))
+    assert stats["key_hit_rate"] == pytest.approx(8 / 12, abs=1e-4)
