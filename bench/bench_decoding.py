@@ -313,6 +313,7 @@ def stream_hit_rate(n: int, quick: bool) -> dict:
     unbounded cache; the in-memory LRU (2 GiB ≈ 10k passages) holds such a stream whole."""
     from pipeline import cli, config, dag
 
+    before = config.config().get("LoadTask", "n_examples", None)
     config.apply_overrides(config.parse_set([f"LoadTask.n_examples={n}"]))
     try:
         job = dag.PreRetrieve(task="bio")
@@ -336,8 +337,11 @@ def stream_hit_rate(n: int, quick: bool) -> dict:
         return {"prompts": len(retr), "passages_looked_up": total, "distinct_passages": len(seen),
                 "hit_rate": round(hits / total, 4) if total else None,
                 "search_s_per_prompt": round(sum(search.values()) / len(search), 4) if search else None}
-    finally:
-        config.config().remove_option("LoadTask", "n_examples")
+    finally:  # the timed settings' example count again (for a later benchmark of the same process)
+        if before is None:
+            config.config().remove_option("LoadTask", "n_examples")
+        else:
+            config.apply_overrides(config.parse_set([f"LoadTask.n_examples={before}"]))
 
 
 # --- report -----------------------------------------------------------------------------------------------------------
