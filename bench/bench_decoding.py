@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     ap.add_argument("--stream", type=int, default=None,
                     help="bio prompts of the key-reuse stream (default NEST_BENCH_STREAM or 200; quick 0; 0 = skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TASK",
+                    help="time only the settings of these tasks (completion_excluded, bio, completion)")
     args = ap.parse_args(argv or [])
     quick = quick or args.quick
     n_examples = args.examples or (2 if quick else int(os.environ.get("NEST_BENCH_EXAMPLES", "4")))
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = settings(max_new, long_new)
+    plan = [s for s in settings(max_new, long_new) if not args.only or s["task"] in args.only]
     tasks = sorted({s["task"] for s in plan})
     inputs = load_inputs(tasks, n_examples, quick)
     model, tok = load_lm(inputs["lm_dir"])
