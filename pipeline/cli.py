@@ -11,6 +11,7 @@
     nest generate "prompt" [--method nest] [...]           decode one prompt with attribution (the decoding demo)
     nest push [STAGE|KEY-PREFIX ...] [--all]               send artifacts to the remote store (pipeline/remote_cli.py)
     nest pull [STAGE|KEY-PREFIX ...] [--all]               fetch artifacts from it (default: what `nest all` needs)
+    nest generate --file prompts.txt [--json]              a stream of prompts in one process (one JSON per prompt)
 
 Bad input (``stages.errors.InputError``) prints one line ``path:line: message`` and exits with status 2.
 """
@@ -431,11 +432,14 @@ def _read_only_sql(sql: str) -> None:
 def cmd_generate(args) -> int:
     from pipeline import config, dag
 
+    if (args.prompt is None) == (args.file is None):
+        raise CliError("generate: give one prompt, or --file PROMPTS.txt (one prompt per line), not both")
     _setup(args.profile, args.set)
     try:
-        from stages.decoding.demo import run_demo
+        from stages.decoding.demo import DemoSession, read_prompts, run_demo, run_stream
     except ImportError as e:
         raise CliError(f"generate: the decoding demo is not available ({e})") from None
+    prompts = read_prompts(args.file) if args.file is not None else None  # a bad file fails before any build
     prebuilt = config.config().get("PreRetrieve", "prebuilt_index", "")
     tasks = dag.demo_tasks(prebuilt)
     code = build(list(tasks.values()), profile=args.profile, command=["nest", *sys.argv[1:]], quiet=True)
@@ -443,15 +447,18 @@ def cmd_generate(args) -> int:
         return code
     # the profile's decoding settings ([decoding] config and the method's overrides), then the command line's
     d = dag.decoding()
-    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {}),
-               "key_cache_dir": dag._key_cache_dir()}
+    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {})}
     options.update({k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
                                                   "passages") if getattr(args, k) is not None})
-    text = run_demo(args.prompt, lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
-                    tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
-                    dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,
-                    options=options)
-    print(text)
+    where = dict(lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
+                 tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
+                 dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,
+                 options=options)
+    if prompts is None and not args.json:
+        print(run_demo(args.prompt, **where))
+        return 0
+    session = DemoSession.load(**where)
+    run_stream(session, prompts if prompts is not None else [args.prompt], as_json=args.json)
     return 0
 
 
@@ -510,8 +517,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None)
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("generate", help="decode one prompt with NEST (or a baseline), with attribution")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", help="decode a prompt (or a file of prompts) with NEST or a baseline, with attribution")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--file", default=None, metavar="PROMPTS.txt",
+                   help="one prompt per line, answered in one process (models and indexes loaded once)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per prompt on stdout (tokens, seconds, components, text, sources); "
+                        "start-up and the stream's summary as JSON lines on stderr")
     p.add_argument("--method", default="nest", choices=["nest", "base", "ra", "knnlm", "ra_nest"])
     p.add_argument("--gamma", type=float, help="γ, leniency of relaxed speculative decoding")
     p.add_argument("--alpha", type=float, help="α, RRC offset")

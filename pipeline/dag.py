@@ -446,7 +446,7 @@ class Generate(_MethodOnTask):
         from stages.decoding.config import relevant_config  # torch-free
 
         return {"method": self.method, "config": relevant_config(self.method, _plain(self.config)), "start": self.start,
-                "end": None if self.end < 0 else self.end, "key_cache_dir": _key_cache_dir(),
+                "end": None if self.end < 0 else self.end,  # no cross-run key cache: its speed is its own
                 "stopping": stop_rule(self.task)}
 
 

@@ -13,14 +13,18 @@ Inputs: ``examples`` (LoadTask), ``retrievals`` (PreRetrieve; unused by the base
 | token_char_ends | list<int32> | per token: the length of the decoded text up to and including it (the characters of each copied span) |
 | spans | list<list<int64>> | attribution runs ``[start, length, doc_id]`` |
 | num_tokens | int32 | |
-| wall_s | float64 | wall time of the example (decoding, passage lookup and token index build included; passage keys
-  come warm from the key cache, filled before the timed loop: its one-time cost is ``key_prefetch_s`` in the stats) |
-| counters, timings | str (JSON) | the decoder's counters (incl. ``max_new_tokens``, the example's limit, and which rule
-  ended it: ``stopped_by_eos`` / ``stopped_by_stop_rule`` / ``stopped_by_length``) and per-component seconds |
+| wall_s | float64 | everything the example cost (= ``timings["total"]``): its share of PreRetrieve's search (the
+  ``search_s`` column of retrievals.parquet), fetching its passages' token ids, encoding the passage keys the run had not
+  met yet, building its token index and decoding. Methods without retrieval (the base LM) pay no search. |
+| counters, timings | str (JSON) | the decoder's counters (``key_cache_hits``/``key_cache_misses`` per example, ``max_new_tokens``, the
+  example's limit, and which rule ended it: ``stopped_by_eos`` / ``stopped_by_stop_rule`` / ``stopped_by_length``) and the
+  latency components of :data:`stages.decoding.base.TIMING_KEYS` (seconds) |
 | config | str (JSON) | the NestConfig overrides of this run (tells the γ-sweep runs apart) |
 
-The passage-key cache (``key_cache_dir``) is a resource, not part of the key: keys depend only on the passage and the LM
-(``(LM identity, layer, doc_id)``), so sharing them across methods and tasks changes time, never tokens.
+Passage keys: each run starts with its own empty in-process key cache (:func:`make_key_cache`), so a query's time
+never depends on which stage ran before it; keys are reused only across the examples of the same run (an earlier
+query warms a later one), and the run's hit rate is in the stats (``key_hit_rate``). Nothing is prefetched for the
+timed queries.
 """
 
 from __future__ import annotations
@@ -96,10 +100,39 @@ def read_retrievals(retrievals_dir: Path | None) -> dict[int, list[int]]:
     return {e: [d for _, d in sorted(v)] for e, v in out.items()}
 
 
+def read_search_seconds(retrievals_dir: Path | None) -> dict[int, float]:
+    """``{example_id: seconds}``: each example's share of PreRetrieve's search time (empty for artifacts that predate
+    the ``search_s`` column, or without retrievals)."""
+    if retrievals_dir is None:
+        return {}
+    path = Path(retrievals_dir) / "retrievals.parquet"
+    if "search_s" not in pq.read_schema(path).names:
+        return {}
+    t = pq.read_table(path, columns=["example_id", "search_s"])
+    return {int(e): float(s or 0.0) for e, s in zip(t.column("example_id").to_pylist(), t.column("search_s").to_pylist())}
+
+
+def make_key_cache(passage_keys: Path | None = None):
+    """The run's passage-key cache: in-process and empty at the start, filled only by this run's earlier queries (so
+    a query's time never depends on what ran before the run). ``passage_keys``: an EncodePassageKeys artifact whose
+    keys the cache serves first (built before the run)."""
+    from stages.decoding import PassageKeyCache
+    from stages.decoding.key_store import PassageKeyStore
+
+    return PassageKeyCache(store=PassageKeyStore.open(passage_keys) if passage_keys else None)
+
+
+def key_hit_rate(counters: list[dict]) -> float | None:
+    """Σ key-cache hits / Σ passages looked up over the examples' counters (None when no passage was looked up)."""
+    hits = sum(int(c.get("key_cache_hits", 0)) for c in counters)
+    total = hits + sum(int(c.get("key_cache_misses", 0)) for c in counters)
+    return hits / total if total else None
+
+
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
         method: str, config: dict | None = None, start: int = 0, end: int | None = None,
-        key_cache_dir: str | None = None, device: str = "cpu", dtype: str | None = None,
-        passage_keys: Path | None = None, stopping: dict | None = None) -> dict:
+        device: str = "cpu", dtype: str | None = None, passage_keys: Path | None = None,
+        stopping: dict | None = None) -> dict:
     """Decode examples ``[start, end)`` of ``examples.parquet`` with ``method`` and ``NestConfig(**config)``; each
     example's length and stop rule are its task family's (``stopping``: the resolved rule, see :func:`build_requests`;
     the config's ``max_new_tokens`` is the fallback only)."""
@@ -108,43 +141,44 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
 
     from stages.decoding import NestConfig, make_decoder
     from stages.decoding.attribution import token_char_ends
-    from stages.decoding.key_store import open_key_cache
+    from stages.decoding.base import add_passage_search, settle_other
     from stages.lm import load_lm
     from stages.passages import PassageReader
     from stages.pretokenize import TokenLookup
 
     out_dir = Path(out_dir)
     cfg = NestConfig(**(config or {}))
-    if key_cache_dir:
-        cfg.key_cache_dir = str(key_cache_dir)
+    cfg.key_cache_dir = None  # no cross-run disk cache: a run's speed must not depend on what ran before it
     rows = pq.read_table(Path(examples) / "examples.parquet").to_pylist()
     rows = rows[start:end]
-    retr = read_retrievals(retrievals)
+    uses_retrieval = method != "base"
+    retr = read_retrievals(retrievals) if uses_retrieval else {}
+    search_s = read_search_seconds(retrievals) if uses_retrieval else {}
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
-    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=open_key_cache(cfg, passage_keys))
+    key_cache = make_key_cache(passage_keys)
+    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=key_cache)
     reader, lookup = PassageReader(passages), TokenLookup(tokens)
     decoder.newline_ids()  # the stop rules' line-break ids: one-time start-up, never inside an example's wall time
 
     out_rows = []
+    all_counters = []
     t_all = time.perf_counter()
     bs = max(1, cfg.batch_size)
-    prefetch_s = 0.0
-    if hasattr(decoder, "prefetch_keys"):
-        # Passage keys go into the shared key cache before the timed loop: per-query latency is then the warm-cache
-        # figure for every method alike (otherwise whichever method meets a passage first pays its encoding). The
-        # one-time cost is recorded in the stats; the decoding benchmark reports cold and warm side by side.
-        t0 = time.perf_counter()
-        for i in tqdm(range(0, len(rows), 16), desc=f"Passage keys {method}", unit="batch", disable=None):
-            decoder.prefetch_keys(build_requests(rows[i:i + 16], retr, reader, lookup, cfg.passages))
-        prefetch_s = time.perf_counter() - t0
     with torch.inference_mode():
         for i in tqdm(range(0, len(rows), bs), desc=f"Generate {method}", unit="batch", disable=None):
             batch = rows[i:i + bs]
             t0 = time.perf_counter()
             reqs = build_requests(batch, retr, reader, lookup, cfg.passages, stopping=stopping)
+            fetch_s = (time.perf_counter() - t0) / len(batch)  # reading the passages' token ids and text
             gens = decoder.decode(reqs)
-            wall = (time.perf_counter() - t0) / len(batch)
             for ex, g in zip(batch, gens):
+                if uses_retrieval:  # the example's share of the retrieval, and fetching its passages
+                    add_passage_search(g.timings, fetch_s + search_s.get(int(ex["example_id"]), 0.0))
+                else:  # reading the example only: "other"
+                    g.timings["total"] += fetch_s
+                    settle_other(g.timings)
+                all_counters.append(g.counters)
+                wall = g.timings["total"]
                 r = g.to_row()
                 out_rows.append({
                     "example_id": r["example_id"], "task": ex["task"], "method": method, "text": r["text"],
@@ -158,5 +192,10 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
                     "token_char_ends": token_char_ends(tokenizer, r["token_ids"])})  # after the timed decode
     pq.write_table(pa.Table.from_pylist(out_rows, schema=SCHEMA), out_dir / "generations.parquet",
                    compression="zstd")
+    rate = key_hit_rate(all_counters)
     return {"examples": len(out_rows), "tokens": sum(r["num_tokens"] for r in out_rows),
-            "seconds": round(time.perf_counter() - t_all, 3), "key_prefetch_s": round(prefetch_s, 3)}
+            "seconds": round(time.perf_counter() - t_all, 3),
+            "wall_s_sum": round(sum(r["wall_s"] for r in out_rows), 3),
+            "key_hit_rate": None if rate is None else round(rate, 4),
+            "key_cache_hits": sum(int(c.get("key_cache_hits", 0)) for c in all_counters),
+            "key_cache_misses": sum(int(c.get("key_cache_misses", 0)) for c in all_counters)}

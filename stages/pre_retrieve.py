@@ -6,13 +6,16 @@ the adaptive coefficient η (:mod:`stages.fusion`) and keep the top ``b`` (40). 
 one retriever alone.
 
 Output ``retrievals.parquet`` (zstd): ``example_id int64, rank int32 (1 = best), doc_id int64, fused float64,
-sparse float64 (null if the passage was not in the BM25 list), dense float64 (null if not in the dense list)``.
+sparse float64 (null if the passage was not in the BM25 list), dense float64 (null if not in the dense list),
+search_s float64`` (the example's share of the search time: a batch's retrieval wall time divided equally among its
+examples, repeated on each of the example's rows; Generate adds it to the example's ``passage_search`` and total).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,11 +28,12 @@ from tqdm import tqdm
 from stages import fusion
 from stages.errors import InputError
 
-VERSION = "1"
+VERSION = "2"
 
 MODES = ("hybrid", "bm25", "dense")
 SCHEMA = pa.schema([("example_id", pa.int64()), ("rank", pa.int32()), ("doc_id", pa.int64()),
-                    ("fused", pa.float64()), ("sparse", pa.float64()), ("dense", pa.float64())])
+                    ("fused", pa.float64()), ("sparse", pa.float64()), ("dense", pa.float64()),
+                    ("search_s", pa.float64())])
 
 
 def _examples_file(examples: Path) -> Path:
@@ -136,12 +140,16 @@ def run(out_dir: Path, *, examples: Path, bm25: Path | None = None, dense: Path 
     tmp = out_dir / ".retrievals.parquet.tmp"
     etas: list[float] = []
     n_rows = short = dropped = 0
+    search_total = 0.0
     writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
     try:
         with tqdm(total=total, unit="ex", desc=f"PreRetrieve ({mode})", file=sys.stderr, dynamic_ncols=True) as bar:
             for batch in pf.iter_batches(columns=["example_id", "query", "exclude_doc_ids"], batch_size=batch_size):
                 cols = batch.to_pydict()
+                t0 = time.perf_counter()
                 results = retriever.retrieve([q or "" for q in cols["query"]], cols["exclude_doc_ids"])
+                share = (time.perf_counter() - t0) / max(batch.num_rows, 1)
+                search_total += share * batch.num_rows
                 out = {name: [] for name in SCHEMA.names}
                 for example_id, res in zip(cols["example_id"], results):
                     if res.eta is not None:
@@ -155,6 +163,7 @@ def run(out_dir: Path, *, examples: Path, bm25: Path | None = None, dense: Path 
                         out["fused"].append(fused)
                         out["sparse"].append(sp)
                         out["dense"].append(de)
+                        out["search_s"].append(share)
                 n_rows += len(out["doc_id"])
                 writer.write_table(pa.table(out, schema=SCHEMA))
                 bar.update(batch.num_rows)
@@ -165,7 +174,8 @@ def run(out_dir: Path, *, examples: Path, bm25: Path | None = None, dense: Path 
         tmp.unlink(missing_ok=True)
         raise
     stats = {"mode": mode, "num_examples": total, "rows": n_rows, "b": int(b), "candidates": retriever.candidates,
-             "examples_with_fewer_than_b": int(short), "excluded_hits_dropped": int(dropped)}
+             "examples_with_fewer_than_b": int(short), "excluded_hits_dropped": int(dropped),
+             "search_s": round(search_total, 3)}
     if etas:
         e = np.asarray(etas)
         stats.update(eta_mean=float(e.mean()), eta_min=float(e.min()), eta_max=float(e.max()))

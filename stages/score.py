@@ -9,10 +9,13 @@ in the paper's table scale (ROUGE, ALR and attribution ratio in %):
 
 | metric | definition |
 |---|---|
-| ``tokens_per_s`` | Σ generated tokens / Σ wall seconds |
+| ``tokens_per_s`` | Σ generated tokens / Σ wall seconds (pooled: the speed figure; wall seconds count everything a query cost, its retrieval and key encoding included) |
+| ``tokens_per_s_median`` | median over examples of tokens / wall seconds (beside the pooled figure, never instead of it) |
 | ``ms_per_token`` | 1000 · Σ wall seconds / Σ generated tokens |
 | ``seconds_per_query`` | mean wall seconds per example |
-| ``time_<component>`` | mean seconds per example spent in passage_load, token_index_build, lm_encoding, token_search, verification |
+| ``seconds_per_query_median`` | median wall seconds per example |
+| ``time_<component>`` | mean seconds per example in each latency component of ``stages.decoding.base.TIMING_KEYS``: lm_forward, passage_search, passage_encoding, token_index_build, token_search, verification, other (they add up to ``seconds_per_query``) |
+| ``key_hit_rate`` | 100 · Σ passage-key cache hits / Σ passages looked up (methods with a token index; the cache starts empty each run) |
 | ``attribution_ratio`` | 100 · Σ copied tokens / Σ generated tokens (copied: emitted from an accepted draft or a streamed continuation) |
 | ``attribution_span_length`` | Σ copied tokens / Σ runs (a run: consecutive tokens copied from consecutive positions of one passage) |
 | ``supported_ratio`` | 100 · Σ supported tokens / Σ generated tokens (produced one at a time, their value among the neighbours) |
@@ -41,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,7 +52,9 @@ import pyarrow.parquet as pq
 
 VERSION = "3"
 
-COMPONENTS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification")
+# the latency components of stages.decoding.base.TIMING_KEYS without "total" (kept here: Score imports no torch)
+COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification",
+              "other")
 QUALITY_MEAN = "mean"
 
 
@@ -178,7 +184,10 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     copied_rows: list[dict] = []
     per_metric: dict[str, list[float]] = {}
     pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafted": 0, "drafts": 0,
-              "supported": 0, "topic_copied": 0, "topic_on": 0}
+              "supported": 0, "topic_copied": 0, "topic_on": 0,
+              "key_hits": 0, "key_lookups": 0}
+    rates: list[float] = []
+    walls: list[float] = []
     comp_sum = {c: 0.0 for c in COMPONENTS}
 
     def add(eid: int, metric: str, value) -> None:
@@ -217,6 +226,12 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         pooled["accepted"] += int(counters.get("accepted", 0))
         pooled["drafted"] += int(counters.get("drafted", 0))
         pooled["drafts"] += int(counters.get("steps_span", 0)) + int(counters.get("steps_stream", 0))
+        hits, misses = int(counters.get("key_cache_hits", 0)), int(counters.get("key_cache_misses", 0))
+        pooled["key_hits"] += hits
+        pooled["key_lookups"] += hits + misses
+        walls.append(float(g["wall_s"]))
+        if float(g["wall_s"]) > 0:
+            rates.append(n / float(g["wall_s"]))
         for c in COMPONENTS:
             comp_sum[c] += float(timings.get(c, 0.0))
         if eid in ppl_rows:
@@ -234,8 +249,12 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         if metric in ("factscore", "num_facts") and not per_metric.get(metric):
             summary[metric] = None
     summary["tokens_per_s"] = pooled["tokens"] / pooled["seconds"] if pooled["seconds"] > 0 else None
+    summary["tokens_per_s_median"] = statistics.median(rates) if rates else None
     summary["ms_per_token"] = 1000 * pooled["seconds"] / pooled["tokens"] if pooled["tokens"] else None
     summary["seconds_per_query"] = pooled["seconds"] / n_ex if n_ex else None
+    summary["seconds_per_query_median"] = statistics.median(walls) if walls else None
+    if pooled["key_lookups"]:
+        summary["key_hit_rate"] = 100.0 * pooled["key_hits"] / pooled["key_lookups"]
     summary["attribution_ratio"] = 100.0 * pooled["attributed"] / pooled["tokens"] if pooled["tokens"] else None
     summary["attribution_span_length"] = pooled["attributed"] / pooled["runs"] if pooled["runs"] else None
     summary["supported_ratio"] = 100.0 * pooled["supported"] / pooled["tokens"] if pooled["tokens"] else None

@@ -76,6 +76,21 @@ def test_generate_without_the_decoding_demo_fails_in_one_line(fake_env, monkeypa
     assert "nest: generate: the decoding demo is not available" in capsys.readouterr().err
 
 
+def test_generate_needs_one_prompt_or_a_file(fake_env, tmp_path, capsys):
+    assert cli.main(["generate"]) == 2
+    assert "give one prompt, or --file" in capsys.readouterr().err
+    f = tmp_path / "p.txt"
+    f.write_text("Tell me a bio of Ada Lovelace.\n")
+    assert cli.main(["generate", "hi", "--file", str(f)]) == 2
+    assert "not both" in capsys.readouterr().err
+    # a bad prompts file fails in one line, before anything is built
+    assert cli.main(["generate", "--file", str(tmp_path / "missing.txt"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt: no such prompts file" in err and len(err.strip().splitlines()) == 1
+    args = cli.make_parser().parse_args(["generate", "--file", str(f), "--json", "--method", "base"])
+    assert (args.prompt, args.file, args.json, args.method) == (None, str(f), True, "base")
+
+
 def test_generate_parser_options():
     args = cli.make_parser().parse_args(["generate", "hi", "--method", "ra_nest", "--gamma", "5e-4", "--alpha", "0.3",
                                          "--tau", "0.1", "--delta", "0.5", "--span-length", "64",

@@ -67,7 +67,7 @@ def test_hybrid_schema_ranks_and_fusion(artifacts):
     root, examples = artifacts
     table, stats, out = _run(root, examples, "hybrid", b=6, candidates=4000)
     assert table.schema.equals(pre_retrieve.SCHEMA)
-    assert [f.name for f in table.schema] == ["example_id", "rank", "doc_id", "fused", "sparse", "dense"]
+    assert [f.name for f in table.schema] == ["example_id", "rank", "doc_id", "fused", "sparse", "dense", "search_s"]
     assert pq.ParquetFile(out / "retrievals.parquet").metadata.row_group(0).column(0).compression == "ZSTD"
     assert [p.name for p in out.iterdir()] == ["retrievals.parquet"]
     assert stats["candidates"] == 6 and stats["num_examples"] == 3  # 4000 clamped to the corpus
@@ -87,6 +87,27 @@ def test_hybrid_schema_ranks_and_fusion(artifacts):
     assert sum(r["sparse"] is None for r in rows[0]) == 4
     assert all(r["dense"] is not None for r in rows[0])
     assert stats["eta_min"] <= stats["eta_mean"] <= stats["eta_max"]
+
+
+def test_search_seconds_are_shared_per_example(artifacts):
+    """Each example carries one positive search time on all its rows; the examples' shares add up to the stage's."""
+    from stages.generate import read_search_seconds
+
+    root, examples = artifacts
+    table, stats, out = _run(root, examples, "hybrid", b=4, candidates=4000, batch_size=2)
+    rows = _by_example(table)
+    per_example = {e: {r["search_s"] for r in rs} for e, rs in rows.items()}
+    assert all(len(v) == 1 and next(iter(v)) > 0 for v in per_example.values())
+    # a batch of 2 examples shares its time equally: examples 0 and 1 carry the same share
+    assert per_example[0] == per_example[1]
+    shares = read_search_seconds(out)
+    assert set(shares) == set(rows) and all(shares[e] == next(iter(per_example[e])) for e in rows)
+    assert sum(shares.values()) == pytest.approx(stats["search_s"], abs=2e-3)
+    # an artifact without the column (written before it existed) gives no shares rather than an error
+    old = out.parent / "old_retrievals"
+    old.mkdir()
+    pq.write_table(table.drop(["search_s"]), old / "retrievals.parquet")
+    assert read_search_seconds(old) == {} and read_search_seconds(None) == {}
 
 
 def test_exclusions_are_dropped_before_fusion(artifacts):

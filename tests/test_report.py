@@ -16,7 +16,9 @@ def _rows():
         add("completion", m, "rouge1", r1)
         add("completion", m, "tokens_per_s", 10.0 if m == "base" else 20.0)
         add("completion", m, "seconds_per_query", 3.0)
-        add("completion", m, "time_lm_encoding", 1.0)
+        for c in report.LATENCY_COMPONENTS:
+            add("completion", m, f"time_{c}", {"lm_forward": 1.0, "other": 2.0}.get(c, 0.0))
+        add("completion", m, "tokens_per_s_median", 11.0 if m == "base" else 25.0)
     add("completion", "nest", "attribution_ratio", 50.0)
     add("completion", "nest", "attribution_span_length", 7.0)
     add("bio", "nest", "factscore", None)
@@ -44,6 +46,9 @@ def test_report_renders_tables_and_trends(tmp_path):
     assert "| + Relative Retrieval Confidence | 25.0 |" in text     # a kNN-LM run with the RRC λ_t
     assert (out / "gamma_sweep.png").stat().st_size > 1000
     assert (out / "latency.png").stat().st_size > 1000
+    # latency: every component, the remainder of the total, pooled and median tok/s, the hit rate where there is one
+    assert "| s/query | lm_forward | passage_search | passage_encoding | token_index_build |" in text
+    assert "| completion | Base LM | 3.00 | 1.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 2.00 | 10.0 | 11.0 | – |" in text
     cells = pq.read_table(out / "tables.parquet").to_pylist()
     assert stats["cells"] == len(cells)
     fs = [c for c in cells if c["column"] == "FS"]

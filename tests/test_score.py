@@ -48,6 +48,34 @@ def test_pooled_metrics_by_hand(tmp_path):
     assert math.isclose(s["time_verification"], (1.0 + 0.5) / 2)
     assert math.isclose(s["num_tokens"], 3.0)
     assert "ppl" not in s
+    assert math.isclose(s["tokens_per_s_median"], (4 / 2.0 + 2 / 1.0) / 2)  # per example: 2.0 and 2.0 tok/s
+    assert math.isclose(s["seconds_per_query_median"], 1.5)
+    assert "key_hit_rate" not in s  # no passage was looked up
+
+
+def test_components_and_key_hit_rate_pooled(tmp_path):
+    """time_<component> is the mean per example of every latency component; the key hit rate pools the counters;
+    the median tokens/s sits beside the pooled figure and differs from it when one example is slow."""
+    ex = [Example(example_id=i, task="completion", kind="completion", query="q", references=["x"]) for i in range(3)]
+    gens = []
+    for eid, (wall, n, hits, misses) in enumerate(((10.0, 2, 0, 4), (1.0, 4, 3, 1), (1.0, 4, 4, 0))):
+        g = _gen(eid, "x", [-1] * n, [-1] * n, wall, {"key_cache_hits": hits, "key_cache_misses": misses})
+        timings = {"lm_forward": wall * 0.5, "passage_search": 0.1, "passage_encoding": 4.0 if misses == 4 else 0.0,
+                   "token_index_build": 0.01, "token_search": 0.02, "verification": 0.03}
+        timings["other"] = wall - sum(timings.values())
+        g["timings"] = json.dumps({**timings, "total": wall})
+        gens.append(g)
+    _write(tmp_path, gens, ex)
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="completion", method="nest")
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert math.isclose(s["tokens_per_s"], 10 / 12.0)                  # pooled: Σ tokens / Σ seconds
+    assert math.isclose(s["tokens_per_s_median"], 4.0)                 # per example 0.2, 4, 4
+    assert math.isclose(s["key_hit_rate"], 100 * 7 / 12)
+    assert math.isclose(s["time_passage_encoding"], 4.0 / 3)
+    assert math.isclose(s["time_lm_forward"], (5.0 + 0.5 + 0.5) / 3)
+    assert math.isclose(sum(s[f"time_{c}"] for c in score.COMPONENTS), s["seconds_per_query"])
 
 
 def test_bio_reports_factscore_as_not_computed(tmp_path):

@@ -24,7 +24,29 @@ from tasks.metrics import attribution_runs
 from tasks.prompts import KINDS, format_background, render_prompt_ids
 from tasks.stopping import STOP_RULES, stop_reached
 
-TIMING_KEYS = ("passage_load", "token_index_build", "lm_encoding", "token_search", "verification", "total")
+# Latency components of one query (seconds; docs/decoding.md). lm_forward: the generating LM's own forward passes
+# (prefill and steps: the base LM has only this); passage_search: retrieving the passages and fetching their token ids
+# (booked by the caller, who retrieves); passage_encoding: the LM encoding passages into keys (0 when the keys come
+# from a key store or an earlier query); token_index_build: building the query's token index from keys (reading them
+# from the store or cache included); token_search: k-NN search + mixture; verification: drafting and acceptance
+# bookkeeping; other: total minus the rest; total: everything the query cost.
+TIMING_KEYS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification",
+               "other", "total")
+COMPONENT_KEYS = TIMING_KEYS[:-2]  # the measured parts ("other" is the remainder of "total")
+
+
+def settle_other(timings: dict) -> dict:
+    """Set ``other`` = total − the measured components (never below 0); returns ``timings``."""
+    measured = sum(float(timings.get(k, 0.0)) for k in COMPONENT_KEYS)
+    timings["other"] = max(float(timings.get("total", 0.0)) - measured, 0.0)
+    return timings
+
+
+def add_passage_search(timings: dict, seconds: float) -> dict:
+    """Book ``seconds`` of retrieval (done outside the decoder) into ``passage_search`` and ``total``."""
+    timings["passage_search"] = float(timings.get("passage_search", 0.0)) + float(seconds)
+    timings["total"] = float(timings.get("total", 0.0)) + float(seconds)
+    return settle_other(timings)
 
 
 def _bad(example_id, message: str) -> InputError:
@@ -140,7 +162,9 @@ class Decoder(ABC):
     def decode(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
         """Decode every request (in order); raises InputError on bad input before any compute."""
         requests = list(requests)
+        t0 = time.perf_counter()
         prepared = [self._prepare(req) for req in requests]
+        prepare_s = (time.perf_counter() - t0) / max(len(prepared), 1)  # prompt rendering: part of each query's "other"
         out: list[Generation] = []
         bs = self.config.batch_size
         with torch.inference_mode():
@@ -148,7 +172,8 @@ class Decoder(ABC):
                 t0 = time.perf_counter()
                 gens = self._decode_batch(prepared[s:s + bs])
                 for g in gens:  # the batch's wall time, shared equally
-                    g.timings["total"] = (time.perf_counter() - t0) / len(gens)
+                    g.timings["total"] = (time.perf_counter() - t0) / len(gens) + prepare_s
+                    settle_other(g.timings)
                 out.extend(gens)
         return out
 
@@ -288,7 +313,7 @@ class BaseDecoder(Decoder):
         if live:
             lm = BatchedLM(self.model, key_layer=None, compact_min_slots=self.config.compact_min_slots,
                            compact_hole_fraction=self.config.compact_hole_fraction)
-            with clock.time("lm_encoding", live):
+            with clock.time("lm_forward", live):
                 outs = lm.prefill([r.prompt for r in live])
             nxt = self._pick(live, torch.cat([o.logits for o in outs]))
             for r in live:
@@ -302,7 +327,7 @@ class BaseDecoder(Decoder):
                 if len(keep) < len(live):
                     lm.keep_rows(keep)
                     live = [live[i] for i in keep]
-                with clock.time("lm_encoding", live):
+                with clock.time("lm_forward", live):
                     outs = lm.step([[r.tokens[-1]] for r in live])
                     lm.commit([1] * len(live))
                 for r in live:

@@ -2,6 +2,14 @@
 BM25 + dense fusion), decode with NEST (or a baseline), and print the text with ``[n]`` after each copied span followed
 by the numbered sources (title, snippet).
 
+``nest generate --file prompts.txt [--json]`` answers a stream of prompts in one process (:class:`DemoSession`,
+:func:`run_stream`): the models and indexes are loaded once (the start-up, reported once and apart), passage keys are
+cached in memory across the prompts (an earlier prompt warms a later one; the hit rate is reported), and each prompt's
+``seconds`` counts everything it cost, its retrieval included. With ``--json`` stdout holds one JSON object per prompt
+(``prompt, method, tokens, seconds, tokens_per_s, components, text, attribution_ratio, sources, passages,
+key_cache_hits, key_cache_misses, lm_forward_passes``); stderr gets ``{"startup_s": ...}`` first and
+``{"summary": {...}}`` (pooled tokens/s, key hit rate) last.
+
 The upstream artifacts (LM folder, passages, token shards, BM25 and dense indexes) are built by the pipeline; this
 module only reads them.
 """
@@ -97,19 +105,194 @@ def retrieve_passages(prompt: str, *, passages_dir, tokens_dir, bm25_dir, dense_
                       mode: str = "hybrid", candidates: int = 4000) -> list[Passage]:
     """Top-b passages for ``prompt`` by NEST's hybrid fusion (stages.pre_retrieve.HybridRetriever), with their token
     ids (stages.pretokenize.TokenLookup) and title/text (stages.passages.PassageReader)."""
-    from stages.passages import PassageReader
-    from stages.pre_retrieve import HybridRetriever
-    from stages.pretokenize import TokenLookup
+    return PassageRetriever(passages_dir=passages_dir, tokens_dir=tokens_dir, bm25_dir=bm25_dir, dense_dir=dense_dir,
+                            encoder=encoder, b=b, mode=mode, candidates=candidates)(prompt)
 
-    retriever = HybridRetriever(bm25=Path(bm25_dir) if bm25_dir else None, dense=Path(dense_dir) if dense_dir else None,
-                                encoder=encoder, mode=mode, b=b, candidates=candidates)
-    rows = retriever.retrieve([prompt])[0].rows
-    doc_ids = [int(r[0]) for r in rows]
-    if not doc_ids:
-        return []
-    meta = PassageReader(passages_dir).get(doc_ids)
-    toks = TokenLookup(tokens_dir).get(doc_ids)
-    return [Passage(d, list(t), m.get("title") or "", m.get("text") or "") for d, t, m in zip(doc_ids, toks, meta)]
+
+class PassageRetriever:
+    """The indexes and passage readers opened once; ``retriever(prompt)`` gives the top-b passages of one prompt."""
+
+    def __init__(self, *, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, b: int, mode: str = "hybrid",
+                 candidates: int = 4000):
+        from stages.passages import PassageReader
+        from stages.pre_retrieve import HybridRetriever
+        from stages.pretokenize import TokenLookup
+
+        self.retriever = HybridRetriever(bm25=Path(bm25_dir) if bm25_dir else None,
+                                         dense=Path(dense_dir) if dense_dir else None, encoder=encoder, mode=mode, b=b,
+                                         candidates=candidates)
+        self.reader, self.lookup = PassageReader(passages_dir), TokenLookup(tokens_dir)
+
+    def __call__(self, prompt: str) -> list[Passage]:
+        rows = self.retriever.retrieve([prompt])[0].rows
+        doc_ids = [int(r[0]) for r in rows]
+        if not doc_ids:
+            return []
+        meta = self.reader.get(doc_ids)
+        toks = self.lookup.get(doc_ids)
+        return [Passage(d, list(t), m.get("title") or "", m.get("text") or "") for d, t, m in
+                zip(doc_ids, toks, meta)]
+
+
+class DemoSession:
+    """One process answering a stream of prompts: the LM, the indexes and the decoder are loaded once (``startup_s``),
+    and the passage keys stay in an in-memory cache across the prompts (an earlier prompt warms a later one; nothing
+    is prefetched for the prompt being answered).
+
+    ``retrieve``: prompt -> ranked passages (None for the base LM, which reads none). Each answer's ``seconds`` counts
+    everything that prompt cost: its retrieval (``passage_search``), key encoding, index building and decoding."""
+
+    def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
+                 min_span_tokens: int = 1, startup_s: float = 0.0):
+        from stages.decoding import make_decoder
+        from stages.decoding.passage_keys import PassageKeyCache
+
+        self.tokenizer, self.method, self.kind = tokenizer, method, kind
+        self.retrieve = retrieve if method != "base" else None
+        self.min_span_tokens = int(min_span_tokens)
+        self.key_cache = PassageKeyCache(max_bytes=config.key_cache_max_bytes)  # memory only: this stream's keys
+        self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
+        self.startup_s = float(startup_s)
+        self.answered = 0
+        self.totals = {"tokens": 0, "seconds": 0.0, "key_cache_hits": 0, "key_cache_misses": 0}
+
+    @classmethod
+    def load(cls, *, lm_dir, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, method: str = "nest",
+             options: dict | None = None) -> "DemoSession":
+        """Open the artifacts (see :func:`run_demo` for ``options``); the time it takes is ``startup_s``."""
+        from stages.lm import load_lm
+
+        t0 = time.perf_counter()
+        cfg_fields, extra = split_options(options)
+        cfg_fields.pop("key_cache_dir", None)  # the stream's keys live in memory (no cache from earlier processes)
+        config = NestConfig(**cfg_fields)
+        retrieve = None
+        if method != "base":
+            retrieve = PassageRetriever(passages_dir=passages_dir, tokens_dir=tokens_dir, bm25_dir=bm25_dir,
+                                        dense_dir=dense_dir, encoder=encoder, b=config.passages,
+                                        mode=extra.get("retrieval_mode", "hybrid"),
+                                        candidates=int(extra.get("candidates", 4000)))
+        model, tokenizer = load_lm(lm_dir, device=extra.get("device", "cpu"), dtype=extra.get("dtype"))
+        session = cls(model, tokenizer, method, config, retrieve, kind=extra.get("kind", "qa"),
+                      min_span_tokens=int(extra.get("min_span_tokens", 1)))
+        session.startup_s = time.perf_counter() - t0
+        return session
+
+    def answer(self, prompt: str) -> tuple[Generation, list[Passage]]:
+        """Retrieve and decode one prompt; ``generation.timings`` holds its components and ``total`` (seconds)."""
+        from stages.decoding.base import settle_other
+        from stages.errors import InputError
+
+        if not prompt.strip():
+            raise InputError(None, None, "the prompt is empty")
+        t0 = time.perf_counter()
+        passages = self.retrieve(prompt) if self.retrieve is not None else []
+        search_s = time.perf_counter() - t0
+        kind = self.kind
+        request = DecodeRequest(self.answered, kind, question=prompt if kind == "qa" else "",
+                                prefix=prompt if kind != "qa" else "", passages=passages)
+        generation = self.decoder.decode([request])[0]
+        timings = generation.timings
+        timings["passage_search"] = timings.get("passage_search", 0.0) + search_s
+        timings["total"] = time.perf_counter() - t0  # everything this prompt cost, measured around all of it
+        settle_other(timings)
+        self.answered += 1
+        c = generation.counters
+        self.totals["tokens"] += len(generation.token_ids)
+        self.totals["seconds"] += timings["total"]
+        self.totals["key_cache_hits"] += int(c.get("key_cache_hits", 0))
+        self.totals["key_cache_misses"] += int(c.get("key_cache_misses", 0))
+        return generation, passages
+
+    def key_hit_rate(self) -> float | None:
+        """Passage-key hits / passages looked up over the prompts answered so far (None before any lookup)."""
+        n = self.totals["key_cache_hits"] + self.totals["key_cache_misses"]
+        return self.totals["key_cache_hits"] / n if n else None
+
+    def record(self, prompt: str, generation: Generation, passages: Sequence[Passage]) -> dict:
+        """The JSON object of one answered prompt (``nest generate --json``)."""
+        by_doc = {p.doc_id: p for p in passages}
+        used: dict[int, int] = {}
+        for _, length, doc in attribution_runs(generation.sources, contiguous=False):
+            used[doc] = used.get(doc, 0) + length
+        t = generation.timings
+        c = generation.counters
+        n = len(generation.token_ids)
+        return {
+            "prompt": prompt, "method": self.method, "tokens": n, "seconds": round(t["total"], 6),
+            "tokens_per_s": round(n / t["total"], 3) if t["total"] > 0 else None,
+            "components": {k: round(float(t.get(k, 0.0)), 6) for k in TIMING_COMPONENTS},
+            "text": generation.text,
+            "attribution_ratio": round(attribution_ratio(generation.sources), 4),
+            "sources": [{"n": i + 1, "doc_id": int(doc), "title": by_doc[doc].title if doc in by_doc else "",
+                         "tokens": int(k)} for i, (doc, k) in enumerate(used.items())],
+            "passages": len(passages),
+            "key_cache_hits": int(c.get("key_cache_hits", 0)), "key_cache_misses": int(c.get("key_cache_misses", 0)),
+            "lm_forward_passes": int(c.get("lm_forward_passes", 0)),
+        }
+
+    def summary(self) -> dict:
+        """The stream's pooled figures: Σ tokens / Σ seconds (start-up excluded) and the key hit rate."""
+        t = self.totals
+        rate = self.key_hit_rate()
+        return {"prompts": self.answered, "tokens": t["tokens"], "seconds": round(t["seconds"], 3),
+                "tokens_per_s": round(t["tokens"] / t["seconds"], 3) if t["seconds"] > 0 else None,
+                "key_cache_hits": t["key_cache_hits"], "key_cache_misses": t["key_cache_misses"],
+                "key_hit_rate": None if rate is None else round(rate, 4), "startup_s": round(self.startup_s, 3)}
+
+
+TIMING_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
+                     "verification", "other")
+
+
+def read_prompts(path) -> list[str]:
+    """One prompt per line of a UTF-8 text file; blank lines are skipped. Raises InputError (file, line) on a file
+    that cannot be read or holds no prompt."""
+    from stages.errors import InputError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(path, None, "no such prompts file") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise InputError(path, line, "not UTF-8 text") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(path, None, "no prompt in the file (one prompt per line)")
+    return prompts
+
+
+def run_stream(session: DemoSession, prompts: Sequence[str], *, as_json: bool = False, out=None, err=None) -> dict:
+    """Answer ``prompts`` in order with one session. ``as_json``: one JSON object per prompt on ``out`` (see
+    :meth:`DemoSession.record`), and the start-up (``{"startup_s": ...}``, before the first prompt) and the stream's
+    summary (``{"summary": ...}``, after the last) as JSON lines on ``err``; otherwise the attributed texts, one
+    block per prompt, and a summary line. Returns the summary."""
+    import json
+    import sys
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if as_json:
+        print(json.dumps({"startup_s": round(session.startup_s, 3)}), file=err, flush=True)
+    for i, prompt in enumerate(prompts):
+        generation, passages = session.answer(prompt)
+        if as_json:
+            print(json.dumps(session.record(prompt, generation, passages), ensure_ascii=False), file=out, flush=True)
+        else:
+            text = format_attributed(generation, session.tokenizer, passages, session.min_span_tokens)
+            print(f"=== {i + 1}/{len(prompts)}: {prompt}\n{text}\n", file=out, flush=True)
+    summary = session.summary()
+    if as_json:
+        print(json.dumps({"summary": summary}), file=err, flush=True)
+    else:
+        rate = summary["key_hit_rate"]
+        print(f"({summary['prompts']} prompts, {summary['tokens']} tokens in {summary['seconds']:.1f} s: "
+              f"{summary['tokens_per_s'] or 0:.1f} tokens/s, retrieval and key encoding included; start-up "
+              f"{summary['startup_s']:.1f} s apart; passage-key hit rate "
+              f"{'n/a' if rate is None else f'{rate:.0%}'})", file=out, flush=True)
+    return summary
 
 
 def run_demo(prompt: str, *, lm_dir, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, method: str = "nest",
@@ -118,27 +301,13 @@ def run_demo(prompt: str, *, lm_dir, passages_dir, tokens_dir, bm25_dir, dense_d
     :func:`format_attributed`). ``options``: NestConfig fields (gamma, alpha, tau, delta, span_length, passages,
     max_new_tokens, ...) plus ``kind`` (``qa``: the prompt is the question, default; ``completion``: the prompt is the
     article's start), ``retrieval_mode``, ``candidates``, ``device``, ``dtype``, ``min_span_tokens``."""
-    from stages.decoding import make_decoder
-    from stages.lm import load_lm
+    from stages.errors import InputError
 
-    cfg_fields, extra = split_options(options)
-    config = NestConfig(**cfg_fields)
-    kind = extra.get("kind", "qa")
     if not prompt.strip():
-        from stages.errors import InputError
         raise InputError(None, None, "the prompt is empty")
-    t0 = time.perf_counter()
-    passages = []
-    if method != "base":
-        passages = retrieve_passages(prompt, passages_dir=passages_dir, tokens_dir=tokens_dir, bm25_dir=bm25_dir,
-                                     dense_dir=dense_dir, encoder=encoder, b=config.passages,
-                                     mode=extra.get("retrieval_mode", "hybrid"),
-                                     candidates=int(extra.get("candidates", 4000)))
-    search_s = time.perf_counter() - t0
-    model, tokenizer = load_lm(lm_dir, device=extra.get("device", "cpu"), dtype=extra.get("dtype"))
-    decoder = make_decoder(method, model, tokenizer, config)
-    request = DecodeRequest(0, kind, question=prompt if kind == "qa" else "", prefix=prompt if kind != "qa" else "",
-                            passages=passages)
-    generation = decoder.decode([request])[0]
-    text = format_attributed(generation, tokenizer, passages, int(extra.get("min_span_tokens", 1)))
-    return f"{text}\n(passage search {search_s:.1f} s, method {method})"
+    session = DemoSession.load(lm_dir=lm_dir, passages_dir=passages_dir, tokens_dir=tokens_dir, bm25_dir=bm25_dir,
+                               dense_dir=dense_dir, encoder=encoder, method=method, options=options)
+    generation, passages = session.answer(prompt)
+    text = format_attributed(generation, session.tokenizer, passages, session.min_span_tokens)
+    return (f"{text}\n(passage search {generation.timings['passage_search']:.1f} s, method {method}; "
+            f"start-up {session.startup_s:.1f} s apart)")

@@ -144,9 +144,9 @@ class NestDecoder(Decoder):
             self.key_cache, self.model, flat, lm_identity=self.lm_identity, key_layer=cfg.key_layer,
             bos_id=self.passage_bos, batch_size=cfg.passage_batch_size)
         with_passages = [r for r, ps in zip(rows, per_row) if ps]
-        for r in with_passages:
-            r.timings["passage_load"] += lookup_s / len(with_passages)
-            r.timings["token_index_build"] += encode_s / len(with_passages)
+        for r in with_passages:  # one batched lookup/encoding serves every row: its time is shared equally
+            r.timings["token_index_build"] += lookup_s / len(with_passages)
+            r.timings["passage_encoding"] += encode_s / len(with_passages)
         first_value_pos = 0 if self.passage_bos is not None else 1
         at = 0
         for row, ps in zip(rows, per_row):
@@ -312,7 +312,7 @@ class NestDecoder(Decoder):
             self.build_indexes(live, clock)
             lm = BatchedLM(self.model, key_layer=cfg.key_layer, compact_min_slots=cfg.compact_min_slots,
                            compact_hole_fraction=cfg.compact_hole_fraction)
-            with clock.time("lm_encoding", live):
+            with clock.time("lm_forward", live):
                 outs = lm.prefill([r.prompt for r in live])
             for r, o in zip(live, outs):
                 r.count("lm_forward_passes")
@@ -329,7 +329,7 @@ class NestDecoder(Decoder):
                 live = [live[i] for i in keep]
                 if not live:
                     break
-                with clock.time("lm_encoding", live):
+                with clock.time("lm_forward", live):
                     outs = lm.step([r.feed for r in live])
                 kept = []
                 for r, o in zip(live, outs):
