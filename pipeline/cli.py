@@ -447,7 +447,8 @@ def cmd_generate(args) -> int:
         return code
     # the profile's decoding settings ([decoding] config and the method's overrides), then the command line's
     d = dag.decoding()
-    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {})}
+    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {}),
+               "task_config": dag._plain(d.task_config)}
     options.update({k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
                                                   "passages") if getattr(args, k) is not None})
     where = dict(lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,

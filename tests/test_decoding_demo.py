@@ -43,3 +43,12 @@ def test_split_options():
     assert extra == {"kind": "completion"}
     with pytest.raises(ValueError, match="unknown demo option 'gama'"):
         split_options({"gama": 0.5})
+
+
+def test_a_bio_request_is_retrieved_by_its_entity_and_decoded_as_a_bio():
+    from stages.decoding.demo import demo_query
+
+    assert demo_query("Tell me a bio of Ada Lovelace.") == ("Ada Lovelace", "bio")
+    assert demo_query("  tell me a biography of Marie Curie ") == ("Marie Curie", "bio")
+    assert demo_query("Question: Tell me a bio of Taral Hicks.") == ("Taral Hicks", "bio")
+    assert demo_query("Who wrote On Crimes and Punishments?") == ("Who wrote On Crimes and Punishments?", None)

@@ -17,6 +17,7 @@ module only reads them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +34,7 @@ SNIPPET_CHARS = 160
 def split_options(options: dict | None) -> tuple[dict, dict]:
     """(NestConfig fields, demo-only options) from one flat dict; unknown names raise ValueError."""
     fields = {f.name for f in dataclasses.fields(NestConfig)}
-    demo_only = {"kind", "retrieval_mode", "candidates", "device", "dtype", "min_span_tokens"}
+    demo_only = {"kind", "retrieval_mode", "candidates", "device", "dtype", "min_span_tokens", "task_config"}
     cfg, extra = dict(DEMO_DEFAULTS), {}
     for k, v in (options or {}).items():
         if v is None:
@@ -109,6 +110,17 @@ def retrieve_passages(prompt: str, *, passages_dir, tokens_dir, bm25_dir, dense_
                             encoder=encoder, b=b, mode=mode, candidates=candidates)(prompt)
 
 
+BIO_PROMPT = re.compile(r"^\s*(?:question:\s*)?tell me a bio(?:graphy)? of\s+(.+?)\s*[.?!]*\s*$", re.I)
+
+
+def demo_query(prompt: str) -> tuple[str, str | None]:
+    """(retrieval query, task) of a prompt. A bio request ("Tell me a bio of X.") is retrieved by the entity X, as the
+    bio task and the paper's FactScore runs retrieve by the topic, and decodes with the profile's ``[decoding]
+    task_config`` of ``bio``; any other prompt is its own query (task None)."""
+    m = BIO_PROMPT.match(prompt)
+    return (m.group(1), "bio") if m else (prompt, None)
+
+
 class PassageRetriever:
     """The indexes and passage readers opened once; ``retriever(prompt)`` gives the top-b passages of one prompt."""
 
@@ -128,10 +140,13 @@ class PassageRetriever:
         doc_ids = [int(r[0]) for r in rows]
         if not doc_ids:
             return []
+        from stages.generate import ends_document
+
         meta = self.reader.get(doc_ids)
         toks = self.lookup.get(doc_ids)
-        return [Passage(d, list(t), m.get("title") or "", m.get("text") or "") for d, t, m in
-                zip(doc_ids, toks, meta)]
+        ends = ends_document(self.reader, doc_ids, meta)
+        return [Passage(d, list(t), m.get("title") or "", m.get("text") or "", e) for d, t, m, e in
+                zip(doc_ids, toks, meta, ends)]
 
 
 class DemoSession:
@@ -143,7 +158,7 @@ class DemoSession:
     everything that prompt cost: its retrieval (``passage_search``), key encoding, index building and decoding."""
 
     def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
-                 min_span_tokens: int = 1, startup_s: float = 0.0):
+                 min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None):
         from stages.decoding import make_decoder
         from stages.decoding.passage_keys import PassageKeyCache
 
@@ -152,6 +167,8 @@ class DemoSession:
         self.min_span_tokens = int(min_span_tokens)
         self.key_cache = PassageKeyCache(max_bytes=config.key_cache_max_bytes)  # memory only: this stream's keys
         self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
+        self.task_config = dict(task_config or {})
+        self._decoders = {None: self.decoder}  # by task: a bio prompt decodes with the bio task's overrides
         self.startup_s = float(startup_s)
         self.answered = 0
         self.totals = {"tokens": 0, "seconds": 0.0, "key_cache_hits": 0, "key_cache_misses": 0}
@@ -174,9 +191,20 @@ class DemoSession:
                                         candidates=int(extra.get("candidates", 4000)))
         model, tokenizer = load_lm(lm_dir, device=extra.get("device", "cpu"), dtype=extra.get("dtype"))
         session = cls(model, tokenizer, method, config, retrieve, kind=extra.get("kind", "qa"),
-                      min_span_tokens=int(extra.get("min_span_tokens", 1)))
+                      min_span_tokens=int(extra.get("min_span_tokens", 1)), task_config=extra.get("task_config"))
         session.startup_s = time.perf_counter() - t0
         return session
+
+    def decoder_for(self, task: str | None):
+        """The decoder of a prompt's task: the session's config with that task's ``task_config`` overrides."""
+        if task not in self._decoders:
+            from stages.decoding import make_decoder
+
+            overrides = self.task_config.get(task) or {}
+            cfg = self.decoder.config.replace(**overrides) if overrides else self.decoder.config
+            self._decoders[task] = make_decoder(self.method, self.decoder.model, self.tokenizer, cfg,
+                                                key_cache=self.key_cache)
+        return self._decoders[task]
 
     def answer(self, prompt: str) -> tuple[Generation, list[Passage]]:
         """Retrieve and decode one prompt; ``generation.timings`` holds its components and ``total`` (seconds)."""
@@ -186,12 +214,13 @@ class DemoSession:
         if not prompt.strip():
             raise InputError(None, None, "the prompt is empty")
         t0 = time.perf_counter()
-        passages = self.retrieve(prompt) if self.retrieve is not None else []
+        query, task = demo_query(prompt) if self.kind == "qa" else (prompt, None)
+        passages = self.retrieve(query) if self.retrieve is not None else []
         search_s = time.perf_counter() - t0
         kind = self.kind
         request = DecodeRequest(self.answered, kind, question=prompt if kind == "qa" else "",
                                 prefix=prompt if kind != "qa" else "", passages=passages)
-        generation = self.decoder.decode([request])[0]
+        generation = self.decoder_for(task).decode([request])[0]
         timings = generation.timings
         timings["passage_search"] = timings.get("passage_search", 0.0) + search_s
         timings["total"] = time.perf_counter() - t0  # everything this prompt cost, measured around all of it
