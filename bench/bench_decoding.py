@@ -23,7 +23,8 @@ is not in this build.
 - ``completion`` at 96, the **upper bound**: the source article is in the datastore, so NEST copies the answer.
 
 Methods: ``base`` (our greedy loop, plain prompt), ``pld10``/``pld20`` (HF ``generate(prompt_lookup_num_tokens=k)``
-with the same top passages in its prompt as RA), ``nest`` (on the fly), ``nest_b20``/``nest_b10``, ``nest_store``.
+with the same top passages in its prompt as RA), ``nest`` (on the fly, the profile's b), ``nest_b20``/``nest_b40``, ``nest_store``. NEST on a task uses the profile's
+decoding config with that task's ``[decoding] task_config`` (the bios end with their article).
 
 Speed-ups are **pooled** (Σ tokens / Σ seconds of the method ÷ the same for the base LM, on the same examples of the
 same run); medians of the per-example ratios stand beside them. The targets table (issue 7 §5) is computed from the
@@ -57,7 +58,7 @@ def settings(max_new: int, long_new: int) -> list[dict]:
         {"name": f"completion_excluded@{max_new}", "task": "completion_excluded", "max_new": max_new,
          "methods": ["base", "pld10", "pld20", "nest", "nest_store"]},
         {"name": f"bio@{max_new}", "task": "bio", "max_new": max_new,
-         "methods": ["base", "pld10", "pld20", "nest", "nest_b20", "nest_b10", "nest_store"]},
+         "methods": ["base", "pld10", "pld20", "nest", "nest_b20", "nest_b40", "nest_store"]},
         {"name": f"bio@{long_new}", "task": "bio", "max_new": long_new, "methods": ["base", "nest"]},
         {"name": f"completion@{max_new} (upper bound)", "task": UPPER_BOUND, "max_new": max_new,
          "methods": ["base", "nest"]},
@@ -96,8 +97,10 @@ def load_inputs(tasks, n_examples: int, quick: bool) -> dict:
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     d = dag.decoding()
     nest_cfg = {**dag._plain(d.config), **dag._plain(d.method_config).get("nest", {})}
-    out = {"lm_dir": roots["lm"].artifact_dir, "tasks": {}, "nest_config": nest_cfg,
-           "key_store": build_key_store(cli, dag, tasks)}
+    task_cfg = {t: {**dag._plain(d.config), **dag._plain(d.task_config).get(t, {}),
+                    **dag._plain(d.method_config).get("nest", {})} for t in tasks}
+    out = {"lm_dir": roots["lm"].artifact_dir, "tasks": {}, "nest_config": nest_cfg, "task_nest_config": task_cfg,
+           "key_store": build_key_store(cli, dag, tasks, task_cfg)}
     for t in tasks:
         examples = pq.read_table(Path(roots[f"examples/{t}"].artifact_dir) / "examples.parquet").to_pylist()
         retr_dir = Path(roots[f"retrievals/{t}"].artifact_dir)
@@ -116,7 +119,7 @@ def load_inputs(tasks, n_examples: int, quick: bool) -> dict:
     return out
 
 
-def build_key_store(cli, dag, tasks) -> dict:
+def build_key_store(cli, dag, tasks, task_cfg: dict | None = None) -> dict:
     """Build the passage-key store (EncodePassageKeys) BEFORE the timed run; {'dir', 'build_s'} or {'note'}."""
     try:
         from stages.decoding.key_store import PassageKeyStore  # noqa: F401  (present after the key-store merge)
@@ -127,7 +130,11 @@ def build_key_store(cli, dag, tasks) -> dict:
         return {"note": "no EncodePassageKeys stage in pipeline.dag: the nest_store rows are skipped"}
     try:
         names = set(cls.get_param_names())
-        jobs = [cls(task=t) for t in tasks] if "task" in names else [cls()]
+        make = getattr(dag, "passage_keys_task", None)
+        if make is not None and task_cfg:  # the store of the NEST row's own settings (b, layer, document end)
+            jobs = [make(t, "nest", task_cfg[t]) for t in tasks]
+        else:
+            jobs = [cls(task=t) for t in tasks] if "task" in names else [cls()]
         t0 = time.perf_counter()
         code = cli.build(jobs, profile=None, command=["bench", "decoding", "keys"], quiet=True)
         wall = time.perf_counter() - t0
@@ -192,7 +199,9 @@ class Method:
     def run(self, row: dict) -> dict:
         import torch
 
-        req = row["request"]
+        import dataclasses
+
+        req = dataclasses.replace(row["request"], max_new_tokens=self.max_new)  # the setting's length, every method
         t0 = time.perf_counter()
         if self.pld_k:
             ids = torch.tensor([self.ra.prompt_ids(req)])
@@ -438,7 +447,8 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     methods: dict[str, dict[str, Method]] = {}
     for s in plan:
         names = [m for m in s["methods"] if m != "nest_store" or store_dirs]
-        methods[s["name"]] = {m: Method(m, model, tok, s["max_new"], inputs["nest_config"],
+        methods[s["name"]] = {m: Method(m, model, tok, s["max_new"],
+                                        inputs.get("task_nest_config", {}).get(s["task"], inputs["nest_config"]),
                                         store_dirs.get(s["task"]) if m == "nest_store" else None) for m in names}
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     _log("warm-up: one untimed call of every method on an example outside the timed ones")
