@@ -83,6 +83,8 @@ def build_requests(examples: list[dict], retrievals: dict[int, list[int]], passa
 def ends_document(passage_reader, doc_ids: list[int], rows: list[dict]) -> list[bool]:
     """Per passage: is it the last passage of its source article? Passages of one source have consecutive doc_ids
     (ConvertCorpus), so a passage ends its article when the next doc_id belongs to another source (or does not exist)."""
+    if not hasattr(passage_reader, "__len__") or any("source_id" not in r for r in rows):
+        return [False] * len(doc_ids)  # a reader that knows no sources: no passage is known to end an article
     n = len(passage_reader)
     nxt = [int(d) + 1 for d in doc_ids if int(d) + 1 < n]
     nxt_source = {int(r["doc_id"]): r.get("source_id") for r in passage_reader.get(nxt, ("doc_id", "source_id"))} if nxt else {}

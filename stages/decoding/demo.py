@@ -24,7 +24,7 @@ from typing import Sequence
 
 from stages.decoding.attribution import token_char_ends
 from stages.decoding.config import NestConfig
-from tasks.metrics import attribution_runs
+from tasks.metrics import attribution_ratio, attribution_runs
 from stages.decoding.types import DecodeRequest, Generation, Passage
 
 DEMO_DEFAULTS = {"max_new_tokens": 128, "passages": 40}
@@ -242,7 +242,7 @@ class DemoSession:
         """The JSON object of one answered prompt (``nest generate --json``)."""
         by_doc = {p.doc_id: p for p in passages}
         used: dict[int, int] = {}
-        for _, length, doc in attribution_runs(generation.sources, contiguous=False):
+        for _, length, doc in attribution_runs(generation.sources, same_doc_only=True):
             used[doc] = used.get(doc, 0) + length
         t = generation.timings
         c = generation.counters
@@ -252,7 +252,8 @@ class DemoSession:
             "tokens_per_s": round(n / t["total"], 3) if t["total"] > 0 else None,
             "components": {k: round(float(t.get(k, 0.0)), 6) for k in TIMING_COMPONENTS},
             "text": generation.text,
-            "attribution_ratio": round(attribution_ratio(generation.sources), 4),
+            "attribution_ratio": (None if attribution_ratio(generation.sources) is None
+                                  else round(attribution_ratio(generation.sources), 4)),
             "sources": [{"n": i + 1, "doc_id": int(doc), "title": by_doc[doc].title if doc in by_doc else "",
                          "tokens": int(k)} for i, (doc, k) in enumerate(used.items())],
             "passages": len(passages),
