@@ -90,9 +90,9 @@ def load_inputs(tasks, n_examples: int, quick: bool) -> dict:
         raise RuntimeError(f"the pipeline failed to build the benchmark's inputs (exit {code})")
     import pyarrow.parquet as pq
 
-    from stages.generate import build_requests, read_retrievals, read_search_seconds
-    from stages.passages import PassageReader
-    from stages.pretokenize import TokenLookup
+    from stages.evaluation.generate import build_requests, read_retrievals, read_search_seconds
+    from stages.corpus.passages import PassageReader
+    from stages.lm.pretokenize import TokenLookup
 
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     d = dag.decoding()
@@ -333,8 +333,8 @@ def stream_hit_rate(n: int, quick: bool) -> dict:
         if cli.build([job, dag.PreTokenize()], profile=None, command=["bench", "decoding", "stream"], quiet=True):
             return {"note": "the stream's retrieval failed to build"}
         from stages.decoding.passage_keys import passage_digest
-        from stages.generate import read_retrievals, read_search_seconds
-        from stages.pretokenize import TokenLookup
+        from stages.evaluation.generate import read_retrievals, read_search_seconds
+        from stages.lm.pretokenize import TokenLookup
 
         retr = read_retrievals(Path(job.artifact_dir))
         lookup = TokenLookup(dag.PreTokenize().artifact_dir)
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     import torch
     from rouge_score import rouge_scorer
 
-    from stages.lm import load_lm
+    from stages.lm.load import load_lm
 
     if args.threads:
         torch.set_num_threads(args.threads)

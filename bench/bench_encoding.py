@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
 
     from bench.bench_decoding import load_inputs
     from stages.decoding import NestConfig
-    from stages.lm import load_lm
+    from stages.lm.load import load_lm
 
     task = "completion_excluded" if quick else "bio"  # the quick 300-article corpus holds no people
     inputs = load_inputs([task], n, quick)

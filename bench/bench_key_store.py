@@ -16,7 +16,7 @@ Then, on the same examples, with the real LM and the profile's NEST config (``[d
 - ``fp16`` and ``pq``: keys read from the store (``PassageKeyCache(store=...)``; a miss would be encoded, and is counted).
 
 Per setting: NEST's and kNN-LM's perplexity of the completion_excluded references in evaluation mode
-(:func:`stages.perplexity.target_nll`, pooled over tokens), NEST's generations (greedy) with their ROUGE-1 F against the
+(:func:`stages.evaluation.perplexity.target_nll`, pooled over tokens), NEST's generations (greedy) with their ROUGE-1 F against the
 reference and their attribution ratio (share of generated tokens with a source), the share of generations identical to
 the exact ones, and the relative squared error of the stored keys. Goals (issue 7 §5): PQ's PPL change ≤ 2%,
 attribution change ≤ 2 points.
@@ -67,9 +67,9 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
         raise RuntimeError(f"the pipeline failed to build the benchmark's inputs (exit {code})")
     import pyarrow.parquet as pq
 
-    from stages.generate import build_requests, read_retrievals
-    from stages.passages import PassageReader
-    from stages.pretokenize import TokenLookup
+    from stages.evaluation.generate import build_requests, read_retrievals
+    from stages.corpus.passages import PassageReader
+    from stages.lm.pretokenize import TokenLookup
 
     store = config.get_store()
     nest_cfg = dag._plain(dag.decoding().config)
@@ -97,7 +97,7 @@ def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) ->
     from stages.decoding.attribution import attribution_ratio
     from stages.decoding.key_store import PassageKeyStore
     from stages.decoding.passage_keys import PassageKeyCache
-    from stages.perplexity import target_nll
+    from stages.evaluation.perplexity import target_nll
 
     cfg = {**inputs["config"], "max_new_tokens": max_new}
     out = {"ppl": {}, "generations": {}, "cache": {}}
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     import torch
     from rouge_score import rouge_scorer
 
-    from stages.lm import load_lm
+    from stages.lm.load import load_lm
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -76,7 +76,7 @@ def _fresh(parent: Path, name: str) -> Path:
 
 def ensure_lm(cache: Path) -> Path:
     """PrepareLM on the embedded GGUF, built once into ``cache/lm-<key>/`` (about 20 s) and reused."""
-    from stages import prepare_lm
+    from stages.lm import prepare as prepare_lm
 
     source = prepare_lm.embedded_lm_source()
     key = json.dumps({"identity": prepare_lm.source_identity(source), "version": prepare_lm.VERSION}, sort_keys=True)
@@ -98,7 +98,7 @@ def base_records(scratch: Path) -> list[dict]:
     """The embedded corpus as passages (ConvertCorpus), one Atlas record per passage."""
     import pyarrow.parquet as pq
 
-    from stages import corpus
+    from stages.corpus import convert as corpus
 
     out = _fresh(scratch, "embedded_passages")
     corpus.run(out, source=corpus.embedded_corpus_path())
@@ -144,11 +144,11 @@ def child_peak_rss(stage: str, **kwargs) -> dict:
 def _child(stage: str, kwargs: dict) -> None:
     t0 = time.perf_counter()
     if stage == "convert":
-        from stages import corpus
+        from stages.corpus import convert as corpus
 
         stats = corpus.run(Path(kwargs["out"]), source=Path(kwargs["source"]))
     elif stage == "pretokenize":
-        from stages import pretokenize
+        from stages.lm import pretokenize
 
         stats = pretokenize.run(Path(kwargs["out"]), passages=Path(kwargs["passages"]), lm=Path(kwargs["lm"]))
     else:
@@ -177,8 +177,8 @@ def _peak_rss_kib() -> int:
 def bench_pretokenize(scratch: Path, passages: Path, lm: Path, repeats: int) -> dict:
     import pyarrow.parquet as pq
 
-    from stages import pretokenize
-    from stages.lm import load_tokenizer
+    from stages.lm import pretokenize
+    from stages.lm.load import load_tokenizer
 
     texts = []
     for shard in sorted(passages.glob("passages-*.parquet")):
@@ -204,7 +204,7 @@ def bench_encode(scratch: Path, passages: Path, repeats: int) -> dict:
     import pyarrow.parquet as pq
     from sentence_transformers import SentenceTransformer
 
-    from stages import dense
+    from stages.retrieval import dense
 
     spec = dense.embedded_encoder()
     texts = []
@@ -228,7 +228,7 @@ def bench_encode(scratch: Path, passages: Path, repeats: int) -> dict:
 
 
 def bench_bm25(scratch: Path, passages: Path, n: int) -> dict:
-    from stages import bm25
+    from stages.retrieval import bm25
 
     t0 = time.perf_counter()
     stats = bm25.run(_fresh(scratch, "bm25_bench"), passages=passages)

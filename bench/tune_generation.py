@@ -48,9 +48,9 @@ def load_dev(tasks, n: int, seed: int, b_max: int) -> dict:
         raise SystemExit(f"the pipeline failed to build the dev inputs (exit {code})")
     import pyarrow.parquet as pq
 
-    from stages.generate import build_requests, read_retrievals
-    from stages.passages import PassageReader
-    from stages.pretokenize import TokenLookup
+    from stages.evaluation.generate import build_requests, read_retrievals
+    from stages.corpus.passages import PassageReader
+    from stages.lm.pretokenize import TokenLookup
 
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     out = {"lm_dir": roots["lm"].artifact_dir, "tasks": {}, "titles": {}}
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     import torch
 
     from stages.decoding import NestConfig, PassageKeyCache, make_decoder
-    from stages.lm import load_lm
+    from stages.lm.load import load_lm
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     data = load_dev(args.tasks, args.n, args.seed, max(args.passages))

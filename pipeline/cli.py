@@ -436,7 +436,7 @@ def cmd_generate(args) -> int:
         raise CliError("generate: give one prompt, or --file PROMPTS.txt (one prompt per line), not both")
     _setup(args.profile, args.set)
     try:
-        from stages.decoding.demo import DemoSession, read_prompts, run_demo, run_stream
+        from pipeline.demo import DemoSession, read_prompts, run_demo, run_stream
     except ImportError as e:
         raise CliError(f"generate: the decoding demo is not available ({e})") from None
     prompts = read_prompts(args.file) if args.file is not None else None  # a bad file fails before any build

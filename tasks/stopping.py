@@ -39,7 +39,7 @@ DEFAULT_LENGTHS: dict[str, int | str | None] = {"completion": REFERENCE, "qa": 1
                                                 "longform": 512}
 DEFAULT_STOPS = {"completion": "none", "qa": "paragraph", "multiple_choice": "paragraph", "longform": "none"}
 
-# The embedded tasks (stages.load_task) and the paper tasks (tasks.registry; each Task class says the same in `family`).
+# The embedded tasks (stages.evaluation.load_task) and the paper tasks (tasks.registry; each Task class says the same in `family`).
 TASK_FAMILIES = {
     "completion": "completion", "completion_excluded": "completion", "bio": "longform",
     "wikitext": "completion", "nq": "qa", "triviaqa": "qa", "hotpotqa": "qa", "truthfulqa": "qa",

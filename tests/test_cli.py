@@ -71,7 +71,7 @@ def test_nest_run_passes_luigi_parameters_to_the_stage(fake_env, capsys):
 
 
 def test_generate_without_the_decoding_demo_fails_in_one_line(fake_env, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "stages.decoding.demo", None)  # import fails
+    monkeypatch.setitem(sys.modules, "pipeline.demo", None)  # import fails
     assert cli.main(["generate", "Tell me a bio of Marie Curie.", "--method", "nest", "--gamma", "0.05"]) == 2
     assert "nest: generate: the decoding demo is not available" in capsys.readouterr().err
 

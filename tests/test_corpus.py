@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from stages import corpus
-from stages.corpus import split_passage
-from stages.corpus_formats import JsonObjectStream, detect_format, split_dpr_contents
+from stages.corpus import convert as corpus
+from stages.corpus.convert import split_passage
+from stages.corpus.formats import JsonObjectStream, detect_format, split_dpr_contents
 from stages.errors import InputError
-from stages.passages import PassageReader
+from stages.corpus.passages import PassageReader
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "corpus"
 

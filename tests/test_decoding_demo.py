@@ -4,7 +4,7 @@ import pytest
 
 from decoding_tiny import TinyTokenizer
 from stages.decoding import Generation, Passage
-from stages.decoding.demo import format_attributed, split_options
+from pipeline.demo import format_attributed, split_options
 
 
 def test_markers_after_copied_runs_and_numbered_sources():
@@ -46,7 +46,7 @@ def test_split_options():
 
 
 def test_a_bio_request_is_retrieved_by_its_entity_and_decoded_as_a_bio():
-    from stages.decoding.demo import demo_query
+    from pipeline.demo import demo_query
 
     assert demo_query("Tell me a bio of Ada Lovelace.") == ("Ada Lovelace", "bio")
     assert demo_query("  tell me a biography of Marie Curie ") == ("Marie Curie", "bio")

@@ -26,7 +26,7 @@ MIXTURE = dict(alpha=0.2, mu=0.5, max_new_tokens=N_NEW)
 
 @pytest.fixture(scope="module")
 def lm(real_lm_dir):
-    from stages.lm import load_lm
+    from stages.lm.load import load_lm
 
     return load_lm(real_lm_dir)
 

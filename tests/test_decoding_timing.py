@@ -10,7 +10,7 @@ import pytest
 from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
 from stages.decoding import DecodeRequest, NestConfig, PassageKeyCache, make_decoder
 from stages.decoding.base import COMPONENT_KEYS, TIMING_KEYS, add_passage_search, settle_other
-from stages.decoding.demo import TIMING_COMPONENTS, DemoSession, read_prompts, run_stream
+from pipeline.demo import TIMING_COMPONENTS, DemoSession, read_prompts, run_stream
 from stages.errors import InputError
 
 SLACK = 1e-6  # float rounding of the sums
@@ -39,7 +39,8 @@ def test_timing_keys_are_the_contract():
     assert TIMING_KEYS == ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
                            "verification", "other", "total")
     assert TIMING_COMPONENTS == TIMING_KEYS[:-1]
-    from stages import report, score
+    from stages.evaluation import report
+    from stages.evaluation import score
     assert score.COMPONENTS == TIMING_KEYS[:-1] and report.LATENCY_COMPONENTS == TIMING_KEYS[:-1]
 
 
@@ -179,7 +180,7 @@ def _stage_inputs(tmp_path, passages, search_s):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import pre_retrieve
+    from stages.retrieval import pre_retrieve
     from tasks.base import Example, examples_to_table
 
     (tmp_path / "e").mkdir()
@@ -196,17 +197,17 @@ def _stage_inputs(tmp_path, passages, search_s):
 def test_generate_wall_time_counts_retrieval_and_cold_keys(model, tok, tmp_path, monkeypatch, method):
     import pyarrow.parquet as pq
 
-    import stages.lm
-    import stages.passages
-    import stages.pretokenize
-    from stages import generate
+    import stages.lm.load
+    import stages.corpus.passages
+    import stages.lm.pretokenize
+    from stages.evaluation import generate
 
     passages = random_passages(11, 4)
     search_s = 0.25  # PreRetrieve's share per example (written by hand)
     _stage_inputs(tmp_path, passages, search_s)
-    monkeypatch.setattr(stages.lm, "load_lm", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(stages.passages, "PassageReader", _Reader)
-    monkeypatch.setattr(stages.pretokenize, "TokenLookup", _lookup_for(passages))
+    monkeypatch.setattr(stages.lm.load, "load_lm", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(stages.corpus.passages, "PassageReader", _Reader)
+    monkeypatch.setattr(stages.lm.pretokenize, "TokenLookup", _lookup_for(passages))
     (tmp_path / "out").mkdir()
     stats = generate.run(tmp_path / "out", examples=tmp_path / "e", passages=tmp_path, tokens=tmp_path, lm=tmp_path,
                          retrievals=tmp_path / "r", method=method, config={"max_new_tokens": 5})

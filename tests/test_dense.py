@@ -1,4 +1,4 @@
-"""EncodePassages / BuildDenseIndex / import / DenseSearcher (stages/dense.py) on tiny fixtures."""
+"""EncodePassages / BuildDenseIndex / import / DenseSearcher (stages/retrieval/dense.py) on tiny fixtures."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import dense
+from stages.retrieval import dense
 from stages.errors import InputError
 
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("source_id", pa.string()), ("title", pa.string()),

@@ -125,7 +125,7 @@ def test_tokens_are_the_lm_tokenizer_ids_of_each_passage(built):
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from stages.pretokenize import TokenLookup
+    from stages.lm.pretokenize import TokenLookup
 
     tok = AutoTokenizer.from_pretrained(_dir(built, "PrepareLM"))
     passages = {row["doc_id"]: row for f in sorted(_dir(built, "ConvertCorpus").glob("passages-*.parquet"))
@@ -172,7 +172,7 @@ def test_changing_gamma_reruns_only_the_nest_runs_it_affects(built):
 def test_generations_attribute_tokens_to_the_passage_tokens_they_copy(built):
     import pyarrow.parquet as pq
 
-    from stages.pretokenize import TokenLookup
+    from stages.lm.pretokenize import TokenLookup
 
     lookup = TokenLookup(_dir(built, "PreTokenize"))
     gens = [row for r in built["run2"]["reached"] if r["stage"] == "Generate"

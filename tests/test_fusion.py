@@ -1,8 +1,8 @@
-"""Hybrid fusion (stages/fusion.py) on hand-made score lists; every expected value is worked out in the comments."""
+"""Hybrid fusion (stages/retrieval/fusion.py) on hand-made score lists; every expected value is worked out in the comments."""
 
 import pytest
 
-from stages.fusion import RELEASED_CODE, fuse, fusion_coefficient, retriever_confidence, single
+from stages.retrieval.fusion import RELEASED_CODE, fuse, fusion_coefficient, retriever_confidence, single
 
 
 def test_retriever_confidence_by_hand():

@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from stages import bm25
-from stages.judge import HFJudge, bm25_retriever
+from stages.retrieval import bm25
+from stages.evaluation.judge import HFJudge, bm25_retriever
 from tasks.factscore import parse_verdict, support_prompt
 
 pytestmark = pytest.mark.slow

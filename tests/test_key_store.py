@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
-from stages import encode_passage_keys as stage
+from stages.lm import encode_passage_keys as stage
 from stages.decoding import DecodeRequest, NestConfig, make_decoder
 from stages.decoding.key_store import PassageKeyStore, pq_subquantizers
 from stages.decoding.passage_keys import PassageKeyCache, encode_passages, lm_fingerprint, passage_digest
@@ -158,7 +158,7 @@ def test_a_half_written_store_is_never_published(tmp_path, model, tok, monkeypat
 
 def _tokens_artifact(folder, rows):
     from stages.common import ShardedWriter, atomic_write_text
-    from stages.pretokenize import TOKENS_INFO, tokens_schema
+    from stages.lm.pretokenize import TOKENS_INFO, tokens_schema
 
     folder.mkdir()
     with ShardedWriter(folder, "tokens", tokens_schema(), 4, 2) as w:
@@ -178,9 +178,9 @@ def _retrievals(folder, ranked: dict[int, list[int]]):
 
 def test_stage_scope_retrieved_is_the_union_of_the_top_b_and_corpus_is_every_passage(tmp_path, model, tok,
                                                                                       monkeypatch):
-    import stages.lm
+    import stages.lm.load
 
-    monkeypatch.setattr(stages.lm, "load_lm", lambda lm, device="cpu", dtype=None: (model, tok))
+    monkeypatch.setattr(stages.lm.load, "load_lm", lambda lm, device="cpu", dtype=None: (model, tok))
     token_rows = [(p.doc_id, p.token_ids) for p in random_passages(7, 12, first_doc=0)]
     token_rows[4] = (4, [9])  # one token: no key without a BOS, so never stored
     tokens = _tokens_artifact(tmp_path / "tokens", token_rows)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages import load_task
+from stages.evaluation import load_task
 from stages.errors import InputError
-from stages.lm import load_tokenizer
-from stages.passages import PassageReader
+from stages.lm.load import load_tokenizer
+from stages.corpus.passages import PassageReader
 
 P, T = 16, 48  # prefix / target tokens for the tiny tokenizer (its tokens are short: ~2 chars)
 
@@ -118,7 +118,7 @@ def test_person_rule():
 
 
 def test_bio_needs_people(tmp_path, tiny_tokenizer_dir):
-    from stages import corpus
+    from stages.corpus import convert as corpus
 
     src = tmp_path / "a.jsonl"
     src.write_text('{"id": "1", "title": "T", "text": "Some words."}\n')
@@ -146,7 +146,7 @@ def test_paper_task_from_its_official_file(tmp_path):
     """LoadTask reads a paper benchmark through tasks.registry: seeded subsample, the examples schema, all aliases."""
     import pyarrow.parquet as pq
 
-    from stages import load_task
+    from stages.evaluation import load_task
 
     fixture = Path(__file__).parent / "fixtures" / "tasks" / "nq_open.jsonl"
     stats = load_task.run(tmp_path, passages=tmp_path, lm=tmp_path, task="nq", data=fixture, n_examples=2, seed=0)
@@ -158,7 +158,7 @@ def test_paper_task_from_its_official_file(tmp_path):
 
 
 def test_paper_task_bad_file_is_one_line_error(tmp_path):
-    from stages import load_task
+    from stages.evaluation import load_task
     from stages.errors import InputError
 
     bad = tmp_path / "nq.jsonl"

@@ -5,7 +5,7 @@ import math
 import torch
 
 from stages.decoding import DecodeRequest, NestConfig, make_decoder
-from stages.perplexity import target_nll
+from stages.evaluation.perplexity import target_nll
 from tests.decoding_tiny import TinyTokenizer, random_passages, tiny_llama
 
 PROMPT = [5, 9, 17, 33, 8, 12]

@@ -1,4 +1,4 @@
-"""PreRetrieve (stages/pre_retrieve.py) on a micro corpus: the three modes, exclusions, the exact output schema."""
+"""PreRetrieve (stages/retrieval/pre_retrieve.py) on a micro corpus: the three modes, exclusions, the exact output schema."""
 
 from pathlib import Path
 
@@ -6,7 +6,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import bm25, dense, fusion, pre_retrieve
+from stages.retrieval import bm25
+
+from stages.retrieval import dense
+
+from stages.retrieval import fusion
+
+from stages.retrieval import pre_retrieve
 
 from tests.test_bm25 import PASSAGES, SCHEMA as PASSAGE_SCHEMA  # the same six passages
 EXAMPLE_SCHEMA = pa.schema([("example_id", pa.int64()), ("task", pa.string()), ("kind", pa.string()),
@@ -91,7 +97,7 @@ def test_hybrid_schema_ranks_and_fusion(artifacts):
 
 def test_search_seconds_are_shared_per_example(artifacts):
     """Each example carries one positive search time on all its rows; the examples' shares add up to the stage's."""
-    from stages.generate import read_search_seconds
+    from stages.evaluation.generate import read_search_seconds
 
     root, examples = artifacts
     table, stats, out = _run(root, examples, "hybrid", b=4, candidates=4000, batch_size=2)

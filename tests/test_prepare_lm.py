@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import stages.common
-from stages import lm as lm_mod
-from stages import prepare_lm
+from stages.lm import load as lm_mod
+from stages.lm import prepare as prepare_lm
 from stages.errors import InputError
 
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import pretokenize
-from stages.lm import load_tokenizer
-from stages.passages import PassageReader
-from stages.pretokenize import TokenLookup, fill_template, template_fields, token_list_array
+from stages.lm import pretokenize
+from stages.lm.load import load_tokenizer
+from stages.corpus.passages import PassageReader
+from stages.lm.pretokenize import TokenLookup, fill_template, template_fields, token_list_array
 
 
 def test_template_fields():

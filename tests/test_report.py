@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import report
+from stages.evaluation import report
 
 
 def _rows():

@@ -7,7 +7,7 @@ import pytest
 
 from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
 from stages.decoding import DecodeRequest, NestConfig, Passage, make_decoder
-from stages.generate import build_requests
+from stages.evaluation.generate import build_requests
 from tasks import registry
 from tasks.stopping import (DEFAULT_LENGTHS, FAMILIES, TASK_FAMILIES, StopRule, family_of, rule_for,
                             stop_reached)

@@ -15,8 +15,7 @@ import importlib
 _EXPORTS = {
     "BaseDecoder": "base", "Decoder": "base", "RADecoder": "base", "NestConfig": "config",
     "KnnLMDecoder": "knnlm", "NestDecoder": "nest", "RANestDecoder": "nest", "PassageKeyCache": "passage_keys",
-    "DecodeRequest": "types", "Generation": "types", "Passage": "types", "run_demo": "demo",
-    "format_attributed": "demo",
+    "DecodeRequest": "types", "Generation": "types", "Passage": "types",
 }
 METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 
@@ -42,4 +41,4 @@ def make_decoder(method: str, model, tokenizer, config=None, key_cache=None):
 
 
 __all__ = ["Passage", "DecodeRequest", "Generation", "NestConfig", "make_decoder", "Decoder", "PassageKeyCache",
-           "METHODS", "run_demo", "format_attributed"]
+           "METHODS"]

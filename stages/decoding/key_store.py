@@ -1,7 +1,7 @@
 """The passage-key store: passage keys computed once, offline, and read back memory-mapped (beyond the paper, which
 encodes the retrieved passages for every query; the keys depend only on the passage tokens and the LM).
 
-Layout of a store folder (the ``EncodePassageKeys`` artifact, :mod:`stages.encode_passage_keys`):
+Layout of a store folder (the ``EncodePassageKeys`` artifact, :mod:`stages.lm.encode_passage_keys`):
 
 | file | content |
 |---|---|

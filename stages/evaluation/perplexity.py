@@ -79,10 +79,10 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
 
     from stages.decoding import NestConfig, make_decoder
     from stages.decoding.key_store import open_key_cache
-    from stages.generate import build_requests, read_retrievals
-    from stages.lm import load_lm
-    from stages.passages import PassageReader
-    from stages.pretokenize import TokenLookup
+    from stages.evaluation.generate import build_requests, read_retrievals
+    from stages.lm.load import load_lm
+    from stages.corpus.passages import PassageReader
+    from stages.lm.pretokenize import TokenLookup
 
     cfg = NestConfig(**(config or {}))
     if key_cache_dir:

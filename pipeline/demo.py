@@ -104,8 +104,8 @@ def format_attributed(generation: Generation, tokenizer, passages: Sequence[Pass
 
 def retrieve_passages(prompt: str, *, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, b: int,
                       mode: str = "hybrid", candidates: int = 4000) -> list[Passage]:
-    """Top-b passages for ``prompt`` by NEST's hybrid fusion (stages.pre_retrieve.HybridRetriever), with their token
-    ids (stages.pretokenize.TokenLookup) and title/text (stages.passages.PassageReader)."""
+    """Top-b passages for ``prompt`` by NEST's hybrid fusion (stages.retrieval.pre_retrieve.HybridRetriever), with their token
+    ids (stages.lm.pretokenize.TokenLookup) and title/text (stages.corpus.passages.PassageReader)."""
     return PassageRetriever(passages_dir=passages_dir, tokens_dir=tokens_dir, bm25_dir=bm25_dir, dense_dir=dense_dir,
                             encoder=encoder, b=b, mode=mode, candidates=candidates)(prompt)
 
@@ -126,9 +126,9 @@ class PassageRetriever:
 
     def __init__(self, *, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, b: int, mode: str = "hybrid",
                  candidates: int = 4000):
-        from stages.passages import PassageReader
-        from stages.pre_retrieve import HybridRetriever
-        from stages.pretokenize import TokenLookup
+        from stages.corpus.passages import PassageReader
+        from stages.retrieval.pre_retrieve import HybridRetriever
+        from stages.lm.pretokenize import TokenLookup
 
         self.retriever = HybridRetriever(bm25=Path(bm25_dir) if bm25_dir else None,
                                          dense=Path(dense_dir) if dense_dir else None, encoder=encoder, mode=mode, b=b,
@@ -140,7 +140,7 @@ class PassageRetriever:
         doc_ids = [int(r[0]) for r in rows]
         if not doc_ids:
             return []
-        from stages.generate import ends_document
+        from stages.evaluation.generate import ends_document
 
         meta = self.reader.get(doc_ids)
         toks = self.lookup.get(doc_ids)
@@ -177,7 +177,7 @@ class DemoSession:
     def load(cls, *, lm_dir, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, method: str = "nest",
              options: dict | None = None) -> "DemoSession":
         """Open the artifacts (see :func:`run_demo` for ``options``); the time it takes is ``startup_s``."""
-        from stages.lm import load_lm
+        from stages.lm.load import load_lm
 
         t0 = time.perf_counter()
         cfg_fields, extra = split_options(options)

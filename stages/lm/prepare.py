@@ -126,7 +126,7 @@ def _normalise(out_dir: Path) -> None:
 
 def run(out_dir: Path, *, source: str | Path, dtype: str = "float32") -> dict:
     """Write the HF folder for ``source`` into ``out_dir`` (weights in ``dtype``) plus ``lm.json``."""
-    from stages.lm import torch_dtype
+    from stages.lm.load import torch_dtype
 
     out_dir = Path(out_dir)
     kind, where = parse_source(source)

@@ -95,7 +95,7 @@ class ShardedRows:
 
 
 class PassageReader(ShardedRows):
-    """Passages written by :mod:`stages.corpus` (``passages.json`` + ``passages-NNNNN.parquet``)."""
+    """Passages written by :mod:`stages.corpus.convert` (``passages.json`` + ``passages-NNNNN.parquet``)."""
 
     def __init__(self, passages_dir: str | Path, cache_row_groups: int = 16):
         super().__init__(passages_dir, "passages.json", cache_row_groups)

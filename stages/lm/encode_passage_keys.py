@@ -53,7 +53,7 @@ def retrieved_doc_ids(retrievals: Sequence[Path], passages: int) -> list[int]:
 
 def _iter_tokens(tokens: Path, doc_ids: Sequence[int] | None, chunk: int = 2048) -> Iterator[tuple[int, list[int]]]:
     """(doc_id, token ids) in doc_id order: the given doc_ids, or every row of the token shards."""
-    from stages.pretokenize import TokenLookup
+    from stages.lm.pretokenize import TokenLookup
 
     lookup = TokenLookup(tokens)
     if doc_ids is None:
@@ -72,8 +72,8 @@ def _iter_tokens(tokens: Path, doc_ids: Sequence[int] | None, chunk: int = 2048)
 
 def document_end_ids(corpus: Path, doc_ids: Sequence[int] | None) -> set[int]:
     """The doc_ids (among ``doc_ids``; None: all) of passages that end their source article."""
-    from stages.generate import ends_document
-    from stages.passages import PassageReader
+    from stages.evaluation.generate import ends_document
+    from stages.corpus.passages import PassageReader
 
     reader = PassageReader(corpus)
     if doc_ids is not None:
@@ -112,7 +112,7 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
     ``document_end = "eos"`` (NestConfig.document_end) stores the keys of the token lists the decoder indexes: the last
     passage of each article gets EOS after its last token; ``corpus`` (the ConvertCorpus folder) tells which passages
     end their article."""
-    from stages.lm import load_lm
+    from stages.lm.load import load_lm
 
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}; expected one of {SCOPES}")

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from stages.common import ShardedWriter, atomic_write_text
-from stages.passages import PassageReader, ShardedRows
+from stages.corpus.passages import PassageReader, ShardedRows
 
 VERSION = "1"
 
@@ -91,7 +91,7 @@ def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMP
     import pyarrow as pa
     from tqdm import tqdm
 
-    from stages.lm import load_tokenizer
+    from stages.lm.load import load_tokenizer
 
     out_dir = Path(out_dir)
     reader = PassageReader(passages)

@@ -2,7 +2,7 @@
 
 For each example (paper §3.1): take the top ``candidates`` (b·l = 4000) passages from each retriever, drop the
 example's ``exclude_doc_ids`` from both lists (so excluded passages influence neither η nor the fill values), fuse with
-the adaptive coefficient η (:mod:`stages.fusion`) and keep the top ``b`` (40). Modes ``bm25`` and ``dense`` rank by
+the adaptive coefficient η (:mod:`stages.retrieval.fusion`) and keep the top ``b`` (40). Modes ``bm25`` and ``dense`` rank by
 one retriever alone.
 
 Output ``retrievals.parquet`` (zstd): ``example_id int64, rank int32 (1 = best), doc_id int64, fused float64,
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages import fusion
+from stages.retrieval import fusion
 from stages.errors import InputError
 
 VERSION = "2"
@@ -80,14 +80,14 @@ class HybridRetriever:
         if mode in ("hybrid", "bm25"):
             if bm25 is None:
                 raise ValueError(f"mode {mode!r} needs a BM25 index")
-            from stages.bm25 import BM25Searcher
+            from stages.retrieval.bm25 import BM25Searcher
 
             self.sparse = BM25Searcher(bm25)
             sizes.append(self.sparse.num_docs)
         if mode in ("hybrid", "dense"):
             if dense is None:
                 raise ValueError(f"mode {mode!r} needs a dense index")
-            from stages.dense import DenseSearcher
+            from stages.retrieval.dense import DenseSearcher
 
             self.dense = DenseSearcher(dense, encoder)
             sizes.append(self.dense.ntotal)
@@ -125,11 +125,11 @@ def run(out_dir: Path, *, examples: Path, bm25: Path | None = None, dense: Path 
     """Write ``retrievals.parquet`` for every example of ``examples``.
 
     ``bm25``/``dense`` are BuildBM25Index/BuildDenseIndex artifacts (only the ones the mode needs); ``encoder`` is the
-    dense index's :class:`stages.dense.EncoderSpec` (or its dict; None = the embedded MiniLM). ``candidates`` is
-    clamped to the corpus size. ``conf_rank``/``clip_dense``/``dense_weight``: see :mod:`stages.fusion`
+    dense index's :class:`stages.retrieval.dense.EncoderSpec` (or its dict; None = the embedded MiniLM). ``candidates`` is
+    clamped to the corpus size. ``conf_rank``/``clip_dense``/``dense_weight``: see :mod:`stages.retrieval.fusion`
     (``conf_rank=101, clip_dense=True`` reproduces the released code). ``batch_size`` examples are read and their
     queries encoded together. ``threads`` is accepted and ignored: BM25 queries run one at a time, which is faster here
-    than Anserini's threaded ``batch_search`` (see :class:`stages.bm25.BM25Searcher`).
+    than Anserini's threaded ``batch_search`` (see :class:`stages.retrieval.bm25.BM25Searcher`).
     """
     path = _examples_file(Path(examples))
     retriever = HybridRetriever(bm25=bm25, dense=dense, encoder=encoder, mode=mode, b=b, candidates=candidates,

@@ -144,9 +144,9 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     from stages.decoding import NestConfig, make_decoder
     from stages.decoding.attribution import token_char_ends
     from stages.decoding.base import add_passage_search, settle_other
-    from stages.lm import load_lm
-    from stages.passages import PassageReader
-    from stages.pretokenize import TokenLookup
+    from stages.lm.load import load_lm
+    from stages.corpus.passages import PassageReader
+    from stages.lm.pretokenize import TokenLookup
 
     out_dir = Path(out_dir)
     cfg = NestConfig(**(config or {}))

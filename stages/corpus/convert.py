@@ -1,6 +1,6 @@
 """ConvertCorpus: stream a corpus in any supported format into Parquet passages with a dense integer ``doc_id``.
 
-Formats and their fields: :mod:`stages.corpus_formats` (ovos JSON, Atlas JSONL, DPR TSV, pyserini JsonCollection,
+Formats and their fields: :mod:`stages.corpus.formats` (ovos JSON, Atlas JSONL, DPR TSV, pyserini JsonCollection,
 BEIR; plain, ``.gz`` or ``.zst``). Memory stays constant in the corpus size: records are read one at a time and written
 one row group at a time; only duplicate-id detection grows, by 8 bytes per source record (see below).
 
@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from stages.common import ShardedWriter, atomic_write_text
-from stages.corpus_formats import FORMATS, detect_format, read_records
+from stages.corpus.formats import FORMATS, detect_format, read_records
 from stages.errors import InputError
 
 VERSION = "2"  # 2: JsonCollection first lines of up to 12 words without quotes are titles

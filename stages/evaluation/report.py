@@ -1,6 +1,6 @@
 """Report stage: the paper's tables and figures from the scored runs (Markdown + PNG + Parquet).
 
-Input: one or more Score artifact folders (or ``summary.parquet`` files) written by :mod:`stages.score`: the
+Input: one or more Score artifact folders (or ``summary.parquet`` files) written by :mod:`stages.evaluation.score`: the
 ``summary.parquet`` rows ``(task, method, variant, metric, value, n)`` with values already in the paper's table scale
 (%): ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the leniency sweep and ``"ablation:<step>"`` for
 Table 3. Next to a summary, ``scores.parquet`` (per-example values: the paired bootstrap against the base LM) and, for

@@ -30,7 +30,7 @@ Quality metrics come from the task: a paper task of :mod:`tasks.registry` scores
 ``completion`` tasks score ROUGE-1/2/L against the reference continuation; the embedded ``bio`` task scores ROUGE-1
 against the person's passages (``rouge1_source``, a proxy) and FactScore only when a judge LM is configured — otherwise
 ``factscore`` is null and the report prints "not computed". A judge is configured with ``[factscore] judge_lm`` (a local
-HF chat LM folder; :mod:`stages.judge`); it decomposes each bio into atomic facts and checks each against the top BM25
+HF chat LM folder; :mod:`stages.evaluation.judge`); it decomposes each bio into atomic facts and checks each against the top BM25
 passages of the corpus for "entity fact".
 
 For the bio tasks a third output, ``copied_sources.parquet``, lists per example every passage tokens were copied from
@@ -105,7 +105,7 @@ def _passage_info(passages: Path | None, doc_ids: set[int]) -> dict[int, dict]:
     """``{doc_id: {"title", "source_id"}}`` of the given passages (empty without a passages folder)."""
     if passages is None or not doc_ids:
         return {}
-    from stages.passages import PassageReader
+    from stages.corpus.passages import PassageReader
 
     ids = sorted(doc_ids)
     return {d: r for d, r in zip(ids, PassageReader(passages).get(ids, ("title", "source_id")))}
@@ -163,7 +163,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     ``passages`` alone: the titles and source ids of copied passages (topical precision, ``copied_sources.parquet``)."""
     factscore_task = None
     if judge_lm is not None and task in ("bio", "factscore"):
-        from stages.judge import HFJudge, bm25_retriever
+        from stages.evaluation.judge import HFJudge, bm25_retriever
         from tasks.factscore import FactScore
 
         factscore_task = FactScore(judge=HFJudge(judge_lm), retrieve=bm25_retriever(bm25, passages))

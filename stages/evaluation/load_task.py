@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.errors import InputError
-from stages.passages import PassageReader
-from stages.pretokenize import DEFAULT_TEMPLATE, encode_texts, fill_template
+from stages.corpus.passages import PassageReader
+from stages.lm.pretokenize import DEFAULT_TEMPLATE, encode_texts, fill_template
 
 VERSION = "1"
 
@@ -149,7 +149,7 @@ def run_paper_task(out_dir: Path, *, lm: Path, task: str, data: Path, n_examples
 
     options = {}
     if task == "wikitext":
-        from stages.lm import load_tokenizer
+        from stages.lm.load import load_tokenizer
 
         options["tokenizer"] = load_tokenizer(lm)
     try:
@@ -182,7 +182,7 @@ def run(out_dir: Path, *, passages: Path, lm: Path, task: str, n_examples: int =
     if task == "bio":
         examples, stats = _bio(reader, n_examples, seed)
     else:
-        from stages.lm import load_tokenizer
+        from stages.lm.load import load_tokenizer
 
         examples, stats = _completion(reader, load_tokenizer(lm), n_examples, seed, prefix_tokens, target_tokens,
                                       excluded=task == "completion_excluded")
