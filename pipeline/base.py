@@ -18,7 +18,7 @@ import luigi
 
 from pipeline import config as _config  # registers the project's luigi.cfg
 from pipeline.runs import new_run_id, write_run
-from pipeline.stage_versions import read_version
+from pipeline.stage_code import read_version
 from pipeline.store import Identified, Store, content_key, key_form, utc_now
 
 
