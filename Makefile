@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all test bench query clean distclean venv
+.PHONY: all test bench query reproduce clean distclean venv
 
 all: $(STAMP)
 	$(BIN)/nest all --profile $(PROFILE)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# the embedded run's headline numbers against tests/reproduction/embedded.json, each within its tolerance
+reproduce: $(STAMP)
+	NEST_REPRODUCE=1 $(BIN)/python -m pytest -q tests/test_reproduction.py
 
 query: $(STAMP)
 	$(BIN)/nest query "$(SQL)"

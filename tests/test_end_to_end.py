@@ -202,3 +202,18 @@ def test_report_has_the_papers_tables(built):
                               "AND metric = 'ppl' ORDER BY method")
     assert q.returncode == 0, q.stderr
     assert [line.split()[0] for line in q.stdout.splitlines()[2:]] == ["base", "knnlm", "nest"]
+
+
+def test_micro_run_reproduces_its_recorded_table(built):
+    """The small slice of the reproduction check (pipeline/reproduction.py): this micro run's headline numbers (quality,
+    PPL, attribution, accepted span; not wall-clock speed) against tests/reproduction/micro.json. After a deliberate
+    change, rerun with NEST_RECORD_REPRODUCTION=1 to record the new table, and commit it."""
+    from pipeline import reproduction as rp
+    from pipeline.store import Store
+
+    measured = rp.headline(rp.summary_rows(Store(built["store"]), built["run2"]), speed=False)
+    assert len(measured) >= 10, measured
+    if os.environ.get("NEST_RECORD_REPRODUCTION") == "1":
+        rp.save("micro", measured, setting="tests/test_end_to_end.py micro run (2 completion tasks, 4 examples, 12 tokens)")
+    failed = rp.failures(rp.compare(rp.load("micro"), measured))
+    assert not failed, "\n".join(failed)
