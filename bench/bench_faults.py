@@ -17,8 +17,15 @@ an artifact that looks complete (it has a manifest) but does not verify is *corr
 same command without a kill: a rerun that does not exit 0 or leaves the target incomplete is a *run not finished* (goal
 0). Where each kill landed (the stage being built, from the run's ``[nest] X: building`` lines) is tallied.
 
-Push/pull kills (issue 9 §5) belong to the remote store's benchmark: :data:`EXTRA_ROUNDS` is the hook where it can add
-commands to kill (``(name, argv builder)``), checked the same way; the local-store checks here apply unchanged.
+Then the remote store (a local-folder remote), with the store those rounds filled:
+
+- **push rounds**: ``nest push --all`` into a fresh remote folder, killed after a random delay (uniform over a clean
+  push's duration), then rerun. After the kill and after the rerun every artifact the remote *publishes* (its manifest is
+  there) is pulled into a scratch store and verified: one that cannot be pulled whole is corrupt-complete on the remote;
+- **pull rounds**: ``nest pull --all`` from the complete remote into a fresh store, killed the same way, then rerun;
+  the local store is verified after each;
+- **flipped bytes**: one byte flipped at a random offset of an archive or of a manifest of a copy of the remote; every
+  pull of that artifact must be refused, and leave nothing in the store.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +119,109 @@ class FaultTop(luigi.WrapperTask):
 
 # Hook for more fault rounds (helper "remote": push/pull): (name, argv(round_index) -> list[str]). Each command is
 # killed at a random moment, rerun, and the local store verified like the `nest run` rounds.
-EXTRA_ROUNDS: list[tuple[str, Callable[[int], list[str]]]] = []
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def _verify_remote(url: Path, scratch: Path) -> tuple[int, int, list[str]]:
+    """(published artifacts, ones that do not pull whole, their problems): every artifact with a remote manifest is
+    pulled into a scratch store and verified there."""
+    import shutil
+
+    from pipeline.remote import Remote
+    from pipeline.store import Store
+
+    remote = Remote(str(url))
+    check = scratch / "verify-store"
+    shutil.rmtree(check, ignore_errors=True)
+    store = Store(check)
+    n = bad = 0
+    problems = []
+    for stage, key in remote.list():
+        n += 1
+        try:
+            remote.pull(store, stage, key)
+            found = store.verify(stage, key)
+        except Exception as e:  # noqa: BLE001  (any refusal of a published artifact counts)
+            found = [str(e)]
+        if found:
+            bad += 1
+            problems.append(f"{stage}/{key[:12]}: {found[0]}")
+    shutil.rmtree(check, ignore_errors=True)
+    return n, bad, problems
+
+
+def _remote_rounds(kind: str, kills: int, rng: random.Random, env: dict, scratch: Path, store: Path,
+                   complete_remote: Path) -> dict:
+    """``kind`` = push | pull: ``kills`` rounds of kill, verify, rerun, verify (see the module docstring)."""
+    import shutil
+
+    def target(i: int) -> tuple[list[str], dict, Path]:
+        if kind == "push":
+            dest = scratch / f"push-{i}"
+            return _cli("push", "--all", "--remote", str(dest)), env, dest
+        dest = scratch / f"pull-{i}"
+        return _cli("pull", "--all", "--remote", str(complete_remote)), {**env, "NEST_STORE": str(dest)}, dest
+
+    def verify(dest: Path) -> tuple[int, int, list[str]]:
+        return _verify_remote(dest, scratch) if kind == "push" else _verify_store(dest)
+
+    argv, env0, dest0 = target(0)
+    rc, err, clean_s = _run(argv, env0, ROOT, None)
+    if rc != 0:
+        raise RuntimeError(f"the clean {kind} failed (exit {rc}): {[line for _t, line in err[-3:]]}")
+    n_clean = verify(dest0)[0]
+    shutil.rmtree(dest0, ignore_errors=True)
+    corrupt = unfinished = killed = 0
+    rounds = []
+    for i in range(1, kills + 1):
+        argv, env_i, dest = target(i)
+        delay = rng.uniform(0.4 * clean_s, max(0.5, clean_s))  # past the start-up, into the transfers
+        rc_k, _err, _ = _run(argv, env_i, ROOT, delay)
+        killed += rc_k == -signal.SIGKILL
+        n_k, bad_k, problems = verify(dest)
+        rc_r, err_r, _ = _run(argv, env_i, ROOT, None)
+        n_r, bad_r, problems2 = verify(dest)
+        corrupt += bad_k + bad_r
+        unfinished += rc_r != 0 or n_r != n_clean
+        rounds.append({"round": i, "kill_after_s": round(delay, 2), "killed": rc_k == -signal.SIGKILL,
+                       "published_after_kill": n_k, "corrupt_after_kill": bad_k, "rerun_exit": rc_r,
+                       "published_after_rerun": n_r, "corrupt_after_rerun": bad_r, "problems": (problems + problems2)[:3],
+                       "rerun_error": "" if rc_r == 0 else (err_r[-1][1] if err_r else "")})
+        print(f"[faults] {kind} round {i}/{kills}: killed after {delay:.1f} s with {n_k} of {n_clean} published; "
+              f"corrupt {bad_k}+{bad_r}; rerun exit {rc_r}", file=sys.stderr, flush=True)
+        shutil.rmtree(dest, ignore_errors=True)
+    return {"clean_s": round(clean_s, 1), "artifacts": n_clean, "kills_landed": killed, "corrupt": corrupt,
+            "not_finished": unfinished, "rounds": rounds}
+
+
+def _flips(n: int, rng: random.Random, scratch: Path, complete_remote: Path) -> dict:
+    """``n`` flipped bytes, alternately in an archive and in a manifest: (refused pulls, pulls that let it in)."""
+    import shutil
+
+    from pipeline.remote import Remote
+    from pipeline.store import Store
+
+    refused = accepted = 0
+    for i in range(n):
+        copy = scratch / f"flip-{i}"
+        shutil.copytree(complete_remote, copy)
+        remote = Remote(str(copy))
+        stage, key = rng.choice(remote.list())
+        path = Path(remote.archive_path(stage, key) if i % 2 == 0 else remote.manifest_path(stage, key))
+        data = bytearray(path.read_bytes())
+        at = rng.randrange(len(data))
+        data[at] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+        store = Store(scratch / f"flip-store-{i}")
+        try:
+            remote.pull(store, stage, key)
+            accepted += 1
+        except Exception:  # noqa: BLE001
+            refused += 1 if not store.complete(stage, key) else 0
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(store.root, ignore_errors=True)
+    return {"flips": n, "refused": refused, "accepted": accepted}
 
 
 def _nest_argv(limit: int, seed: int, size: int) -> list[str]:
@@ -240,14 +348,15 @@ def main(argv: list[str] | None = None) -> dict:
                            "rerun_error": "" if ok else (err_r[-1][1] if err_r else "")})
             print(f"[faults] round {i}/{kills}: killed after {delay:.1f} s in {where}; corrupt {bad_after_kill}"
                   f"+{bad_after_rerun}; rerun exit {rc_r}", file=sys.stderr, flush=True)
-        for name, make in EXTRA_ROUNDS:  # the hook (see the module docstring)
-            for i in range(1, kills + 1):
-                cmd = make(i)
-                _run(cmd, env, ROOT, rng.uniform(startup_s, max(startup_s + 0.3, clean_s)))
-                _n, bad, _p = _verify_store(store)
-                rc_r, _e, _s = _run(cmd, env, ROOT, None)
-                corrupt_total += bad + _verify_store(store)[1]
-                unfinished += rc_r != 0
+        complete_remote = scratch / "remote"
+        rc_p, err_p, _ = _run(_cli("push", "--all", "--remote", str(complete_remote)), env, ROOT, None)
+        if rc_p != 0:
+            raise RuntimeError(f"pushing the store failed (exit {rc_p}): {[line for _t, line in err_p[-3:]]}")
+        remote_rounds = {kind: _remote_rounds(kind, kills, rng, env, scratch, store, complete_remote)
+                         for kind in ("push", "pull")}
+        flips = _flips(max(4, kills // 2), rng, scratch, complete_remote)
+        corrupt_total += sum(r["corrupt"] for r in remote_rounds.values())
+        unfinished += sum(r["not_finished"] for r in remote_rounds.values())
         elapsed = time.perf_counter() - t_start
         n_final, bad_final, _ = _verify_store(store)
 
@@ -258,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         "artifacts_verified_at_end": n_final, "corrupt_at_end": bad_final, "landed_in": landed,
         "leftovers_after_kills": sum(r["leftovers_after_kill"] for r in rounds),
         "leftovers_after_reruns": sum(r["leftovers_after_rerun"] for r in rounds[-1:]),
-        "rounds": rounds, "elapsed_s": round(elapsed, 1), "quick": args.quick,
+        "rounds": rounds, "remote": remote_rounds, "flips": flips, "elapsed_s": round(elapsed, 1), "quick": args.quick,
         "goals": {"corrupt_complete_artifacts": 0, "runs_not_finished_after_rerun": 0},
     }
     lines = [
@@ -272,15 +381,26 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "| measure | value | goal |",
         "|---|---|---|",
-        f"| artifacts that look complete but are corrupt | {corrupt_total} | 0 |",
-        f"| runs not finished after a rerun | {unfinished} of {kills} | 0 |",
+        f"| artifacts that look complete but are corrupt (local and remote) | {corrupt_total} | 0 |",
+        f"| runs not finished after a rerun (run, push, pull rounds) | {unfinished} of {3 * kills} | 0 |",
         f"| artifacts verified at the end | {n_final} ({bad_final} corrupt) | all verify |",
         f"| leftovers (temp / manifest-less folders) right after the kills, summed | "
         f"{result['leftovers_after_kills']} | cleared by the next build |",
         "",
         "Where the kills landed: " + ", ".join(f"{k} ×{v}" for k, v in sorted(landed.items())) + ".",
         "",
-        "Push/pull kills are the remote store's (hook `EXTRA_ROUNDS` in bench/bench_faults.py).",
+        "Then a local-folder remote, with the store those rounds filled "
+        f"({remote_rounds['push']['artifacts']} artifacts; a clean push {remote_rounds['push']['clean_s']} s, "
+        f"a clean pull {remote_rounds['pull']['clean_s']} s): every published remote artifact pulled and verified "
+        "after each push kill and rerun, the local store verified after each pull kill and rerun.",
+        "",
+        "| remote | kills landed | corrupt-complete | not finished after a rerun |",
+        "|---|---|---|---|",
+        *[f"| `nest {k} --all` | {r['kills_landed']} of {kills} | {r['corrupt']} | {r['not_finished']} |"
+          for k, r in remote_rounds.items()],
+        "",
+        f"Flipped bytes (archives and manifests alternately, random offsets): {flips['refused']} of {flips['flips']} "
+        f"pulls refused with nothing published, {flips['accepted']} let in (goal 0).",
     ]
     result["markdown"] = "\n".join(lines)
     return result
