@@ -466,6 +466,8 @@ def cmd_generate(args) -> int:
 # ---- parser ------------------------------------------------------------------------------------------------------------
 
 def make_parser() -> argparse.ArgumentParser:
+    from stages.decoding.registry import method_names  # torch-free: the methods' files are read, not imported
+
     ap = argparse.ArgumentParser(prog="nest", description="NEST reproduction pipeline (content-addressed Luigi stages).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -525,7 +527,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per prompt on stdout (tokens, seconds, components, text, sources); "
                         "start-up and the stream's summary as JSON lines on stderr")
-    p.add_argument("--method", default="nest", choices=["nest", "base", "ra", "knnlm", "ra_nest"])
+    p.add_argument("--method", default="nest", choices=method_names(),
+                   help="a registered decoding method (a file of stages/decoding/methods/)")
     p.add_argument("--gamma", type=float, help="γ, leniency of relaxed speculative decoding")
     p.add_argument("--alpha", type=float, help="α, RRC offset")
     p.add_argument("--tau", type=float, help="τ, RRC temperature")

@@ -298,7 +298,8 @@ class PreTokenize(NestTask):
 class decoding(luigi.Config):  # noqa: N801
     """``[decoding]``: the methods, the decoding config of the profile and the experiment grid (pipeline/experiments.py)."""
 
-    methods = luigi.ListParameter(default=("base", "ra", "knnlm", "nest", "ra_nest"))
+    methods = luigi.ListParameter(default=(), description="a subset of the registered decoding methods (empty: every "
+                                  "file of stages/decoding/methods/)")
     config = luigi.DictParameter(default={}, description="NestConfig overrides for every method")
     method_config = luigi.DictParameter(default={}, description="{method: NestConfig overrides}")
     task_config = luigi.DictParameter(default={}, description="{task: NestConfig overrides} (before method_config)")
@@ -318,7 +319,18 @@ class decoding(luigi.Config):  # noqa: N801
                                       "(keys encoded on the fly)")
 
 
-TOKEN_INDEX_METHODS = ("knnlm", "nest", "ra_nest")  # the methods that read passage keys
+def method_info(method: str):
+    """A registered decoding method's declaration (stages/decoding/registry.py; torch-free)."""
+    from stages.decoding.registry import method_info as info
+
+    return info(method)
+
+
+def run_methods() -> list[str]:
+    """The methods of the grid: ``[decoding] methods``, or every registered method when it is empty."""
+    from stages.decoding.registry import method_names
+
+    return list(decoding().methods) or list(method_names())
 
 
 def _config_value(overrides, name: str):
@@ -385,7 +397,7 @@ class EncodePassageKeys(NestTask):
 def passage_keys_task(task: str, method: str, overrides) -> EncodePassageKeys | None:
     """The key store a run of ``method`` on ``task`` with NestConfig ``overrides`` reads (None: keys on the fly)."""
     scope = decoding().key_store
-    if scope == "off" or method not in TOKEN_INDEX_METHODS:
+    if scope == "off" or not method_info(method).uses_token_index:
         return None
     overrides = _plain(overrides)
     return EncodePassageKeys(scope=scope, task=task if scope == "retrieved" else "",
@@ -400,7 +412,7 @@ def experiment_runs():
 
     d = decoding()
     tasks = configured_tasks()
-    return grid(tasks, list(d.methods), _plain(d.config), _plain(d.method_config), [float(g) for g in d.gammas],
+    return grid(tasks, run_methods(), _plain(d.config), _plain(d.method_config), [float(g) for g in d.gammas],
                 [t for t in d.sweep_tasks if t in tasks], [t for t in d.ablation_tasks if t in tasks],
                 _plain(d.task_config))
 
@@ -427,7 +439,7 @@ class _MethodOnTask(NestTask):
     def requires(self):
         req = {"examples": LoadTask(task=self.task), "passages": ConvertCorpus(), "tokens": PreTokenize(),
                "lm": PrepareLM()}
-        if self.method != "base":
+        if method_info(self.method).retrieves:
             req["retrievals"] = PreRetrieve(task=self.task)
         keys = passage_keys_task(self.task, self.method, self.config)
         if keys is not None:
@@ -471,9 +483,6 @@ class Perplexity(_MethodOnTask):
                 "key_cache_dir": _key_cache_dir()}
 
 
-PPL_METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
-
-
 class factscore(luigi.Config):  # noqa: N801
     """``[factscore]``: the judge LM of FactScore (a local HF chat model folder); empty: FactScore is "not computed"."""
 
@@ -494,7 +503,7 @@ class Score(NestTask):
         req = {"examples": LoadTask(task=self.task),
                "generations": Generate(task=self.task, method=self.method, config=self.config)}
         ppl_tasks = set(decoding().ppl_tasks) | ({"wikitext"} & set(paper_task_paths()))
-        if self.variant == "main" and self.task in ppl_tasks and self.method in PPL_METHODS:
+        if self.variant == "main" and self.task in ppl_tasks and method_info(self.method).perplexity:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
         if self.task in ("bio", "factscore"):  # titles of copied passages: topical precision, off-topic copies
             req["passages"] = ConvertCorpus()
@@ -517,15 +526,20 @@ class Report(NestTask):
 
     stage_module = "stages.evaluation.report"
 
-    def requires(self):
-        # named by what they score (task/method/variant), so that `nest status` names a changed input
-        out: dict[str, NestTask] = {}
+    def runs(self) -> dict:
+        """The grid's runs, named by what they score (task/method/variant), so that `nest status` names a changed
+        input."""
+        out: dict = {}
         for r in experiment_runs():
             name = f"{r.task}/{r.method}/{r.variant}"
             while name in out:
                 name += "+"
-            out[name] = Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
+            out[name] = r
         return out
+
+    def requires(self):
+        return {name: Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
+                for name, r in self.runs().items()}
 
     def stage_params(self):
         import json
@@ -545,7 +559,10 @@ class Report(NestTask):
     def call_kwargs(self):
         kw = super().call_kwargs()
         summaries = {k: kw.pop(k) for k in list(self.inputs())}
-        return {**kw, "summaries": summaries}
+        # each run's decoding config (the γ of the sweep): no key ingredient of its own, since its fields that change
+        # a method's output are in each Score input's key already (through Generate's)
+        configs = {name: _plain(r.config) for name, r in self.runs().items()}
+        return {**kw, "summaries": summaries, "configs": configs}
 
 
 def _plain(obj):

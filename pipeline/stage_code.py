@@ -26,6 +26,20 @@ def module_files(module: str, whole_package: bool = True) -> list[Path]:
     return [origin]
 
 
+def is_plugin_folder(module: str) -> bool:
+    """Whether ``module`` is a package whose ``__init__`` declares ``PLUGIN_FOLDER = True``: a registry's folder, whose
+    modules are found at run time rather than imported by name, so whoever imports the package depends on all of them
+    (e.g. ``stages.decoding.methods``)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations or not spec.origin:
+        return False
+    for node in _parse(Path(spec.origin)).body:
+        if (_is_version_assign(node, frozenset({"PLUGIN_FOLDER"})) and isinstance(node.value, ast.Constant)
+                and node.value.value is True):
+            return True
+    return False
+
+
 def _is_version_assign(node: ast.stmt, attrs: frozenset[str]) -> str | None:
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
         if node.targets[0].id in attrs:
@@ -104,7 +118,7 @@ def dependencies(module: str) -> list[str]:
         if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
             continue
         package = m if spec.submodule_search_locations else m.rpartition(".")[0]
-        for path in module_files(m, whole_package=(m == module)):
+        for path in module_files(m, whole_package=(m == module or is_plugin_folder(m))):
             todo.extend(_local_imports(_parse(path), package) - seen)
     return sorted(seen)
 
@@ -115,7 +129,7 @@ def code_hash(module: str, attrs: tuple[str, ...] = ("VERSION",)) -> str:
     wanted = frozenset(attrs)
     h = hashlib.sha256()
     for dep in dependencies(module):
-        for path in module_files(dep, whole_package=(dep == module)):
+        for path in module_files(dep, whole_package=(dep == module or is_plugin_folder(dep))):
             tree = _parse(path)
             body = [n for n in tree.body if not (dep == module and _is_version_assign(n, wanted))]
             h.update(f"{dep}:{path.name}".encode())

@@ -189,7 +189,7 @@ def test_masking_paper_never_reuses_a_corpus_token(model, tok):
 
 
 def test_masking_modes_unit(model, tok):
-    from stages.decoding.nest import NestRow
+    from stages.decoding.knn import KnnRow as NestRow
     from stages.decoding.token_index import TokenIndex
     import torch
 

@@ -1,6 +1,9 @@
 """Report stage: tables and trend checks from hand-made summary rows."""
 
+import json
+
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from stages.evaluation import report
@@ -8,8 +11,9 @@ from stages.evaluation import report
 
 def _rows():
     rows = []
-    def add(task, method, metric, value, variant="main"):
-        rows.append({"task": task, "method": method, "variant": variant, "metric": metric, "value": value, "n": 4})
+    def add(task, method, metric, value, variant="main", config=None):
+        rows.append({"task": task, "method": method, "variant": variant, "metric": metric, "value": value, "n": 4,
+                     "config": config})
     for m, ppl, r1 in (("base", 9.0, 20.0), ("ra", 5.0, 60.0), ("knnlm", 7.0, 25.0), ("nest", 6.0, 30.0),
                        ("ra_nest", 4.0, 62.0)):
         add("completion", m, "ppl", ppl)
@@ -24,9 +28,10 @@ def _rows():
     add("bio", "nest", "factscore", None)
     add("bio", "nest", "num_tokens", 80.0)
     for g, ratio, span, tps in (("0.5", 20.0, 3.0, 12.0), ("0.0005", 90.0, 20.0, 30.0)):
-        add("completion", "nest", "attribution_ratio", ratio, f"gamma={g}")
-        add("completion", "nest", "mean_accepted_span", span, f"gamma={g}")
-        add("completion", "nest", "tokens_per_s", tps, f"gamma={g}")
+        config = json.dumps({"gamma": float(g)})  # the run's decoding config: where the report reads γ
+        add("completion", "nest", "attribution_ratio", ratio, f"gamma={g}", config)
+        add("completion", "nest", "mean_accepted_span", span, f"gamma={g}", config)
+        add("completion", "nest", "tokens_per_s", tps, f"gamma={g}", config)
     for step, v in (("knnlm", 20.0), ("rrc", 25.0), ("span", 24.0), ("nest", 27.0)):
         add("completion", report.ABLATION_METHOD[step], "rouge1", v, f"ablation:{step}")
     return rows
@@ -117,3 +122,27 @@ def test_bootstrap_off_topic_and_no_empty_sections(tmp_path):
     assert boot[("nest", "rouge1 diff")] == 5.0 and boot[("nest", "rouge1 significant")] == 1.0
     assert boot[("knnlm", "rouge1 low")] < 0 < boot[("knnlm", "rouge1 high")]
     assert boot[("knnlm", "rouge1 significant")] == 0.0
+
+
+def test_gamma_is_read_from_the_run_config_not_the_variant_name(tmp_path):
+    """γ is data (issue 8): the sweep's γ column and its trend check come from each run's config, which the DAG hands
+    in beside the summaries; the variant name only groups the sweep."""
+    def summary(folder, variant, ratio):
+        folder.mkdir()
+        pq.write_table(pa.Table.from_pylist([
+            {"task": "bio", "method": "nest", "variant": variant, "metric": m, "value": v, "n": 4}
+            for m, v in (("attribution_ratio", ratio), ("tokens_per_s", 5.0))]), folder / "summary.parquet")
+        return folder
+
+    summaries = {"a": summary(tmp_path / "a", "gamma=first", 80.0), "b": summary(tmp_path / "b", "gamma=second", 10.0)}
+    out = tmp_path / "out"
+    out.mkdir()
+    report.run(out, summaries=summaries, configs={"a": {"gamma": 0.003}, "b": {"gamma": 0.7, "passages": 10}})
+    text = (out / "report.md").read_text()
+    assert "| bio | 0.003 | 5.0 |" in text and "| bio | 0.7 | 5.0 |" in text
+    assert "holds: bio: attribution ratio falls as γ rises (γ=0.003: 80.000, γ=0.7: 10.000)" in text
+    # a sweep run without its config: a clear error, never a γ guessed from a name
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    with pytest.raises(ValueError, match="γ is read from the run's config"):
+        report.run(out2, summaries=summaries)

@@ -4,7 +4,8 @@
     decoder = make_decoder("nest", model, tokenizer, NestConfig())
     generations = decoder.decode([DecodeRequest(0, "qa", question="...", passages=[Passage(7, ids, "Title", "text")])])
 
-See docs/decoding.md.
+The methods are the files of ``stages/decoding/methods/``, found by :mod:`stages.decoding.registry` (a new method is one
+new file: docs/extending.md). See docs/decoding.md.
 """
 
 from __future__ import annotations
@@ -13,31 +14,34 @@ import importlib
 
 # Lazy exports (PEP 562): ``import stages.decoding.config`` (the pipeline does it to compute keys) must not import torch.
 _EXPORTS = {
-    "BaseDecoder": "base", "Decoder": "base", "RADecoder": "base", "NestConfig": "config",
-    "KnnLMDecoder": "knnlm", "NestDecoder": "nest", "RANestDecoder": "nest", "PassageKeyCache": "passage_keys",
+    "Decoder": "base", "NestConfig": "config", "PassageKeyCache": "passage_keys",
     "DecodeRequest": "types", "Generation": "types", "Passage": "types",
+    "BaseDecoder": "methods.base_lm", "RADecoder": "methods.ra", "KnnLMDecoder": "methods.knnlm",
+    "NestDecoder": "methods.nest", "RANestDecoder": "methods.ra_nest",
 }
-METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"stages.decoding.{_EXPORTS[name]}"), name)
-    if name == "DECODERS":
-        from stages.decoding.base import BaseDecoder, RADecoder
-        from stages.decoding.knnlm import KnnLMDecoder
-        from stages.decoding.nest import NestDecoder, RANestDecoder
+    if name == "METHODS":  # the registered methods' names, in the report's order (torch-free)
+        from stages.decoding.registry import method_names
 
-        return {cls.method: cls for cls in (BaseDecoder, RADecoder, KnnLMDecoder, NestDecoder, RANestDecoder)}
+        return method_names()
+    if name == "DECODERS":
+        from stages.decoding.registry import decoder_class, method_names
+
+        return {m: decoder_class(m) for m in method_names()}
     raise AttributeError(f"module 'stages.decoding' has no attribute {name!r}")
 
 
 def make_decoder(method: str, model, tokenizer, config=None, key_cache=None):
-    """A decoder for ``method`` in ``base``, ``ra``, ``knnlm``, ``nest``, ``ra_nest``. ``key_cache`` (optional) shares
-    passage keys between decoders of the same process (methods that use no token index ignore it)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
-    return __getattr__("DECODERS")[method](model, tokenizer, config, key_cache=key_cache)
+    """A decoder for a registered ``method`` (``base``, ``ra``, ``knnlm``, ``nest``, ``ra_nest``, or any file of
+    ``stages/decoding/methods/``). ``key_cache`` (optional) shares passage keys between decoders of the same process
+    (methods that use no token index ignore it). A config option the method cannot honour raises ValueError."""
+    from stages.decoding.registry import decoder_class
+
+    return decoder_class(method)(model, tokenizer, config, key_cache=key_cache)
 
 
 __all__ = ["Passage", "DecodeRequest", "Generation", "NestConfig", "make_decoder", "Decoder", "PassageKeyCache",

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from stages.decoding.config import NestConfig
+from stages.decoding.config import MODE_SWITCHES, NestConfig, expand_reads
 from stages.decoding.lm_runner import BatchedLM, model_device
 from stages.decoding.types import DecodeRequest, Generation, Passage
 from stages.errors import InputError
@@ -139,9 +139,17 @@ def newline_token_ids(tokenizer, vocab_size: int) -> frozenset[int]:
 
 
 class Decoder(ABC):
-    """One decoding method. Subclasses implement :meth:`_decode_batch`; ``method`` names them in :func:`make_decoder`."""
+    """One decoding method. Subclasses implement :meth:`_decode_batch`; a method file in ``stages/decoding/methods/``
+    registers one (:func:`stages.decoding.registry.register`) and declares, in its class body, what the pipeline must
+    know of it without importing it (its name, label, the NestConfig fields it reads, ...; see the registry)."""
 
-    method = "base"
+    method = ""
+    label = ""
+    reads: tuple[str, ...] = ()
+    retrieves = False
+    uses_token_index = False
+    perplexity = False
+    order = 100
     ra_prompt = False  # put the top ``config.ra_passages`` passages into the prompt
 
     def __init__(self, model, tokenizer, config: NestConfig | None = None, key_cache=None):
@@ -149,6 +157,7 @@ class Decoder(ABC):
         self.tokenizer = tokenizer
         self.config = config if config is not None else NestConfig()
         self.config.validate()
+        self.check_options()
         self.device = model_device(model)
         self.eos_ids = eos_token_ids(model, tokenizer)
         head = model.get_output_embeddings()
@@ -180,6 +189,42 @@ class Decoder(ABC):
     @abstractmethod
     def _decode_batch(self, rows: list[Row]) -> list[Generation]:
         """Decode prepared rows together."""
+
+    def check_options(self) -> None:
+        """Refuse a behaviour this method cannot give (a mode switch of the config it does not read, e.g.
+        ``do_sample=True`` for NEST): one-line ValueError, as HF's ``generate`` refuses flags it cannot honour."""
+        reads = expand_reads(self.reads)
+        for name in MODE_SWITCHES:
+            value, default = getattr(self.config, name), NestConfig.__dataclass_fields__[name].default
+            if name not in reads and value != default:
+                raise ValueError(f"decoding method {self.method!r} does not support {name}={value!r} (it reads "
+                                 f"{name} only at its default, {default!r})")
+
+    def target_logprobs(self, request: DecodeRequest, target_ids: Sequence[int]) -> torch.Tensor:
+        """Evaluation mode: ``log p(target_t | prompt, target_<t)`` for each target token (shape ``[len(target)]``),
+        teacher-forced after the method's prompt in one LM pass. Here the LM's own distribution at T = 1;
+        methods with a mixture override :meth:`_target_logprobs`."""
+        if not self.perplexity:
+            raise ValueError(f"decoding method {self.method!r} has no evaluation mode (perplexity)")
+        if not len(target_ids):
+            return torch.zeros(0)
+        row = self._prepare(request)
+        with torch.inference_mode():
+            lm = BatchedLM(self.model, key_layer=self.config.key_layer if self.uses_token_index else None)
+            first = lm.prefill([row.prompt])[0]
+            logits, queries = [first.logits], [first.queries]
+            if len(target_ids) > 1:
+                rest = lm.step([list(target_ids[:-1])])[0]
+                lm.commit([len(target_ids) - 1])
+                logits.append(rest.logits)
+                queries.append(rest.queries)
+            logits = torch.cat(logits).float()
+            target = torch.tensor(list(target_ids), dtype=torch.long, device=logits.device)
+            return self._target_logprobs(row, logits, queries, target)
+
+    def _target_logprobs(self, row: Row, logits: torch.Tensor, queries: list, target: torch.Tensor) -> torch.Tensor:
+        """log p of each target token from the teacher-forced ``logits`` (and key-layer ``queries``)."""
+        return torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
 
     # ---------------------------------------------------------------- prompts and validation
     def _passage_text(self, p: Passage) -> str:
@@ -278,66 +323,3 @@ class Decoder(ABC):
         return Generation(example_id=row.req.example_id, text=text, token_ids=list(row.tokens),
                           sources=list(row.sources), spans=attribution_runs(row.sources), counters=dict(row.counters),
                           timings={k: float(v) for k, v in row.timings.items()}, supported=list(row.supported))
-
-
-class BaseDecoder(Decoder):
-    """The base LM: greedy decoding (or sampling with ``do_sample``), one LM pass per token, stops at EOS."""
-
-    method = "base"
-
-    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        cfg = self.config
-        if not cfg.do_sample:
-            return logits.argmax(-1).tolist()
-        picks = []
-        for row, lg in zip(rows, logits.float()):
-            lg = lg / cfg.temperature
-            if cfg.top_k > 0:
-                kth = torch.topk(lg, min(cfg.top_k, lg.numel())).values[-1]
-                lg = lg.masked_fill(lg < kth, float("-inf"))
-            probs = torch.softmax(lg, -1)
-            if cfg.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                drop = sp.cumsum(-1) - sp > cfg.top_p
-                sp[drop] = 0
-                probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            if row.rng is None:  # one generator per example: sampling does not depend on the batch
-                row.rng = torch.Generator(device=lg.device).manual_seed(int(cfg.seed) * 1_000_003 +
-                                                                        int(row.req.example_id))
-            picks.append(int(torch.multinomial(probs, 1, generator=row.rng)))
-        return picks
-
-    def _decode_batch(self, rows: list[Row]) -> list[Generation]:
-        clock = Clock(self.device)
-        live = [r for r in rows if not r.done]
-        if live:
-            lm = BatchedLM(self.model, key_layer=None, compact_min_slots=self.config.compact_min_slots,
-                           compact_hole_fraction=self.config.compact_hole_fraction)
-            with clock.time("lm_forward", live):
-                outs = lm.prefill([r.prompt for r in live])
-            nxt = self._pick(live, torch.cat([o.logits for o in outs]))
-            for r in live:
-                r.count("lm_forward_passes")
-            while True:
-                for r, t in zip(live, nxt):
-                    self.emit(r, t)
-                keep = [i for i, r in enumerate(live) if not r.done]
-                if not keep:
-                    break
-                if len(keep) < len(live):
-                    lm.keep_rows(keep)
-                    live = [live[i] for i in keep]
-                with clock.time("lm_forward", live):
-                    outs = lm.step([[r.tokens[-1]] for r in live])
-                    lm.commit([1] * len(live))
-                for r in live:
-                    r.count("lm_forward_passes")
-                nxt = self._pick(live, torch.cat([o.logits for o in outs]))
-        return [self.finish(r) for r in rows]
-
-
-class RADecoder(BaseDecoder):
-    """In-context retrieval augmentation: the base LM with the top-3 passages in the prompt (paper App. B templates)."""
-
-    method = "ra"
-    ra_prompt = True

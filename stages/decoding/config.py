@@ -156,33 +156,54 @@ class NestConfig:
         return dataclasses.asdict(self)
 
 
-# Which NestConfig fields can change a method's output: the pipeline keys a Generate/Perplexity artifact on these only,
-# so that changing γ reruns NEST and RA-NEST but not the base LM, RA or kNN-LM.
-_IMPLEMENTATION = {"passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
-                   "compact_hole_fraction"}
-_TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys", "alpha", "tau", "lm_temperature",
-                "force_lambda", "knnlm_lambda", "knnlm_lambda_mode", "mu"}
-_SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking",
-          "token_mode_attribution"}
-_SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "seed"}
-IRRELEVANT = {
-    "base": _IMPLEMENTATION | _TOKEN_INDEX | _SPANS | {"ra_passages"},
-    "ra": _IMPLEMENTATION | (_TOKEN_INDEX - {"passages"}) | _SPANS,
-    "knnlm": _IMPLEMENTATION | _SPANS | _SAMPLING | {"ra_passages"},
-    "nest": _IMPLEMENTATION | _SAMPLING | {"knnlm_lambda", "knnlm_lambda_mode", "ra_passages"},
-    "ra_nest": _IMPLEMENTATION | _SAMPLING | {"knnlm_lambda", "knnlm_lambda_mode"},
-}
+# The NestConfig fields by what they tune. A decoding method declares the groups (and single fields) it reads
+# (``Decoder.reads``, stages/decoding/registry.py): those, and only those, enter its Generate/Perplexity key, so that
+# changing γ reruns NEST and RA-NEST but not the base LM, RA or kNN-LM.
+GENERATION = ("max_new_tokens", "stop_at_eos", "batch_size", "prompt_overflow")
+SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "seed")
+TOKEN_INDEX = ("passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys")
+MIXTURE = ("alpha", "tau", "mu", "lm_temperature", "force_lambda")
+KNNLM_LAMBDA = ("knnlm_lambda", "knnlm_lambda_mode")
+SPANS = ("delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution")
+# resources: never change a token, never in a key
+IMPLEMENTATION = ("passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
+                  "compact_hole_fraction")
+FIELD_GROUPS = {"generation": GENERATION, "sampling": SAMPLING, "token_index": TOKEN_INDEX, "mixture": MIXTURE,
+                "knnlm_lambda": KNNLM_LAMBDA, "spans": SPANS}
+# evaluation mode (perplexity) stops at the mixture (paper §3.2): spans, γ, sampling and lengths do not enter it
+NOT_IN_EVALUATION = frozenset(SPANS + SAMPLING + ("max_new_tokens", "stop_at_eos", "batch_size"))
+# options that switch a behaviour on: a method that does not read one refuses a non-default value (as HF's generate
+# refuses flags it cannot honour) instead of silently decoding otherwise
+MODE_SWITCHES = ("do_sample",)
+
+
+def config_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(NestConfig))
+
+
+def expand_reads(names) -> frozenset[str]:
+    """The NestConfig fields named by ``names``: group names of :data:`FIELD_GROUPS` and single field names."""
+    fields, out = set(config_fields()), set()
+    for name in names:
+        if name in FIELD_GROUPS:
+            out.update(FIELD_GROUPS[name])
+        elif name in fields:
+            out.add(name)
+        else:
+            raise ValueError(f"{name!r} is neither a NestConfig field nor a field group {tuple(FIELD_GROUPS)}")
+    return frozenset(out)
 
 
 def relevant_config(method: str, overrides: dict) -> dict:
-    """The NestConfig overrides that can change ``method``'s tokens (unknown fields are kept: NestConfig rejects them)."""
-    if method not in IRRELEVANT:
-        raise ValueError(f"unknown decoding method {method!r}; expected one of {tuple(IRRELEVANT)}")
-    return {k: v for k, v in sorted(overrides.items()) if k not in IRRELEVANT[method]}
+    """The NestConfig overrides that can change ``method``'s tokens: the fields the method reads (unknown fields are
+    kept: NestConfig rejects them)."""
+    from stages.decoding.registry import method_info  # torch-free; imported here: the registry reads the groups above
+
+    reads, fields = method_info(method).reads, set(config_fields())
+    return {k: v for k, v in sorted(overrides.items()) if k in reads or k not in fields}
 
 
 def relevant_for_perplexity(method: str, overrides: dict) -> dict:
     """The overrides that change ``method``'s scores in evaluation mode: NEST stops at Eq. 4 there (paper §3.2), so span
     selection, γ and generation lengths do not enter."""
-    drop = _SPANS | _SAMPLING | {"max_new_tokens", "stop_at_eos", "batch_size"}
-    return {k: v for k, v in relevant_config(method, overrides).items() if k not in drop}
+    return {k: v for k, v in relevant_config(method, overrides).items() if k not in NOT_IN_EVALUATION}

@@ -141,25 +141,20 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     import torch
     from tqdm import tqdm
 
-    from stages.decoding import NestConfig, make_decoder
     from stages.decoding.attribution import token_char_ends
     from stages.decoding.base import add_passage_search, settle_other
-    from stages.lm.load import load_lm
-    from stages.corpus.passages import PassageReader
-    from stages.lm.pretokenize import TokenLookup
+    from stages.evaluation.method_run import open_method_run
 
     out_dir = Path(out_dir)
-    cfg = NestConfig(**(config or {}))
-    cfg.key_cache_dir = None  # no cross-run disk cache: a run's speed must not depend on what ran before it
-    rows = pq.read_table(Path(examples) / "examples.parquet").to_pylist()
-    rows = rows[start:end]
-    uses_retrieval = method != "base"
-    retr = read_retrievals(retrievals) if uses_retrieval else {}
+    # no cross-run disk key cache: a run's speed must not depend on what ran before it
+    mr = open_method_run(method, config, examples=examples, passages=passages, tokens=tokens, lm=lm,
+                         retrievals=retrievals, device=device, dtype=dtype, key_cache_dir=None,
+                         key_cache=lambda cfg: make_key_cache(passage_keys))
+    cfg, decoder, tokenizer = mr.config, mr.decoder, mr.tokenizer
+    reader, lookup, retr = mr.reader, mr.lookup, mr.retrievals
+    rows = mr.rows[start:end]
+    uses_retrieval = mr.decoder.retrieves
     search_s = read_search_seconds(retrievals) if uses_retrieval else {}
-    model, tokenizer = load_lm(lm, device=device, dtype=dtype)
-    key_cache = make_key_cache(passage_keys)
-    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=key_cache)
-    reader, lookup = PassageReader(passages), TokenLookup(tokens)
     decoder.newline_ids()  # the stop rules' line-break ids: one-time start-up, never inside an example's wall time
 
     out_rows = []

@@ -33,40 +33,11 @@ SCHEMA = pa.schema([("example_id", pa.int64()), ("num_tokens", pa.int32()), ("nl
 
 
 def target_nll(decoder, request, target_ids: list[int]) -> float:
-    """Σ −log p(target_t | prompt, target_<t) under ``decoder``'s distribution (see module docstring)."""
-    import torch
-
-    from stages.decoding.base import Clock
-    from stages.decoding.kernels import lm_distribution
-    from stages.decoding.lm_runner import BatchedLM
-    from stages.decoding.nest import NestDecoder
-
+    """Σ −log p(target_t | prompt, target_<t) under ``decoder``'s distribution (its evaluation mode,
+    :meth:`stages.decoding.base.Decoder.target_logprobs`; see the module docstring)."""
     if not target_ids:
         return 0.0
-    row = decoder._prepare(request)
-    mixture = isinstance(decoder, NestDecoder)
-    lm = BatchedLM(decoder.model, key_layer=decoder.config.key_layer if mixture else None)
-    first = lm.prefill([row.prompt])[0]
-    logits, queries = [first.logits], [first.queries]
-    if len(target_ids) > 1:
-        rest = lm.step([list(target_ids[:-1])])[0]
-        lm.commit([len(target_ids) - 1])
-        logits.append(rest.logits)
-        queries.append(rest.queries)
-    logits = torch.cat(logits).float()
-    target = torch.tensor(target_ids, dtype=torch.long, device=logits.device)
-    if not mixture:
-        logp = torch.log_softmax(logits, dim=-1)
-        return float(-logp.gather(1, target[:, None]).sum())
-    nrow = decoder.new_row(row)
-    decoder.build_indexes([nrow], Clock(decoder.device))
-    scored = decoder.score(nrow, logits, torch.cat(queries))
-    if scored.nb_scores.shape[1] == 0:  # no passages: the mixture is p_LM at the mixture's temperature
-        p = lm_distribution(logits, decoder.config.lm_temperature)
-    else:
-        p = scored.p_m
-    p_t = p.gather(1, target[:, None]).squeeze(1).clamp_min(1e-30)
-    return float(-torch.log(p_t).sum())
+    return float(-decoder.target_logprobs(request, target_ids).sum())
 
 
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
@@ -77,21 +48,15 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     import torch
     from tqdm import tqdm
 
-    from stages.decoding import NestConfig, make_decoder
     from stages.decoding.key_store import open_key_cache
-    from stages.evaluation.generate import build_requests, read_retrievals
-    from stages.lm.load import load_lm
-    from stages.corpus.passages import PassageReader
-    from stages.lm.pretokenize import TokenLookup
+    from stages.evaluation.generate import build_requests
+    from stages.evaluation.method_run import open_method_run
 
-    cfg = NestConfig(**(config or {}))
-    if key_cache_dir:
-        cfg.key_cache_dir = str(key_cache_dir)
-    rows = pq.read_table(Path(examples) / "examples.parquet").to_pylist()
-    model, tokenizer = load_lm(lm, device=device, dtype=dtype)
-    decoder = make_decoder(method, model, tokenizer, cfg, key_cache=open_key_cache(cfg, passage_keys))
-    reader, lookup = PassageReader(passages), TokenLookup(tokens)
-    retr = read_retrievals(retrievals)
+    mr = open_method_run(method, config, examples=examples, passages=passages, tokens=tokens, lm=lm,
+                         retrievals=retrievals, device=device, dtype=dtype,
+                         key_cache_dir=str(key_cache_dir) if key_cache_dir else (config or {}).get("key_cache_dir"),
+                         key_cache=lambda cfg: open_key_cache(cfg, passage_keys), evaluation=True)
+    cfg, rows, decoder, reader, lookup, retr = mr.config, mr.rows, mr.decoder, mr.reader, mr.lookup, mr.retrievals
     out, skipped = [], 0
     t0 = time.perf_counter()
     with torch.inference_mode():

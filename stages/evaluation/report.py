@@ -3,7 +3,9 @@
 Input: one or more Score artifact folders (or ``summary.parquet`` files) written by :mod:`stages.evaluation.score`: the
 ``summary.parquet`` rows ``(task, method, variant, metric, value, n)`` with values already in the paper's table scale
 (%): ``variant`` is ``"main"`` for the main runs, ``"gamma=<γ>"`` for the leniency sweep and ``"ablation:<step>"`` for
-Table 3. Next to a summary, ``scores.parquet`` (per-example values: the paired bootstrap against the base LM) and, for
+Table 3. Each run's decoding config comes beside its summary (``configs``): a sweep run's γ is read from it, not from
+the variant's name. The methods, their order and row labels come from the registry (stages/decoding/registry.py). Next
+to a summary, ``scores.parquet`` (per-example values: the paired bootstrap against the base LM) and, for
 the bio tasks, ``copied_sources.parquet`` (the off-topic copies) are read when present. Every number in the report comes
 from those rows; a metric that was not computed (no value) is printed as "not computed", never filled in. A section
 with no rows (no γ sweep, no ablation, no QA task, ...) is left out, not printed empty.
@@ -23,8 +25,7 @@ import pyarrow.parquet as pq
 
 VERSION = "4"
 
-METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
-METHOD_LABELS = {"base": "Base LM", "ra": "+RA", "knnlm": "+kNN-LM", "nest": "+NEST", "ra_nest": "+RA-NEST"}
+BASE = "base"  # the reference of the speed-ups and of the paired differences
 ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
 ABLATION_STEPS = (
     ("knnlm", "kNN-LM (two-stage, fixed λ)"),
@@ -68,19 +69,63 @@ def task_family(task: str) -> str:
     return "qa"
 
 
+def registered_methods() -> dict:
+    """The registered decoding methods (stages/decoding/registry.py: read from their files, no torch), in table order."""
+    from stages.decoding.registry import methods
+
+    return methods()
+
+
+def method_label(method: str) -> str:
+    """A method's row label in the tables: its declared ``label`` (an unregistered method: its name)."""
+    info = registered_methods().get(method)
+    return info.label if info else method
+
+
+def method_order(present: Iterable[str]) -> list[str]:
+    """The methods among ``present``: the registered ones in their order, then any other, by name."""
+    present = set(present)
+    order = [m for m in registered_methods() if m in present]
+    return order + sorted(present - set(order))
+
+
 class Summary:
-    """Lookup over summary rows: ``get(task, method, metric, variant="main") -> float | None``."""
+    """Lookup over summary rows: ``get(task, method, metric, variant="main") -> float | None``. A row may carry the
+    decoding ``config`` of its run (a JSON string of NestConfig overrides): :meth:`gamma` reads γ from it."""
 
     def __init__(self, rows: Iterable[dict]):
         self.rows = list(rows)
         self._index = {(r["task"], r["method"], r["variant"], r["metric"]): r["value"] for r in self.rows}
+        self._config = {(r["task"], r["method"], r["variant"]): r["config"] for r in self.rows
+                        if r.get("config") is not None}
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path]) -> "Summary":
+    def from_files(cls, paths: Iterable[Path], configs: Iterable[dict | None] | None = None) -> "Summary":
+        """Rows of each ``summary.parquet``; ``configs`` (parallel to ``paths``): each run's decoding config."""
+        paths = list(paths)
+        configs = list(configs) if configs is not None else [None] * len(paths)
         rows: list[dict] = []
-        for p in paths:
-            rows.extend(pq.read_table(p).to_pylist())
+        for p, config in zip(paths, configs):
+            extra = {} if config is None else {"config": json.dumps(config, sort_keys=True)}
+            rows.extend({**r, **extra} for r in pq.read_table(p).to_pylist())
         return cls(rows)
+
+    def methods(self) -> list[str]:
+        return method_order(r["method"] for r in self.rows)
+
+    def sweep_variants(self, task: str, method: str = "nest") -> list[str]:
+        """The γ-sweep variants with rows for ``task``/``method``."""
+        return sorted({r["variant"] for r in self.rows if r["task"] == task and r["method"] == method
+                       and r["variant"].startswith("gamma=")})
+
+    def gamma(self, task: str, method: str, variant: str) -> float:
+        """γ of a run, from its decoding config (NestConfig's default when the config leaves it)."""
+        from stages.decoding.config import NestConfig  # torch-free
+
+        config = self._config.get((task, method, variant))
+        if config is None:
+            raise ValueError(f"no decoding config for {task}/{method}/{variant}: γ is read from the run's config")
+        return float(json.loads(config).get("gamma", NestConfig.gamma))
 
     def get(self, task: str, method: str, metric: str, variant: str = "main") -> float | None:
         v = self._index.get((task, method, variant, metric))
@@ -115,10 +160,10 @@ def table1(s: Summary, cells: list[dict]) -> str:
     for task in s.tasks():
         cols = TABLE1_COLUMNS[task_family(task)]
         rows = []
-        for m in METHODS:
+        for m in s.methods():
             if not any(s.get(task, m, c[0]) is not None for c in cols) and s.get(task, m, "num_tokens") is None:
                 continue
-            row = [METHOD_LABELS[m]]
+            row = [method_label(m)]
             for key, label, scale, dec in cols:
                 v = s.get(task, m, key)
                 row.append(fmt(v, scale, dec))
@@ -136,13 +181,15 @@ def table2(s: Summary, cells: list[dict]) -> str:
     rows = []
     cols = (("attribution_ratio", "Ratio (%)"), ("attribution_span_length", "Length (tokens)"),
             ("supported_ratio", "Supported (%)"), ("topical_precision", "Topical precision (%)"))
+    registered = registered_methods()
+    copying = [m for m in s.methods() if m in registered and registered[m].uses_token_index]
     for task in s.tasks():
-        for m in ("knnlm", "nest", "ra_nest"):
+        for m in copying:
             vals = [s.get(task, m, k) for k, _ in cols]
             if all(v is None for v in vals[:3]):
                 continue
             bio = task_family(task) == "bio"
-            rows.append([task, METHOD_LABELS[m]] + [fmt(v, 1, 1) if bio or k != "topical_precision" else "—"
+            rows.append([task, method_label(m)] + [fmt(v, 1, 1) if bio or k != "topical_precision" else "—"
                                                     for (k, _), v in zip(cols, vals)])
             for (k, label), v in zip(cols, vals):
                 if bio or k != "topical_precision":
@@ -179,14 +226,13 @@ def table3(s: Summary, cells: list[dict]) -> str:
 
 def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
     """Speedup over the base LM and mean accepted span length against γ (the paper's Fig. 2b)."""
-    variants = s.variants("gamma=")
     rows, series = [], {}
     for task in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
         pts = []
-        for v in variants:
-            g = float(v.split("=", 1)[1])
+        for v in s.sweep_variants(task):
+            g = s.gamma(task, "nest", v)
             speed = s.get(task, "nest", "tokens_per_s", v)
-            base = s.get(task, "base", "tokens_per_s")
+            base = s.get(task, BASE, "tokens_per_s")
             speedup = speed / base if speed and base else None
             span = s.get(task, "nest", "mean_accepted_span", v)
             proposed = s.get(task, "nest", "mean_proposed_span", v)
@@ -236,13 +282,13 @@ def latency(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
     (retrieval, key encoding, index building) is in its total; pooled tokens/s first, the median beside it."""
     rows, bars = [], []
     for task in s.tasks():
-        for m in METHODS:
+        for m in s.methods():
             total = s.get(task, m, "seconds_per_query")
             if total is None:
                 continue
             comps = [s.get(task, m, f"time_{c}") for c in LATENCY_COMPONENTS]
             hit = s.get(task, m, "key_hit_rate")
-            rows.append([task, METHOD_LABELS[m], fmt(total, 1, 2)] + [fmt(c, 1, 2) for c in comps] +
+            rows.append([task, method_label(m), fmt(total, 1, 2)] + [fmt(c, 1, 2) for c in comps] +
                         [fmt(s.get(task, m, "tokens_per_s"), 1, 1), fmt(s.get(task, m, "tokens_per_s_median"), 1, 1),
                          fmt(hit, 1, 0) if hit is not None else "–"])
             bars.append((f"{task}\n{m}", [max(c or 0.0, 0.0) for c in comps]))
@@ -294,10 +340,9 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]
             checks.append((f"{t}: ablation, RRC and relaxed speculative decoding each help ({key})", ok,
                            " → ".join(f"{v:.3f}" for v in vals)))
-    gammas = s.variants("gamma=")
     for t in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
-        pts = sorted((float(v.split("=")[1]), s.get(t, "nest", "attribution_ratio", v),
-                      s.get(t, "nest", "mean_accepted_span", v)) for v in gammas)
+        pts = sorted((s.gamma(t, "nest", v), s.get(t, "nest", "attribution_ratio", v),
+                      s.get(t, "nest", "mean_accepted_span", v)) for v in s.sweep_variants(t))
         ratios = [p[1] for p in pts if p[1] is not None]
         spans = [p[2] for p in pts if p[2] is not None]
         if len(ratios) >= 2:
@@ -324,10 +369,10 @@ def paired_differences(scores: list[dict], cells: list[dict]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in scores if r["variant"] == "main"))
     for task in tasks:
         for metric in HEADLINE[task_family(task)]:
-            base = values.get((task, "base", metric))
+            base = values.get((task, BASE, metric))
             if not base:
                 continue
-            for m in METHODS[1:]:
+            for m in method_order(k[1] for k in values if k[1] != BASE):
                 mine = values.get((task, m, metric))
                 if not mine:
                     continue
@@ -335,7 +380,7 @@ def paired_differences(scores: list[dict], cells: list[dict]) -> str:
                 if not shared:
                     continue
                 b = paired_bootstrap([mine[e] for e in shared], [base[e] for e in shared], **BOOTSTRAP)
-                rows.append([task, metric, METHOD_LABELS[m], str(b["n"]), f"{b['diff']:+.2f}",
+                rows.append([task, metric, method_label(m), str(b["n"]), f"{b['diff']:+.2f}",
                              f"[{b['low']:+.2f}, {b['high']:+.2f}]", "yes" if b["significant"] else "no"])
                 for col in ("diff", "low", "high", "n"):
                     cells.append({"table": "bootstrap", "task": task, "row": m, "column": f"{metric} {col}",
@@ -357,14 +402,14 @@ def off_topic_copies(s: Summary, scores: list[dict], copied: list[dict], cells: 
     for r in copied:
         if r["variant"] == "main":
             groups.setdefault((r["task"], int(r["example_id"]), r["method"]), []).append(r)
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(method_order(k[2] for k in groups))}
     rows = []
     for (task, eid, m) in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99))):
         rs = groups[(task, eid, m)]
         off = sorted((r for r in rs if not r["on_topic"]), key=lambda r: (-r["tokens"], r["title"]))
         p = prec.get((task, m, eid))
         listed = "; ".join(f"{r['title']} ({r['tokens']})" for r in off) or "none"
-        rows.append([task, str(eid), rs[0]["topic"] or "", METHOD_LABELS.get(m, m), fmt(p, 1, 1),
+        rows.append([task, str(eid), rs[0]["topic"] or "", method_label(m), fmt(p, 1, 1),
                      str(sum(r["tokens"] for r in rs)), listed])
         cells.append({"table": "off_topic", "task": task, "row": f"{m}:{eid}", "column": "topical_precision",
                       "value": p})
@@ -374,10 +419,10 @@ def off_topic_copies(s: Summary, scores: list[dict], copied: list[dict], cells: 
         return ""
     pooled = []
     for task in dict.fromkeys(k[0] for k in groups):
-        for m in METHODS:
+        for m in s.methods():
             v = s.get(task, m, "topical_precision")
             if v is not None:
-                pooled.append(f"{task} {METHOD_LABELS[m]}: {v:.1f}%")
+                pooled.append(f"{task} {method_label(m)}: {v:.1f}%")
     head = ("Topical precision over all copied tokens: " + ", ".join(pooled) + ".\n\n") if pooled else ""
     return head + _md_table(["task", "example", "topic", "method", "topical precision (%)", "copied tokens",
                              "off-topic sources (copied tokens)"], rows)
@@ -425,14 +470,20 @@ def _read_next_to(paths: list[Path], name: str) -> list[dict]:
     return rows
 
 
-def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict | None = None) -> dict:
-    """Write ``report.md``, ``tables.parquet`` and the PNG figures from the given ``summary.parquet`` folders/files."""
+def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict | None = None,
+        configs: dict[str, dict] | list[dict] | None = None) -> dict:
+    """Write ``report.md``, ``tables.parquet`` and the PNG figures from the given ``summary.parquet`` folders/files.
+    ``configs``: each run's decoding config (NestConfig overrides), keyed like ``summaries`` (or parallel to it): the
+    γ of a sweep run is read from there."""
     out_dir = Path(out_dir)
+    names = list(summaries) if isinstance(summaries, dict) else list(range(len(summaries)))
     paths = []
     for p in (summaries.values() if isinstance(summaries, dict) else summaries):
         p = Path(p)
         paths.append(p / "summary.parquet" if p.is_dir() else p)
-    s = Summary.from_files(paths)
+    if configs is not None:
+        configs = [configs.get(n) for n in names] if isinstance(configs, dict) else list(configs)
+    s = Summary.from_files(paths, configs)
     text, cells = render(s, out_dir, context=context, scores=_read_next_to(paths, "scores.parquet"),
                          copied=_read_next_to(paths, "copied_sources.parquet"))
     (out_dir / "report.md").write_text(text, encoding="utf-8")

@@ -150,7 +150,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
 
     from stages.decoding.config import NestConfig
     from stages.decoding.key_store import COMPRESSIONS, KeyStoreWriter, pq_subquantizers, train_pq
-    from stages.decoding.nest import NestDecoder
+    from stages.decoding.methods.nest import NestDecoder
     from stages.decoding.types import Passage
     from stages.decoding.passage_keys import encode_passages, passage_digest
 

@@ -7,14 +7,21 @@ from __future__ import annotations
 import torch
 
 from stages.decoding.kernels import relative_retrieval_confidence
-from stages.decoding.nest import NestDecoder
+from stages.decoding.registry import register
+from stages.decoding.verify import VerifyingDecoder
 
 
-class KnnLMDecoder(NestDecoder):
-    """Greedy kNN-LM: always token mode, no spans, no drafts, no masking."""
+@register
+class KnnLMDecoder(VerifyingDecoder):
+    """Greedy kNN-LM: always token mode (no drafter), no spans, no masking."""
 
     method = "knnlm"
-    uses_spans = False
+    label = "+kNN-LM"
+    reads = ("generation", "token_index", "mixture", "knnlm_lambda")
+    retrieves = True
+    uses_token_index = True
+    perplexity = True
+    order = 30
 
     def __init__(self, model, tokenizer, config=None, key_cache=None):
         super().__init__(model, tokenizer, config, key_cache)
