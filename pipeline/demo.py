@@ -24,6 +24,7 @@ from typing import Sequence
 
 from stages.decoding.attribution import token_char_ends
 from stages.decoding.config import NestConfig
+from stages.decoding.registry import method_info
 from tasks.metrics import attribution_ratio, attribution_runs
 from stages.decoding.types import DecodeRequest, Generation, Passage
 
@@ -154,7 +155,7 @@ class DemoSession:
     and the passage keys stay in an in-memory cache across the prompts (an earlier prompt warms a later one; nothing
     is prefetched for the prompt being answered).
 
-    ``retrieve``: prompt -> ranked passages (None for the base LM, which reads none). Each answer's ``seconds`` counts
+    ``retrieve``: prompt -> ranked passages (None for a method that retrieves nothing, as the base LM). Each answer's ``seconds`` counts
     everything that prompt cost: its retrieval (``passage_search``), key encoding, index building and decoding."""
 
     def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
@@ -163,7 +164,7 @@ class DemoSession:
         from stages.decoding.passage_keys import PassageKeyCache
 
         self.tokenizer, self.method, self.kind = tokenizer, method, kind
-        self.retrieve = retrieve if method != "base" else None
+        self.retrieve = retrieve if method_info(method).retrieves else None
         self.min_span_tokens = int(min_span_tokens)
         self.key_cache = PassageKeyCache(max_bytes=config.key_cache_max_bytes)  # memory only: this stream's keys
         self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
@@ -184,7 +185,7 @@ class DemoSession:
         cfg_fields.pop("key_cache_dir", None)  # the stream's keys live in memory (no cache from earlier processes)
         config = NestConfig(**cfg_fields)
         retrieve = None
-        if method != "base":
+        if method_info(method).retrieves:
             retrieve = PassageRetriever(passages_dir=passages_dir, tokens_dir=tokens_dir, bm25_dir=bm25_dir,
                                         dense_dir=dense_dir, encoder=encoder, b=config.passages,
                                         mode=extra.get("retrieval_mode", "hybrid"),
