@@ -43,3 +43,55 @@ def test_knn_mass_changes_the_nll_and_copying_lowers_it():
     base = make_decoder("base", model, tok, NestConfig())
     req = DecodeRequest(0, prompt_ids=prompt, passages=passages)
     assert target_nll(copy, req, target) < target_nll(base, req, target)
+
+
+def test_perplexity_stage_scores_each_completion_with_the_decoders_evaluation_mode(tmp_path, monkeypatch):
+    """The stage (shared setup with Generate: stages/evaluation/method_run.py) gives the NLL of target_nll on the same
+    request; a method without an evaluation mode is refused before the LM is loaded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    import stages.corpus.passages
+    import stages.lm.load
+    import stages.lm.pretokenize
+    from stages.decoding import registry
+    from stages.evaluation import perplexity
+    from stages.retrieval import pre_retrieve
+    from tasks.base import Example, examples_to_table
+    from tests.test_decoding_timing import _lookup_for, _Reader
+
+    model, tok = tiny_llama(), TinyTokenizer()
+    passages = random_passages(3, 3)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "r").mkdir()
+    ex = [Example(example_id=0, task="completion", kind="completion", query="q", prefix="ab",
+                  meta={"prefix_ids": PROMPT, "target_ids": TARGET}),
+          Example(example_id=1, task="completion", kind="qa", query="q", question="who?")]  # not a completion
+    pq.write_table(examples_to_table(ex), tmp_path / "e" / "examples.parquet")
+    rows = [{"example_id": 0, "rank": r + 1, "doc_id": p.doc_id, "fused": 1.0, "sparse": None, "dense": None,
+             "search_s": 0.0} for r, p in enumerate(passages)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pre_retrieve.SCHEMA), tmp_path / "r" / "retrievals.parquet")
+    monkeypatch.setattr(stages.lm.load, "load_lm", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(stages.corpus.passages, "PassageReader", _Reader)
+    monkeypatch.setattr(stages.lm.pretokenize, "TokenLookup", _lookup_for(passages))
+    (tmp_path / "out").mkdir()
+    stats = perplexity.run(tmp_path / "out", examples=tmp_path / "e", passages=tmp_path, tokens=tmp_path, lm=tmp_path,
+                           retrievals=tmp_path / "r", method="nest", config={"mu": 0.5})
+    out = pq.read_table(tmp_path / "out" / "perplexity.parquet").to_pylist()
+    assert stats["examples"] == 1 and stats["skipped_not_completion"] == 1
+    dec = make_decoder("nest", model, tok, NestConfig(mu=0.5))
+    req = DecodeRequest(0, "completion", prefix="ab", prefix_ids=PROMPT, passages=passages)
+    assert out[0]["nll_sum"] == pytest.approx(target_nll(dec, req, TARGET), rel=1e-6)
+    assert out[0]["nll_sum"] != pytest.approx(_direct_nll(model, PROMPT, TARGET), rel=1e-3)  # the kNN mass counts
+    monkeypatch.setattr(registry, "methods", _without_perplexity(registry))  # as a method declaring perplexity = False
+    with pytest.raises(ValueError, match="has no evaluation mode"):
+        perplexity.run(tmp_path / "out", examples=tmp_path / "e", passages=tmp_path, tokens=tmp_path, lm=tmp_path,
+                       method="base")
+
+
+def _without_perplexity(registry):
+    import dataclasses
+
+    real = registry.methods()
+    return lambda: {m: dataclasses.replace(i, perplexity=False) for m, i in real.items()}
