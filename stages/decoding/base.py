@@ -1,8 +1,9 @@
-"""The decoder interface and the two prompt-only methods: the base LM and in-context retrieval augmentation (RA).
+"""The decoder interface every method implements (the methods themselves: ``stages/decoding/methods/``).
 
 ``Decoder.decode(requests)`` validates every request first (bad input raises :class:`stages.errors.InputError` before
 any compute), splits them into batches of ``config.batch_size`` and decodes each batch; every row is exact on its own
 (a batch gives the same tokens as each example alone, see :mod:`stages.decoding.lm_runner`).
+``Decoder.target_logprobs(request, target_ids)`` is the evaluation mode (perplexity) of the methods that have one.
 """
 
 from __future__ import annotations
