@@ -36,9 +36,9 @@ class VerifyingDecoder(TokenIndexDecoder):
         self.drafter: SpanDrafter | None = None
 
     def accept(self, p_m: torch.Tensor, draft: list[int]) -> int:
+        """How many leading draft tokens p_M accepts (Eq. 7 with leniency γ; ``strict``: argmax only)."""
         return acceptance_length(p_m, torch.tensor(draft, dtype=torch.long), self.config.gamma,
                                  strict=self.config.acceptance == "strict")
-
 
     def propose(self, row: KnnRow) -> Draft | None:
         """The row's next draft (None: a token-mode step). No drafter: every step is token mode (kNN-LM)."""
