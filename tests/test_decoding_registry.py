@@ -96,6 +96,7 @@ def test_a_toy_method_joins_the_grid_and_the_dag(toy_method):
         assert gen.key_params["config"] == {"max_new_tokens": 9}
         inputs = gen.requires()
         assert "retrievals" not in inputs and "passage_keys" not in inputs  # it retrieves nothing
+        assert {"retrievals", "passage_keys"} <= set(dag.Generate(task="completion", method="knnlm").requires())
         score = dag.Score(task="completion", method="no_repeat")
         assert "perplexity" not in score.requires()  # no evaluation mode: no Perplexity stage
         assert "perplexity" in dag.Score(task="completion", method="knnlm").requires()
