@@ -26,14 +26,21 @@ from pipeline.store import Identified
 EMBEDDED = "embedded"
 
 
-PAPER_TASKS = ("wikitext", "nq", "triviaqa", "hotpotqa", "medmcqa", "truthfulqa", "factscore")
-
-
 def known_tasks() -> tuple[str, ...]:
-    """Every task LoadTask can load: the embedded ones (drawn from the corpus) and the paper benchmarks."""
-    from stages.evaluation.load_task import TASKS
+    """Every registered task (tasks.registry): the embedded ones (drawn from the corpus), then the paper benchmarks."""
+    from tasks import registry
 
-    return tuple(TASKS) + PAPER_TASKS
+    return registry.names("corpus") + registry.names("file")
+
+
+def paper_task_names() -> tuple[str, ...]:
+    """The registered tasks read from a benchmark file (``[paper_tasks] <name> = <path>``)."""
+    from tasks import registry
+
+    return registry.names("file")
+
+
+PAPER_TASKS = paper_task_names()  # at import: the [paper_tasks] options below
 
 
 def _corpus_formats() -> tuple[str, ...]:
@@ -42,29 +49,28 @@ def _corpus_formats() -> tuple[str, ...]:
     return ("auto", *FORMATS)
 
 
-_TASK = each_one_of(lambda: known_tasks(), "a list of known tasks (completion, completion_excluded, bio, "
-                                           + ", ".join(PAPER_TASKS) + ")")
-_ONE_TASK = Accepts("one of completion, completion_excluded, bio, " + ", ".join(PAPER_TASKS),
-                        lambda v: v in known_tasks())
+_TASK = each_one_of(lambda: known_tasks(), "a list of known tasks (" + ", ".join(known_tasks()) + ")")
+_ONE_TASK = Accepts("one of " + ", ".join(known_tasks()), lambda v: v in known_tasks())
 _POS = at_least(1)
 _NONNEG = at_least(0)
 
 
-class paper_tasks(luigi.Config):  # noqa: N801
-    """``[paper_tasks]``: the official file of each paper benchmark; a task whose path is set joins the run."""
+def _paper_tasks_config() -> type:
+    """``[paper_tasks]``: one option per registered file task (its ``data_help``); built from the registry."""
+    from tasks import registry
 
-    wikitext = luigi.Parameter(default="", description="WikiText-103 raw test text (wiki.test.raw)")
-    nq = luigi.Parameter(default="", description="NQ-open JSONL or the DPR nq-test.qa.csv")
-    triviaqa = luigi.Parameter(default="", description="DPR trivia-test.qa.csv / pyserini topics TSV")
-    hotpotqa = luigi.Parameter(default="", description="hotpot_dev_fullwiki_v1.json (or the simplified dev JSON)")
-    medmcqa = luigi.Parameter(default="", description="MedMCQA dev JSONL")
-    truthfulqa = luigi.Parameter(default="", description="TruthfulQA.csv")
-    factscore = luigi.Parameter(default="", description="prompt_entities.txt (one entity a line)")
+    attrs = {name: luigi.Parameter(default="", description=registry.spec(name).data_help) for name in PAPER_TASKS}
+    doc = "``[paper_tasks]``: the official file of each paper benchmark; a task whose path is set joins the run."
+    return type("paper_tasks", (luigi.Config,), {"__doc__": doc, "__module__": __name__, **attrs})
+
+
+paper_tasks = _paper_tasks_config()
 
 
 def paper_task_paths() -> dict[str, str]:
-    pt = paper_tasks()
-    return {t: getattr(pt, t) for t in PAPER_TASKS if getattr(pt, t)}
+    """``{task: path}`` of the file tasks whose ``[paper_tasks]`` path is set (tasks registered after import too)."""
+    conf = cfg.config()
+    return {t: conf.get("paper_tasks", t, "") for t in paper_task_names() if conf.get("paper_tasks", t, "")}
 
 
 def configured_tasks() -> list[str]:
@@ -474,6 +480,13 @@ class Perplexity(_MethodOnTask):
 PPL_METHODS = ("base", "ra", "knnlm", "nest", "ra_nest")
 
 
+def _task_spec(task: str):
+    """The registered task's declarations (tasks.registry.spec): what Score needs besides its examples."""
+    from tasks import registry
+
+    return registry.spec(task)
+
+
 class factscore(luigi.Config):  # noqa: N801
     """``[factscore]``: the judge LM of FactScore (a local HF chat model folder); empty: FactScore is "not computed"."""
 
@@ -493,17 +506,17 @@ class Score(NestTask):
     def requires(self):
         req = {"examples": LoadTask(task=self.task),
                "generations": Generate(task=self.task, method=self.method, config=self.config)}
-        ppl_tasks = set(decoding().ppl_tasks) | ({"wikitext"} & set(paper_task_paths()))
+        ppl_tasks = set(decoding().ppl_tasks) | {t for t in paper_task_paths() if _task_spec(t).perplexity}
         if self.variant == "main" and self.task in ppl_tasks and self.method in PPL_METHODS:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
-        if self.task in ("bio", "factscore"):  # titles of copied passages: topical precision, off-topic copies
+        if _task_spec(self.task).topical:  # titles of copied passages: topical precision, off-topic copies
             req["passages"] = ConvertCorpus()
         if self._judged():
             req["bm25"] = BuildBM25Index()
         return req
 
     def _judged(self) -> bool:
-        return bool(factscore().judge_lm) and self.task in ("bio", "factscore")
+        return bool(factscore().judge_lm) and _task_spec(self.task).uses_judge
 
     def stage_params(self):
         params = {"task": self.task, "method": self.method, "variant": self.variant}
