@@ -104,8 +104,9 @@ def _local_imports(tree: ast.Module, package: str | None) -> set[str]:
 
 
 def _discovered(tree: ast.Module) -> set[str]:
-    """The modules of the package a registry imports by discovery (a top-level ``DISCOVERS = "package"``, as in
-    ``tasks/registry.py``): its registrations are code the importing stage runs, though no import statement names it."""
+    """The modules of the package a registry imports by discovery or by name at run time (a top-level
+    ``DISCOVERS = "package"``, as in ``tasks/registry.py`` and ``stages/retrieval/searchers.py``): code the importing
+    stage runs, though no import statement names it."""
     found = set()
     for node in tree.body:
         if _is_version_assign(node, frozenset({"DISCOVERS"})) and isinstance(node.value, ast.Constant):
