@@ -366,6 +366,13 @@ class PreRetrieve(NestTask):
         return params
 
 
+def retrieval_description() -> str:
+    """The configured first stage in words, for the report: ``hybrid fusion of bm25, dense`` or ``bm25 alone``."""
+    pre = PreRetrieve(task=known_tasks()[0])
+    used = pre.used_retrievers()
+    return f"hybrid fusion of {', '.join(used)}" if pre.mode == "hybrid" else f"{used[0]} alone"
+
+
 class PreTokenize(NestTask):
     """Passages → token ids with the LM's tokenizer, Parquet shards addressable by doc_id."""
 
@@ -635,6 +642,7 @@ class Report(NestTask):
             "decoding (all methods)": json.dumps(_plain(d.config), sort_keys=True),
             "per-task overrides": json.dumps(_plain(d.task_config), sort_keys=True),
             "per-method overrides": json.dumps(_plain(d.method_config), sort_keys=True),
+            "retrieval": retrieval_description(),
         }}
 
     def call_kwargs(self):
