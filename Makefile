@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nest-installed
 PROFILE ?= embedded
-SQL ?= SELECT rank, title, round(fused, 3) AS fused, round(sparse, 3) AS sparse, round(dense, 3) AS dense FROM retrievals WHERE example_id = 3 ORDER BY rank LIMIT 10
+SQL ?= SELECT rank, title, round(fused, 3) AS fused, round(bm25, 3) AS bm25, round(dense, 3) AS dense FROM retrievals WHERE example_id = 3 ORDER BY rank LIMIT 10
 
 # Offline by design: nothing is fetched from a model hub at run time.
 export HF_HUB_OFFLINE := 1

@@ -27,6 +27,7 @@ class View:
     glob: str
     select: str = "SELECT * FROM read_parquet({files})"
     per_task: bool = False
+    named: tuple[str, ...] = ()  # ``{others}``: every other column of the artifact's file, as ``r."col", ``
 
 
 VIEWS: list[View] = [
@@ -36,9 +37,11 @@ VIEWS: list[View] = [
     # ``references`` is a reserved word in DuckDB: the view calls the column ``refs``
     View("examples", "LoadTask", "examples.parquet",
          'SELECT * RENAME ("references" AS refs) FROM read_parquet({files})', per_task=True),
+    # one raw-score column per retriever, named after it (bm25, dense, ...: ``{others}``), between fused and text
     View("retrievals", "PreRetrieve", "retrievals.parquet",
-         "SELECT {task} AS task, r.example_id, r.rank, r.doc_id, p.title, r.fused, r.sparse, r.dense, p.text "
-         "FROM read_parquet({files}) r LEFT JOIN read_parquet({passages}) p USING (doc_id)", per_task=True),
+         "SELECT {task} AS task, r.example_id, r.rank, r.doc_id, p.title, r.fused, {others}p.text "
+         "FROM read_parquet({files}) r LEFT JOIN read_parquet({passages}) p USING (doc_id)", per_task=True,
+         named=("example_id", "rank", "doc_id", "fused", "search_s")),
     # one row per (task, method, example); ``source_doc_ids``/``source_positions`` per token, -1 = not from the corpus.
     # Every decoding config of the grid has its own Generate artifact: ``config`` tells them apart.
     View("generations", "Generate", "generations.parquet"),
@@ -50,6 +53,16 @@ VIEWS: list[View] = [
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+def _others(path: Path, named: tuple[str, ...]) -> str:
+    """``r."a", r."b", `` for the columns of a Parquet file not in ``named`` (empty without ``named``)."""
+    if not named:
+        return ""
+    import pyarrow.parquet as pq
+
+    cols = [c for c in pq.read_schema(path).names if c not in named]
+    return "".join(f'r."{c.replace(chr(34), chr(34) * 2)}", ' for c in cols)
 
 
 def _sql_list(paths: Iterable[Path]) -> str:
@@ -173,7 +186,7 @@ def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterabl
             if "{passages}" in view.select and not passages:
                 continue
             parts.append(view.select.format(files=_sql_list(files), passages=_sql_list(passages),
-                                            task=_sql_str(this_task)))
+                                            task=_sql_str(this_task), others=_others(files[0], view.named)))
         if parts:
             con.execute(f"CREATE VIEW {view.name} AS " + " UNION ALL BY NAME ".join(f"({p})" for p in parts))
             counts[view.name] = len(parts)

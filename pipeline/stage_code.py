@@ -106,6 +106,19 @@ def _local_imports(tree: ast.Module, package: str | None) -> set[str]:
     return found
 
 
+def _discovered(tree: ast.Module) -> set[str]:
+    """The modules of the package a registry imports by discovery at run time (a top-level ``DISCOVERS = "package"``,
+    as in ``tasks/registry.py`` and ``stages/retrieval/searchers.py``): code the importing stage runs, though no import
+    statement names it. (``PLUGIN_FOLDER = True`` in a package's ``__init__`` says the same from the package's side.)"""
+    found = set()
+    for node in tree.body:
+        if _is_version_assign(node, frozenset({"DISCOVERS"})) and isinstance(node.value, ast.Constant):
+            spec = importlib.util.find_spec(str(node.value.value))
+            for loc in (spec.submodule_search_locations or []) if spec else []:
+                found |= {f"{node.value.value}.{p.stem}" for p in Path(loc).glob("*.py") if p.stem != "__init__"}
+    return found
+
+
 def dependencies(module: str) -> list[str]:
     """``module`` and every project module it imports, transitively (their code changes a stage's output too)."""
     seen, todo = set(), [module]
@@ -119,7 +132,8 @@ def dependencies(module: str) -> list[str]:
             continue
         package = m if spec.submodule_search_locations else m.rpartition(".")[0]
         for path in module_files(m, whole_package=(m == module or is_plugin_folder(m))):
-            todo.extend(_local_imports(_parse(path), package) - seen)
+            tree = _parse(path)
+            todo.extend((_local_imports(tree, package) | _discovered(tree)) - seen)
     return sorted(seen)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 from tasks.metrics import truncate_at_eos
 
 KINDS = ("completion", "qa")
+SOURCES = ("file", "corpus")  # where a task's examples come from: its benchmark file, or drawn from the corpus
 
 EXAMPLE_COLUMNS = ("example_id", "task", "kind", "query", "question", "prefix", "references", "exclude_doc_ids", "meta")
 
@@ -45,12 +46,12 @@ class Example:
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
 
-    def to_row(self) -> dict[str, Any]:
-        """The Parquet row: ``meta`` serialised as JSON (sorted keys, UTF-8 kept)."""
+    def to_row(self, sort_meta: bool = True) -> dict[str, Any]:
+        """The Parquet row: ``meta`` serialised as JSON (sorted keys unless ``sort_meta`` is False, UTF-8 kept)."""
         row = asdict(self)
         row["references"] = [str(r) for r in self.references]
         row["exclude_doc_ids"] = [int(d) for d in self.exclude_doc_ids]
-        row["meta"] = json.dumps(self.meta, sort_keys=True, ensure_ascii=False)
+        row["meta"] = json.dumps(self.meta, sort_keys=sort_meta, ensure_ascii=False)
         return row
 
     @classmethod
@@ -75,11 +76,12 @@ def examples_schema():
                       ("meta", pa.string())])
 
 
-def examples_to_table(examples: Iterable[Example]):
-    """A pyarrow Table with :func:`examples_schema` (the caller writes it atomically)."""
+def examples_to_table(examples: Iterable[Example], *, sort_meta: bool = True):
+    """A pyarrow Table with :func:`examples_schema` (the caller writes it atomically); ``sort_meta=False`` keeps the
+    meta keys in insertion order (``Task.sort_meta``)."""
     import pyarrow as pa
 
-    rows = [e.to_row() for e in examples]
+    rows = [e.to_row(sort_meta=sort_meta) for e in examples]
     return pa.Table.from_pylist(rows, schema=examples_schema())
 
 
@@ -96,9 +98,44 @@ def seeded_subset(n: int, k: int, seed: int) -> list[int]:
     return sorted(order[:k])
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of the report's Table 1 for a task: the summary metric, its label, a scale and the decimals shown."""
+
+    metric: str
+    label: str
+    scale: float = 1
+    decimals: int = 1
+
+
+#: Table-1 columns shared by several tasks (a task may declare its own).
+COMPLETION_COLUMNS = (Column("ppl", "PPL", 1, 2), Column("rouge1", "RG-1"), Column("rouge2", "RG-2"),
+                      Column("rougeL", "RG-L"), Column("num_tokens", "Avg.Len"))
+QA_COLUMNS = (Column("alr", "ALR"), Column("num_tokens", "answer length (tokens)"),
+              Column("answer_in_copied_span", "answer in a copied span (% of correct)"),
+              Column("alr_first_only", "ALR (first alias, as released code)"))
+LONGFORM_COLUMNS = (Column("factscore", "FS"), Column("num_facts", "#Facts"), Column("rouge1_source", "RG-1 vs source"),
+                    Column("num_tokens", "Avg.Len"))
+
+
 class Task(ABC):
-    """One benchmark. Subclasses set ``name``, ``kind``, ``family`` (:mod:`tasks.stopping`), ``metrics``,
-    ``max_new_tokens`` and implement ``read`` and ``score_text``.
+    """One task, built-in or paper benchmark. Subclasses set the class attributes below and implement ``read`` (a file
+    task) or ``draw`` (a corpus task) and ``score_text``; ``@tasks.registry.register("name")`` makes the task known
+    to LoadTask, Score, the report and the DAG (docs/extending.md, "A task").
+
+    Declared per task (class attributes, readable without an instance):
+
+    - ``kind`` (the prompt: ``completion`` | ``qa``) and ``family`` (:mod:`tasks.stopping`: completion, qa,
+      multiple_choice, longform: the generation length and stop rule);
+    - ``source``: ``file`` (read from the benchmark file set in ``[paper_tasks] <name>``) or ``corpus`` (drawn from
+      the corpus by LoadTask through :meth:`draw`);
+    - ``metrics`` (what :meth:`score` returns), ``quality_metric`` (the one metric of Table 3 and the γ sweep),
+      ``headline_metrics`` (those that get a paired bootstrap against the base LM), ``report_columns`` (Table 1);
+    - ``topical``: the examples are about one entity (topical precision of the copied tokens, the off-topic section);
+      ``uses_judge``: scoring takes ``judge``/``retrieve`` options (FactScore; Score passes the ``[factscore]`` judge);
+      ``needs_tokenizer``: loading takes the LM's ``tokenizer``; ``perplexity``: the examples carry
+      ``meta["target_ids"]``, so evaluation-mode PPL applies;
+    - ``data_help``: what the ``[paper_tasks]`` option of a file task names.
 
     ``sample_size``: the paper's subsample (2,500 for HotpotQA and MedMCQA), drawn with ``seed``; ``None`` keeps all.
     """
@@ -106,7 +143,18 @@ class Task(ABC):
     name: str = ""
     kind: str = "qa"
     family: str = "qa"  # tasks.stopping: sets the generation length and stop rule of the task's examples
+    source: str = "file"
     metrics: tuple[str, ...] = ()
+    quality_metric: str = "alr"
+    headline_metrics: tuple[str, ...] = ("alr",)
+    report_columns: tuple[Column, ...] = QA_COLUMNS
+    topical: bool = False
+    uses_judge: bool = False
+    needs_tokenizer: bool = False
+    perplexity: bool = False
+    data_help: str = ""
+    cut_at_eos: bool = True  # score(): cut the text at the first EOS marker first
+    sort_meta: bool = True  # examples.parquet: meta JSON with sorted keys
     max_new_tokens: int = 128
     sample_size: int | None = None
 
@@ -120,11 +168,17 @@ class Task(ABC):
         self.last_stats: dict[str, Any] = {}
 
     # -- loading -----------------------------------------------------------------------------------------------------
-    @abstractmethod
     def read(self, path: Path, stats: dict[str, int]) -> Iterator[Example]:
         """Every usable example of the file in file order (``example_id`` is reassigned by :meth:`load`). Count
         dropped rows in ``stats`` (e.g. ``stats["filtered_yes_no"] += 1``); raise :class:`TaskInputError` on bad
-        input."""
+        input. A file task implements it."""
+        raise NotImplementedError(f"task {self.name!r} is drawn from the corpus, not read from a file")
+
+    def draw(self, corpus, *, n_examples: int, seed: int, **options) -> tuple[list[Example], dict[str, Any]]:
+        """A corpus task's examples and counts, drawn from ``corpus`` (:class:`tasks.corpus.Corpus`: passage batches,
+        rows by ``doc_id``, the LM's tokenizer). ``options``: LoadTask's ``prefix_tokens``/``target_tokens`` and the
+        task's own. A corpus task implements it."""
+        raise NotImplementedError(f"task {self.name!r} is read from a file, not drawn from the corpus")
 
     def load(self, path: str | Path, limit: int | None = None, seed: int = 0) -> list[Example]:
         """Read ``path``, draw the paper's seeded subsample (``sample_size``), then at most ``limit`` examples (a seeded
@@ -161,7 +215,7 @@ class Task(ABC):
         The text is cut at the first end-of-sequence marker first (bug B9 of the released code scored text after
         ``</s>``); the decoders already stop at EOS, so this is a guard for generations from elsewhere.
         """
-        return self.score_text(truncate_at_eos(generation_text), example)
+        return self.score_text(truncate_at_eos(generation_text) if self.cut_at_eos else generation_text, example)
 
     @abstractmethod
     def score_text(self, text: str, example: Example) -> dict[str, Any]:

@@ -20,9 +20,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from tasks.base import Example, Task
+from tasks.base import LONGFORM_COLUMNS, Example, Task
 from tasks.errors import TaskInputError
 from tasks.files import read_lines
+from tasks.registry import register
 from tasks.prompts import bio_question
 
 GAMMA = 10  # FActScore's length-penalty constant γ
@@ -183,6 +184,7 @@ def factscore(text: str, entity: str, judge: Judge, retrieve: Retriever, gamma: 
             "num_facts": len(facts), "num_supported": supported, "abstained": 0.0}
 
 
+@register("factscore")
 class FactScore(Task):
     """``judge`` and ``retrieve`` configure scoring; without them ``score`` returns ``{"factscore": None, ...}``."""
 
@@ -190,6 +192,12 @@ class FactScore(Task):
     kind = "qa"
     family = "longform"
     metrics = ("factscore", "num_facts")
+    quality_metric = "rouge1_source"
+    headline_metrics = ("factscore", "rouge1_source")
+    report_columns = LONGFORM_COLUMNS
+    topical = True  # each example is about one entity: topical precision of the copied tokens
+    uses_judge = True
+    data_help = "prompt_entities.txt (one entity a line)"
     max_new_tokens = 512
 
     def __init__(self, *, judge: Judge | None = None, retrieve: Retriever | None = None, gamma: float = GAMMA,

@@ -19,6 +19,7 @@ from typing import Iterator
 from tasks.base import Example, QATask, qa_example
 from tasks.errors import TaskInputError
 from tasks.files import answer_list, iter_json_array, text_field
+from tasks.registry import register
 
 SAMPLE_SIZE = 2500
 PLACEHOLDERS = {"XXXX-3": "Princeton", "XXXX-2": "Google"}
@@ -36,8 +37,10 @@ def patch_placeholders(text: str) -> str:
     return text
 
 
+@register("hotpotqa")
 class HotpotQA(QATask):
     name = "hotpotqa"
+    data_help = "hotpot_dev_fullwiki_v1.json (or the simplified dev JSON)"
     sample_size = SAMPLE_SIZE
 
     def read(self, path: Path, stats: dict) -> Iterator[Example]:

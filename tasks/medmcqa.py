@@ -20,6 +20,7 @@ from typing import Iterator
 from tasks.base import Example, QATask, qa_example
 from tasks.errors import TaskInputError
 from tasks.files import iter_jsonl, text_field
+from tasks.registry import register
 
 SAMPLE_SIZE = 2500
 MAX_ANSWER_WORDS = 5
@@ -47,8 +48,10 @@ def filter_reason(question: str, answer: str) -> str | None:
     return None
 
 
+@register("medmcqa")
 class MedMCQA(QATask):
     name = "medmcqa"
+    data_help = "MedMCQA dev JSONL"
     family = "multiple_choice"
     sample_size = SAMPLE_SIZE
 

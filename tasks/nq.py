@@ -15,6 +15,7 @@ from tasks.base import Example, QATask, qa_example
 from tasks.dpr import iter_dpr_tsv
 from tasks.errors import TaskInputError
 from tasks.files import answer_list, iter_jsonl, read_lines, text_field
+from tasks.registry import register
 
 FORMATS = ("auto", "jsonl", "dpr")
 
@@ -42,8 +43,10 @@ def iter_qa_jsonl(path: Path, task: str, answer_key: str = "answer") -> Iterator
         yield qa_example(task, question, answers, line=line)
 
 
+@register("nq")
 class NaturalQuestions(QATask):
     name = "nq"
+    data_help = "NQ-open JSONL or the DPR nq-test.qa.csv"
 
     def __init__(self, *, fmt: str = "auto", **options):
         super().__init__(**options)

@@ -1,6 +1,7 @@
 """Task families: how long each task generates and what ends an answer (docs/tasks.md, "Length and stopping").
 
-Every task belongs to one family; the family sets the generation length and the stop rule of its examples:
+Every task belongs to one family (its class declares it: ``Task.family``); the family sets the generation length and
+the stop rule of its examples:
 
 | family | tasks | length (new tokens) | stop rule |
 |---|---|---|---|
@@ -39,24 +40,21 @@ DEFAULT_LENGTHS: dict[str, int | str | None] = {"completion": REFERENCE, "qa": 1
                                                 "longform": 512}
 DEFAULT_STOPS = {"completion": "none", "qa": "paragraph", "multiple_choice": "paragraph", "longform": "none"}
 
-# The embedded tasks (stages.evaluation.load_task) and the paper tasks (tasks.registry; each Task class says the same in `family`).
-TASK_FAMILIES = {
-    "completion": "completion", "completion_excluded": "completion", "bio": "longform",
-    "wikitext": "completion", "nq": "qa", "triviaqa": "qa", "hotpotqa": "qa", "truthfulqa": "qa",
-    "medmcqa": "multiple_choice", "factscore": "longform",
-}
 KIND_FAMILIES = {"completion": "completion", "qa": "qa"}
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
 
 
 def family_of(task: str, kind: str | None = None) -> str:
-    """The family of a task (by name; an unknown task by its prompt kind)."""
-    if task in TASK_FAMILIES:
-        return TASK_FAMILIES[task]
+    """The family of a task: what its registered class declares (``Task.family``, :mod:`tasks.registry`); a task that
+    is not registered, by its prompt kind."""
+    from tasks import registry
+
+    if task in registry.names():
+        return registry.spec(task).family
     if kind in KIND_FAMILIES:
         return KIND_FAMILIES[kind]
-    raise ValueError(f"task {task!r} has no family (known tasks: {', '.join(sorted(TASK_FAMILIES))}; "
+    raise ValueError(f"task {task!r} has no family (known tasks: {', '.join(registry.names())}; "
                      f"or give its kind, one of {tuple(KIND_FAMILIES)})")
 
 

@@ -12,10 +12,13 @@ from typing import Iterator
 from tasks.base import Example, QATask, qa_example
 from tasks.dpr import iter_dpr_tsv
 from tasks.errors import TaskInputError
+from tasks.registry import register
 
 
+@register("triviaqa")
 class TriviaQA(QATask):
     name = "triviaqa"
+    data_help = "DPR trivia-test.qa.csv / pyserini topics TSV"
 
     def read(self, path: Path, stats: dict) -> Iterator[Example]:
         n = 0

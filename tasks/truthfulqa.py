@@ -15,9 +15,10 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.base import Example, Task
+from tasks.base import Column, Example, Task
 from tasks.errors import TaskInputError
 from tasks.files import open_text_stream, read_text
+from tasks.registry import register
 
 NO_COMMENT = "I have no comment."
 REQUIRED = ("Question", "Correct Answers", "Incorrect Answers")
@@ -38,10 +39,16 @@ def true_references(correct: list[str]) -> list[str]:
     return correct if NO_COMMENT in correct else [*correct, NO_COMMENT]
 
 
+@register("truthfulqa")
 class TruthfulQA(Task):
     name = "truthfulqa"
     kind = "qa"
     metrics = ("bleu_diff", "rouge1_diff", "bleu_acc", "rouge1_acc", "bleu_max", "rouge1_max")
+    quality_metric = "rouge1_diff"
+    headline_metrics = ("bleu_diff", "rouge1_diff")
+    report_columns = (Column("bleu_diff", "∆BLEU", 1, 2), Column("rouge1_diff", "∆RG-1", 1, 2),
+                      Column("num_tokens", "Avg.Len"))
+    data_help = "TruthfulQA.csv"
     max_new_tokens = 128
 
     def read(self, path: Path, stats: dict) -> Iterator[Example]:

@@ -14,9 +14,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from tasks.base import Example, Task
+from tasks.base import COMPLETION_COLUMNS, Example, Task
 from tasks.errors import TaskInputError
 from tasks.files import read_lines
+from tasks.registry import register
 
 PREFIX_TOKENS = 128
 TARGET_TOKENS = 256
@@ -127,6 +128,10 @@ class CompletionTask(Task):
     kind = "completion"
     family = "completion"
     metrics = ("rouge1", "rouge2", "rougeL")
+    quality_metric = "rouge1"
+    headline_metrics = ("rouge1", "rouge2", "rougeL")
+    report_columns = COMPLETION_COLUMNS
+    perplexity = True  # meta["target_ids"]: evaluation-mode PPL
     max_new_tokens = TARGET_TOKENS
 
     def score_text(self, text: str, example: Example) -> dict[str, Any]:
@@ -135,10 +140,13 @@ class CompletionTask(Task):
         return {k: 100.0 * v for k, v in rouge(text, example.references).items()}
 
 
+@register("wikitext")
 class WikiText(CompletionTask):
     """WikiText-103 raw test. Needs the LM's ``tokenizer`` (chunks are in that tokenizer's tokens)."""
 
     name = "wikitext"
+    needs_tokenizer = True
+    data_help = "WikiText-103 raw test text (wiki.test.raw)"
 
     def __init__(self, *, tokenizer=None, prefix_len: int = PREFIX_TOKENS, target_len: int = TARGET_TOKENS,
                  stride: int = STRIDE, full_target: bool = True, detokenize: bool = False, **options):

@@ -250,7 +250,7 @@ def _fake_retrieval_store(root: Path) -> Store:
         docs = [4, 1, 0] if task == "completion" else [2]
         publish("PreRetrieve", pr_key, lambda out, docs=docs: _parquet(out / "retrievals.parquet", {
             "example_id": [3] * len(docs), "rank": list(range(1, len(docs) + 1)), "doc_id": docs,
-            "fused": [0.9, 0.5, 0.1][: len(docs)], "sparse": [12.0, None, 3.0][: len(docs)],
+            "fused": [0.9, 0.5, 0.1][: len(docs)], "bm25": [12.0, None, 3.0][: len(docs)],
             "dense": [0.8, 0.7, None][: len(docs)]}), {"mode": "hybrid"}, {"examples": ("LoadTask", ex_key)})
     write_run(store, {"id": "20000101T000000.000000Z-1", "started_at": "2000-01-01T00:00:00Z", "reached": reached,
                       "ok": True})
@@ -266,11 +266,11 @@ def test_query_the_documented_retrievals_example(tmp_path, monkeypatch, capsys):
                       "reached": [{"stage": "ConvertCorpus", "key": "c" * 64, "label": "ConvertCorpus",
                                    "status": "cached", "seconds": None}]})
     monkeypatch.setenv("NEST_STORE", str(tmp_path / "store"))
-    sql = "SELECT rank, title, fused, sparse, dense FROM retrievals WHERE example_id = 3 ORDER BY rank"
+    sql = "SELECT rank, title, fused, bm25, dense FROM retrievals WHERE example_id = 3 ORDER BY rank"
     assert cli.main(["query", sql]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert lines[0].split() == ["rank", "title", "fused", "sparse", "dense"]
+    assert lines[0].split() == ["rank", "title", "fused", "bm25", "dense"]
     body = [line.split(None, 1) for line in lines[2:]]
     assert [b[0] for b in body] == ["1", "2", "3"]
     assert "Niels Bohr" in lines[2] and "Alan Turing" in lines[3] and "Ada Lovelace" in lines[4]

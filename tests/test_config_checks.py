@@ -65,7 +65,7 @@ def test_a_bad_value_on_the_command_line_is_one_line(clean_config, capsys):
     assert cli.main(["run", "PreRetrieve", "--task", "bio", "--b", "0"]) == 2
     assert "PreRetrieve.b = '0': expected an integer >= 1" in capsys.readouterr().err
     assert cli.main(["run", "PreRetrieve", "--task", "bogus"]) == 2
-    assert "PreRetrieve.task = 'bogus': expected one of completion" in capsys.readouterr().err
+    assert "PreRetrieve.task = 'bogus': expected one of bio, completion, completion_excluded, factscore" in capsys.readouterr().err
     assert not clean_config.exists()
 
 

@@ -188,7 +188,7 @@ def _stage_inputs(tmp_path, passages, search_s):
     ex = [Example(example_id=i, task="completion", kind="completion", query="q", prefix=f"prefix {i}",
                   references=["x"]) for i in range(3)]
     pq.write_table(examples_to_table(ex), tmp_path / "e" / "examples.parquet")
-    rows = [{"example_id": i, "rank": r + 1, "doc_id": p.doc_id, "fused": 1.0, "sparse": None, "dense": None,
+    rows = [{"example_id": i, "rank": r + 1, "doc_id": p.doc_id, "fused": 1.0, "bm25": None, "dense": None,
              "search_s": search_s} for i in range(3) for r, p in enumerate(passages)]
     pq.write_table(pa.Table.from_pylist(rows, schema=pre_retrieve.SCHEMA), tmp_path / "r" / "retrievals.parquet")
 

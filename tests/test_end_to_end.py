@@ -137,11 +137,11 @@ def test_tokens_are_the_lm_tokenizer_ids_of_each_passage(built):
 
 
 def test_query_and_status(built):
-    q = built["run"]("query", "SELECT rank, title, fused, sparse, dense FROM retrievals WHERE example_id = 3 "
+    q = built["run"]("query", "SELECT rank, title, fused, bm25, dense FROM retrievals WHERE example_id = 3 "
                               "ORDER BY rank")
     assert q.returncode == 0, q.stderr
     lines = q.stdout.splitlines()
-    assert lines[0].split() == ["rank", "title", "fused", "sparse", "dense"] and len(lines) == 2 + B
+    assert lines[0].split() == ["rank", "title", "fused", "bm25", "dense"] and len(lines) == 2 + B
     st = built["run"]("status", *built["args"], "--set", "BuildBM25Index.k1=1.2")
     assert st.returncode == 0, st.stderr
     rerun = {_label(line) for line in st.stdout.splitlines() if " rerun " in line}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from stages.retrieval.fusion import RELEASED_CODE, fuse, fusion_coefficient, retriever_confidence, single
+from stages.retrieval.fusion import (RELEASED_CODE, fuse, fuse_many, fusion_coefficient, fusion_weights,
+                                     retriever_confidence, single)
 
 
 def test_retriever_confidence_by_hand():
@@ -103,3 +104,53 @@ def test_single_retriever_modes():
     assert single(DENSE, b=2, side="dense") == [(3, 0.8, None, 0.8), (5, 0.7, None, 0.7)]
     with pytest.raises(ValueError):
         single(DENSE, side="both")
+
+
+# ---- any number of retrievers (fusion_weights, fuse_many) ------------------------------------------------------------
+
+def test_fuse_many_is_the_paper_formula_bit_for_bit_on_two_lists():
+    """Two lists (BM25 first, dense second, priors 1 − w and w): the same fused scores as fuse(), compared with ==."""
+    import random
+
+    rnd = random.Random(7)
+    cases = [(SPARSE, DENSE, {"conf_rank": 3}), ([], DENSE, {}), (SPARSE, [], {"conf_rank": 2})]
+    for _ in range(200):
+        docs = rnd.sample(range(60), 40)
+        s = sorted(((d, rnd.uniform(0, 30)) for d in docs[:25]), key=lambda h: -h[1])
+        d = sorted(((d, rnd.uniform(-0.4, 0.9)) for d in docs[15:]), key=lambda h: -h[1])
+        cases.append((s, d, {"conf_rank": rnd.choice([1, 5, 10, 100]), "clip_dense": rnd.random() < 0.5,
+                             "dense_weight": rnd.choice([0.3, 0.5, 0.1])}))
+    for s, d, kw in cases:
+        w = kw.get("dense_weight", 0.3)
+        want = fuse(s, d, 12, **kw)
+        got, weights = fuse_many([s, d], [1.0 - w, w], 12, conf_rank=kw.get("conf_rank", 100),
+                                 clip=[kw.get("clip_dense", False)] * 2)
+        assert got == want  # exact: same floats, same order
+        eta = fusion_coefficient([x for _, x in s], [x for _, x in d], kw.get("conf_rank", 100),
+                                 clip_dense=kw.get("clip_dense", False), dense_weight=w)
+        assert weights == [1.0 - eta, eta]
+
+
+def test_fuse_many_three_retrievers_by_hand():
+    a = [(1, 10.0), (2, 6.0), (3, 5.0)]
+    b = [(1, 0.9), (4, 0.45)]
+    c = [(2, 4.0), (4, 2.0)]
+    # conf_rank = 2: eta_a = 1 - 6/10 = 0.4, eta_b = 1 - 0.45/0.9 = 0.5, eta_c = 1 - 2/4 = 0.5
+    # priors 0.5, 0.25, 0.25; handed on: a 0.5*0.6 = 0.3, b 0.125, c 0.125 (split over the N - 1 = 2 others)
+    # w_b = 0.25*0.5 + (0.3 + 0.125)/2 = 0.3375 = w_c ; w_a = 1 - 0.675 = 0.325 (= 0.5*0.4 + 0.25/2)
+    assert fusion_weights([0.4, 0.5, 0.5], [0.5, 0.25, 0.25]) == pytest.approx([0.325, 0.3375, 0.3375])
+    rows, weights = fuse_many([a, b, c], [0.5, 0.25, 0.25], b=4, conf_rank=2)
+    assert weights == pytest.approx([0.325, 0.3375, 0.3375]) and sum(weights) == pytest.approx(1.0)
+    # fills (each list's minimum): a 5.0, b 0.45, c 2.0
+    # doc 1: 0.325*10 + 0.3375*0.9 + 0.3375*2.0  = 3.25 + 0.30375 + 0.675 = 4.22875
+    # doc 2: 0.325*6 + 0.3375*0.45 + 0.3375*4.0  = 1.95 + 0.151875 + 1.35 = 3.451875
+    # doc 3: 0.325*5 + 0.3375*0.45 + 0.3375*2.0  = 2.451875 ; doc 4: 0.325*5 (filled) + the same = 2.451875 (tie: 3 first)
+    assert [r[0] for r in rows] == [1, 2, 3, 4]
+    assert [r[1] for r in rows] == pytest.approx([4.22875, 3.451875, 2.451875, 2.451875])
+    assert rows[0][2:] == (10.0, 0.9, None) and rows[3][2:] == (None, 0.45, 2.0)
+
+
+def test_fusion_weights_edge_cases():
+    assert fusion_weights([0.7], [1.0]) == [1.0]  # one retriever: its score is the fused score
+    with pytest.raises(ValueError, match="one prior per retriever"):
+        fusion_weights([0.1, 0.2], [1.0])

@@ -12,6 +12,9 @@ from stages.evaluation import load_task
 from stages.errors import InputError
 from stages.lm.load import load_tokenizer
 from stages.corpus.passages import PassageReader
+from tasks.base import examples_schema
+from tasks.bio import is_person
+from tasks.completion import FALLBACK_TARGET_TOKENS
 
 P, T = 16, 48  # prefix / target tokens for the tiny tokenizer (its tokens are short: ~2 chars)
 
@@ -23,7 +26,7 @@ def run_task(out, passages, lm, task, **kw):
     out.mkdir(parents=True, exist_ok=True)
     stats = load_task.run(out, passages=passages, lm=lm, task=task, **kw)
     table = pq.read_table(out / "examples.parquet")
-    assert table.schema.equals(load_task.examples_schema())
+    assert table.schema.equals(examples_schema())
     return stats, table.to_pylist()
 
 
@@ -83,7 +86,7 @@ def test_completion_falls_back_to_shorter_targets(tmp_path, micro_passages_dir, 
     # no passage has 16 + 5000 tokens: the rule allows prefix + 32, references then hold what is left (<= target)
     stats, rows = run_task(tmp_path, micro_passages_dir, tiny_tokenizer_dir, "completion", n_examples=4,
                            prefix_tokens=P, target_tokens=5000)
-    assert stats["min_tokens"] == P + load_task.FALLBACK_TARGET_TOKENS
+    assert stats["min_tokens"] == P + FALLBACK_TARGET_TOKENS
     assert len(rows) == 4
     assert all(len(json.loads(r["meta"])["target_ids"]) >= 32 for r in rows)
     with pytest.raises(InputError, match="tokens the completion task needs"):
@@ -111,10 +114,10 @@ def test_bio_is_seeded_subset(tmp_path, micro_passages_dir, tiny_tokenizer_dir):
 
 
 def test_person_rule():
-    assert load_task.is_person({"topic": "People", "description": "Tang dynasty Chinese poet (712–770)"})
-    assert not load_task.is_person({"topic": "People", "description": "American rock band"})
-    assert not load_task.is_person({"topic": "People", "description": "French brothers, filmmakers and inventors"})
-    assert not load_task.is_person({"topic": "Uncategorized", "description": "Roman emperor from 27 BC to AD 14"})
+    assert is_person({"topic": "People", "description": "Tang dynasty Chinese poet (712–770)"})
+    assert not is_person({"topic": "People", "description": "American rock band"})
+    assert not is_person({"topic": "People", "description": "French brothers, filmmakers and inventors"})
+    assert not is_person({"topic": "Uncategorized", "description": "Roman emperor from 27 BC to AD 14"})
 
 
 def test_bio_needs_people(tmp_path, tiny_tokenizer_dir):
@@ -128,7 +131,10 @@ def test_bio_needs_people(tmp_path, tiny_tokenizer_dir):
 
 
 def test_unknown_task(tmp_path, micro_passages_dir, tiny_tokenizer_dir):
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+        load_task.run(tmp_path, passages=micro_passages_dir, lm=tiny_tokenizer_dir, task="mmlu")
+    # a paper task is known, but reads its benchmark file: without one, the error names the option to set
+    with pytest.raises(ValueError, match=r"\[paper_tasks\] nq"):
         load_task.run(tmp_path, passages=micro_passages_dir, lm=tiny_tokenizer_dir, task="nq")
 
 

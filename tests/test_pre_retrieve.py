@@ -73,7 +73,7 @@ def test_hybrid_schema_ranks_and_fusion(artifacts):
     root, examples = artifacts
     table, stats, out = _run(root, examples, "hybrid", b=6, candidates=4000)
     assert table.schema.equals(pre_retrieve.SCHEMA)
-    assert [f.name for f in table.schema] == ["example_id", "rank", "doc_id", "fused", "sparse", "dense", "search_s"]
+    assert [f.name for f in table.schema] == ["example_id", "rank", "doc_id", "fused", "bm25", "dense", "search_s"]
     assert pq.ParquetFile(out / "retrievals.parquet").metadata.row_group(0).column(0).compression == "ZSTD"
     assert [p.name for p in out.iterdir()] == ["retrievals.parquet"]
     assert stats["candidates"] == 6 and stats["num_examples"] == 3  # 4000 clamped to the corpus
@@ -85,12 +85,12 @@ def test_hybrid_schema_ranks_and_fusion(artifacts):
     s = bm25.BM25Searcher(root / "bm25").search(["capital of France"], 6)[0]
     d = dense.DenseSearcher(root / "dense", dense.embedded_encoder()).search(["capital of France"], 6)[0]
     expected = fusion.fuse(s, d, 6)
-    assert [(r["doc_id"], r["sparse"]) for r in rows[0]] == [(e[0], e[2]) for e in expected]
+    assert [(r["doc_id"], r["bm25"]) for r in rows[0]] == [(e[0], e[2]) for e in expected]
     # dense scores agree to float32 noise (the queries were encoded in another batch, with other padding)
     assert [r["dense"] for r in rows[0]] == pytest.approx([e[3] for e in expected], abs=1e-5)
     assert [r["fused"] for r in rows[0]] == pytest.approx([e[1] for e in expected], abs=1e-5)
     # BM25 matches only Paris and Berlin: the others got the BM25 minimum and a null sparse score
-    assert sum(r["sparse"] is None for r in rows[0]) == 4
+    assert sum(r["bm25"] is None for r in rows[0]) == 4
     assert all(r["dense"] is not None for r in rows[0])
     assert stats["eta_min"] <= stats["eta_mean"] <= stats["eta_max"]
 
@@ -118,7 +118,7 @@ def test_search_seconds_are_shared_per_example(artifacts):
 
 def test_exclusions_are_dropped_before_fusion(artifacts):
     root, examples = artifacts
-    for mode in pre_retrieve.MODES:
+    for mode in pre_retrieve.modes():
         table, _, _ = _run(root, examples, mode, b=6)
         rows = _by_example(table)
         assert 0 not in {r["doc_id"] for r in rows[1]}, mode
@@ -131,7 +131,7 @@ def test_exclusions_are_dropped_before_fusion(artifacts):
     d = dense.DenseSearcher(root / "dense", dense.embedded_encoder()).search(["capital of France"], 6)[0]
     expected = fusion.fuse([h for h in s if h[0] != 0], [h for h in d if h[0] != 0], 6)
     assert [r["doc_id"] for r in ex1] == [e[0] for e in expected]
-    assert berlin["sparse"] == pytest.approx(dict(s)[1])
+    assert berlin["bm25"] == pytest.approx(dict(s)[1])
 
 
 def test_single_retriever_modes(artifacts):
@@ -139,13 +139,16 @@ def test_single_retriever_modes(artifacts):
     table, stats, _ = _run(root, examples, "bm25", b=3)
     rows = _by_example(table)
     assert "eta_mean" not in stats
-    assert all(r["dense"] is None and r["fused"] == r["sparse"] for r in table.to_pylist())
+    # one score column per retriever used: bm25 only
+    assert table.column_names == ["example_id", "rank", "doc_id", "fused", "bm25", "search_s"]
+    assert all(r["fused"] == r["bm25"] for r in table.to_pylist())
     assert [r["doc_id"] for r in rows[0]] == [0, 1]  # BM25 returns only the two passages with "capital"
     assert 2 not in rows  # BM25 matched only Everest, and example 2 excludes it: no rows, not a wrong one
     assert stats["examples_with_fewer_than_b"] == 3
     table, _, _ = _run(root, examples, "dense", b=3)
     rows = _by_example(table)
-    assert all(r["sparse"] is None and r["fused"] == r["dense"] for r in table.to_pylist())
+    assert table.column_names == ["example_id", "rank", "doc_id", "fused", "dense", "search_s"]
+    assert all(r["fused"] == r["dense"] for r in table.to_pylist())
     assert [len(rows[i]) for i in range(3)] == [3, 3, 3]
     assert rows[0][0]["doc_id"] == 0
     assert [r["fused"] for r in rows[0]] == sorted((r["fused"] for r in rows[0]), reverse=True)

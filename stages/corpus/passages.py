@@ -15,6 +15,16 @@ from typing import Iterator, Sequence
 import numpy as np
 
 
+def passage_shards(passages: Path) -> list[Path]:
+    """The ``passages-*.parquet`` files of a ConvertCorpus artifact, in order; none is an input error."""
+    from stages.errors import InputError
+
+    shards = sorted(Path(passages).glob("passages-*.parquet"))
+    if not shards:
+        raise InputError(passages, None, "no passages-*.parquet files (expected a ConvertCorpus artifact)")
+    return shards
+
+
 class ShardedRows:
     """Rows of ``prefix-NNNNN.parquet`` shards described by ``info_name`` (``num_rows``, ``shard_rows``, ``shards``)."""
 

