@@ -1,0 +1,383 @@
+"""Many workers on Luigi's schedulers (issue 10 §1, §3), on the loopback interface.
+
+A fixture starts ``luigid`` on 127.0.0.1 (a free port, its state and logs in a temp folder) with short heartbeats; two
+``nest worker`` processes, each with its own local store, share a folder remote and build a small sharded fake DAG
+(tests/scheduler_fakes.py). Checked: every stage built exactly once across the workers, the keys and the report bytes
+of a single-process run; ``kill -9`` of a worker in the middle of a shard (the other takes it over once the dead one's
+heartbeat lapses); ``luigid`` killed (workers stop with one line, the rerun finishes); and, under the local scheduler,
+``--workers 2`` with its thread budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from luigi.task_register import Register
+
+from pipeline.base import RUN_LOG
+from pipeline_conftest_helpers import PROJECT
+from scheduler_fakes import write_shard_stage
+
+TESTS = Path(__file__).resolve().parent
+ROOT = ["ShAll", "--module", "scheduler_fakes"]
+STAGES = {"ShSource", "ShShard", "ShReport"}
+N_TASKS = 6  # source, 4 shards, report
+
+# short heartbeats: a dead worker's task is handed out again after ~3 s; a lost scheduler is given up after ~2 s
+TEST_CFG = """
+[core]
+rpc-retry-attempts = 2
+rpc-retry-wait = 1
+rpc-connect-timeout = 2
+[worker]
+ping_interval = 0.3
+wait_interval = 0.2
+wait_jitter = 0.1
+[scheduler]
+worker_disconnect_delay = 3
+retry_delay = 0.5
+prune_on_get_work = true
+stable_done_cooldown_secs = 0
+[resources]
+threads = 4
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Site:
+    """A temp folder with the fake stage module, the test luigi.cfg, a folder remote and one store per worker."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.mods = root / "mods"
+        write_shard_stage(self.mods)
+        self.cfg = root / "test-luigi.cfg"
+        self.cfg.write_text(TEST_CFG)
+        self.remote = root / "remote"
+        self.log = root / "calls.log"
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self, store: str, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NEST_", "LUIGI_"))}
+        env.update({"PYTHONPATH": os.pathsep.join([str(PROJECT), str(TESTS), str(self.mods)]),
+                    "NEST_STORE": str(self.root / store), "NEST_FAKE_LOG": str(self.log),
+                    "LUIGI_CONFIG_PATH": str(self.cfg), "OMP_NUM_THREADS": "1", "NEST_GPU": "0",
+                    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+        env.update(extra)
+        return env
+
+    def start(self, args: list[str], store: str, name: str, **extra) -> subprocess.Popen:
+        out = open(self.root / f"{name}.out", "w")
+        err = open(self.root / f"{name}.err", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=self.root, stdout=out, stderr=err,
+                                env=self.env(store, **extra))
+        proc.name = name
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, url: str, store: str, name: str, *more: str, **extra) -> subprocess.Popen:
+        return self.start(["worker", "--scheduler-url", url, *more, *ROOT], store, name,
+                          NEST_REMOTE=str(self.remote), **extra)
+
+    def text(self, name: str, stream: str = "err") -> str:
+        return (self.root / f"{name}.{stream}").read_text()
+
+    def calls(self) -> list[tuple[str, int, str]]:
+        if not self.log.exists():
+            return []
+        return [(t, int(p), th) for t, p, th in (line.split() for line in self.log.read_text().splitlines())]
+
+    def record(self, store: str) -> dict:
+        return json.loads((self.root / store / "runs" / "latest.json").read_text())
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    Register.clear_instance_cache()
+    RUN_LOG.reset()
+    yield s
+    s.stop_all()
+    Register.clear_instance_cache()
+
+
+class Luigid:
+    def __init__(self, site: Site, port: int | None = None):
+        self.site, self.port = site, port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Luigid":
+        folder = self.site.root / "luigid"
+        folder.mkdir(exist_ok=True)
+        log = open(folder / "luigid.log", "a")
+        env = self.site.env("unused")
+        self.proc = subprocess.Popen([sys.executable, "-c", "from luigi.cmdline import luigid; luigid()",
+                                      "--address", "127.0.0.1", "--port", str(self.port),
+                                      "--state-path", str(folder / "state.pickle"), "--logdir", str(folder)],
+                                     cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/graph", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"luigid did not start on {self.url}: "
+                                   f"{(folder / 'luigid.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def luigid(site):
+    server = Luigid(site).start()
+    yield server
+    server.stop()
+
+
+def _wait(proc: subprocess.Popen, site: Site, timeout: float = 90) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{proc.name} did not finish: {site.text(proc.name)[-3000:]}")
+
+
+def _until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _single_process(site: Site) -> dict:
+    """The reference: the same DAG in one process, local scheduler, no remote."""
+    proc = site.start(["run", *ROOT], "single", "single")
+    assert _wait(proc, site) == 0, site.text("single")
+    record = site.record("single")
+    assert record["ok"] and {r["status"] for r in record["reached"]} == {"built"}
+    return record
+
+
+def _keys(record: dict) -> dict[str, str]:
+    return {r["label"]: r["key"] for r in record["reached"]}
+
+
+def _remote_report(site: Site, key: str) -> bytes:
+    """ShReport's out.txt pulled from the remote into a fresh store (checked against its digests on the way)."""
+    from pipeline.remote import Remote
+    from pipeline.store import Store
+
+    store = Store(site.root / "fresh")
+    Remote(str(site.remote)).pull(store, "ShReport", key)
+    return (store.path("ShReport", key) / "out.txt").read_bytes()
+
+
+# ---- two workers on luigid ---------------------------------------------------------------------------------------------
+
+def test_two_workers_build_every_stage_once_with_the_keys_and_report_of_one_process(site, luigid):
+    reference = _single_process(site)
+    site.log.unlink()
+    slow = "shard-0-2:0.6,shard-2-4:0.6,shard-4-6:0.6,shard-6-8:0.6"  # so that both workers get shards
+    a = site.worker(luigid.url, "store-a", "a", NEST_TEST_SLOW=slow)
+    b = site.worker(luigid.url, "store-b", "b", NEST_TEST_SLOW=slow)
+    assert _wait(a, site) == 0, site.text("a")
+    assert _wait(b, site) == 0, site.text("b")
+
+    # exactly once: across both workers' run records, and in the stage calls
+    built: dict[tuple[str, str], list[str]] = {}
+    for store in ("store-a", "store-b"):
+        record = site.record(store)
+        assert record["ok"], record
+        assert {r["status"] for r in record["reached"]} <= {"built", "remote", "cached", "pulled"}
+        for r in record["reached"]:
+            if r["status"] == "built":
+                built.setdefault((r["stage"], r["key"]), []).append(store)
+    assert len(built) == N_TASKS and all(len(v) == 1 for v in built.values()), built
+    texts = [t for t, _pid, _th in site.calls()]
+    assert sorted(texts) == sorted(set(texts)) and len(texts) == N_TASKS, texts
+    assert len({pid for _t, pid, _th in site.calls()}) == 2, "both workers took part"
+
+    # the same keys as one process, each on the remote once, and the same report bytes
+    keys = _keys(site.record("store-a"))
+    assert keys == _keys(reference) == _keys(site.record("store-b"))
+    from pipeline.remote import Remote
+
+    assert sorted(Remote(str(site.remote)).list()) == sorted((r["stage"], r["key"]) for r in reference["reached"])
+    report_key = keys["ShReport"]
+    single = (site.root / "single" / "ShReport" / report_key / "out.txt").read_bytes()
+    assert single == _remote_report(site, report_key)
+    assert single.startswith(b"report|shard-0-2|source|shard-2-4|source")
+    # a worker pulled only the inputs of what it ran: the other worker's shards are not in its store
+    for store in ("store-a", "store-b"):
+        own = {k for (s, k), who in built.items() if who == [store]}
+        local = {p.name for p in (site.root / store).glob("Sh*/*") if (p / "manifest.json").is_file()}
+        assert own <= local
+
+
+def test_kill_9_of_a_worker_mid_shard_hands_the_shard_to_the_other(site, luigid):
+    reference = _single_process(site)
+    site.log.unlink()
+    a = site.worker(luigid.url, "store-a", "a", NEST_TEST_SLOW="shard-4-6:60")
+    _until(lambda: any(t == "shard-4-6" for t, _p, _th in site.calls()), 60, "worker a to start shard-4-6")
+    b = site.worker(luigid.url, "store-b", "b")
+    time.sleep(0.5)
+    t_kill = time.monotonic()
+    a.send_signal(signal.SIGKILL)
+    a.wait(10)
+    assert _wait(b, site) == 0, site.text("b")
+    took = time.monotonic() - t_kill
+    assert took < 45, f"the other worker took {took:.0f} s to finish"
+    shard_runs = [(t, p) for t, p, _th in site.calls() if t == "shard-4-6"]
+    assert len(shard_runs) == 2 and shard_runs[0][1] == a.pid and shard_runs[1][1] != a.pid  # started by a, redone by b
+    record = site.record("store-b")
+    assert record["ok"]
+    statuses = {r["label"]: r["status"] for r in record["reached"]}
+    assert statuses["ShShard(start=4, end=6)"] == "built" and statuses["ShReport"] == "built"
+    assert _keys(record) == _keys(reference)
+    key = _keys(record)["ShReport"]
+    assert _remote_report(site, key) == (site.root / "single" / "ShReport" / key / "out.txt").read_bytes()
+    # the killed build left nothing that looks complete in a's store
+    assert not (site.root / "store-a" / "ShShard" / _keys(reference)["ShShard(start=4, end=6)"]).exists()
+
+
+def test_luigid_killed_workers_stop_with_one_line_and_the_rerun_finishes(site):
+    server = Luigid(site).start()
+    try:
+        a = site.worker(server.url, "store-a", "a", NEST_TEST_SLOW="shard-0-2:3")
+        _until(lambda: any(t == "shard-0-2" for t, _p, _th in site.calls()), 60, "worker a to start shard-0-2")
+        server.kill()
+        rc = _wait(a, site, timeout=60)
+        err = site.text("a")
+        assert rc == 1, err
+        lines = [line for line in err.splitlines() if line.startswith("nest:")]
+        assert len(lines) == 1 and "stopped answering" in lines[0] and server.url in lines[0], err
+        assert "Traceback" not in err and "Failed connecting" not in err, err
+        # the shard finished before the scheduler was missed: it is on the remote, and the rerun does not redo it
+        done_before = [t for t, _p, _th in site.calls()]
+        server.start()  # same port, same state file
+        again = site.worker(server.url, "store-a", "a2")
+        assert _wait(again, site) == 0, site.text("a2")
+        record = site.record("store-a")
+        assert record["ok"]
+        redone = [t for t, _p, _th in site.calls()][len(done_before):]
+        assert "shard-0-2" in done_before and "shard-0-2" not in redone and "report" in redone
+    finally:
+        server.stop()
+
+
+def test_worker_without_a_scheduler_is_one_line(site):
+    proc = site.worker(f"http://127.0.0.1:{_free_port()}", "store-a", "a")
+    assert _wait(proc, site, timeout=60) == 1
+    err = site.text("a")
+    assert [line for line in err.splitlines() if line.startswith("nest:")][0].startswith("nest: the scheduler at")
+    assert "Traceback" not in err
+
+
+# ---- local scheduler, N worker processes -------------------------------------------------------------------------------
+
+def test_local_workers_share_the_cores_and_record_every_build(site):
+    reference = _single_process(site)
+    site.log.unlink()
+    proc = site.start(["run", "--workers", "2", *ROOT], "two", "two", NEST_TEST_SLOW="shard-0-2:0.5,shard-2-4:0.5")
+    assert _wait(proc, site) == 0, site.text("two")
+    record = site.record("two")
+    # built in Luigi's forked worker processes: the run record still knows each build (the journal)
+    assert record["ok"] and {r["status"] for r in record["reached"]} == {"built"}
+    assert _keys(record) == _keys(reference)
+    calls = site.calls()
+    assert {th for _t, _p, th in calls} == {"2"}  # [resources] threads = 4 over 2 workers
+    assert len({p for _t, p, _th in calls}) >= 2  # stages ran in worker processes, not all in one
+    key = _keys(record)["ShReport"]
+    assert (site.root / "two" / "ShReport" / key / "out.txt").read_bytes() == \
+        (site.root / "single" / "ShReport" / key / "out.txt").read_bytes()
+
+
+def test_a_failure_in_a_worker_process_is_one_line_with_its_type(site):
+    proc = site.start(["run", "--workers", "2", *ROOT], "two", "two", NEST_TEST_SLOW="shard-2-4:oops")
+    assert _wait(proc, site) == 1
+    err = site.text("two")
+    assert "nest: ShShard" in err and "failed: ValueError: could not convert string to float" in err, err
+
+
+# ---- resources ---------------------------------------------------------------------------------------------------------
+
+def test_resources_gpu_lucene_and_site_needs(monkeypatch):
+    from pipeline import config, dag, scheduling
+
+    Register.clear_instance_cache()
+    monkeypatch.setenv("NEST_GPU", "1")
+    assert dag.Generate(task="bio", method="nest").resources == {"gpu": 1}
+    assert dag.BuildBM25Index().resources == {"lucene": 1}
+    assert dag.PreRetrieve(task="bio", mode="dense").resources == {}
+    assert dag.PreRetrieve(task="bio", mode="hybrid").resources == {"lucene": 1}
+    monkeypatch.setenv("NEST_GPU", "0")
+    assert dag.Generate(task="bio", method="nest").resources == {}
+    cfg = config.config()
+    config.apply_overrides({"stage_resources": {"needs": '{"BuildDenseIndex": {"memory_gib": 48}}'}})
+    try:
+        Register.clear_instance_cache()
+        needs = dag.BuildDenseIndex().resources
+        assert needs == {"memory_gib": 48}
+        assert scheduling.unlimited(needs) == ["memory_gib"]  # no [resources] memory_gib: Luigi would never run it
+        config.apply_overrides({"resources": {"memory_gib": "64"}})
+        assert scheduling.unlimited(needs) == []
+    finally:
+        cfg.remove_option("stage_resources", "needs")
+        if cfg.has_option("resources", "memory_gib"):
+            cfg.remove_option("resources", "memory_gib")
+        Register.clear_instance_cache()
+
+
+def test_thread_budget(monkeypatch):
+    from pipeline import config, scheduling
+
+    monkeypatch.delenv(scheduling.THREADS_ENV, raising=False)
+    for mod in ("torch", "faiss"):  # this process's own thread settings stay as they are
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    config.apply_overrides({"resources": {"threads": "6"}})
+    try:
+        assert scheduling.thread_budget(4) == 1 and scheduling.thread_budget(2) == 3 and scheduling.thread_budget(1) == 6
+        assert scheduling.set_thread_budget(2) == 3 and os.environ[scheduling.THREADS_ENV] == "3"
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.setenv(var, "1")
+        assert scheduling.apply_thread_budget() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        config.config().remove_option("resources", "threads")
+        os.environ.pop(scheduling.THREADS_ENV, None)
