@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import luigi
 
 from pipeline import config as _config  # registers the project's luigi.cfg
+from pipeline import scheduling as _scheduling  # noqa: F401  (registers [stage_resources] before config checks)
 from pipeline.runs import new_run_id, write_run
 from pipeline.stage_code import read_version
 from pipeline.store import Identified, Store, content_key, key_form, utc_now

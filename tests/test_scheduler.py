@@ -251,21 +251,34 @@ def test_two_workers_build_every_stage_once_with_the_keys_and_report_of_one_proc
         assert own <= local
 
 
-def test_kill_9_of_a_worker_mid_shard_hands_the_shard_to_the_other(site, luigid):
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_kill_9_of_a_worker_mid_shard_hands_the_shard_to_the_other(site, luigid, processes):
+    """``--workers 2``: the shard runs in a process Luigi forked; it must die with its worker (no orphan build)."""
     reference = _single_process(site)
     site.log.unlink()
-    a = site.worker(luigid.url, "store-a", "a", NEST_TEST_SLOW="shard-4-6:60")
+    a = site.worker(luigid.url, "store-a", "a", "--workers", processes, NEST_TEST_SLOW="shard-4-6:60")
     _until(lambda: any(t == "shard-4-6" for t, _p, _th in site.calls()), 60, "worker a to start shard-4-6")
+    stage_pid = [p for t, p, _th in site.calls() if t == "shard-4-6"][0]
+    assert (stage_pid == a.pid) == (processes == "1")
     b = site.worker(luigid.url, "store-b", "b")
     time.sleep(0.5)
     t_kill = time.monotonic()
     a.send_signal(signal.SIGKILL)
     a.wait(10)
+    _until(lambda: not _alive(stage_pid), 10, "the killed worker's stage process to die with it")
     assert _wait(b, site) == 0, site.text("b")
     took = time.monotonic() - t_kill
     assert took < 45, f"the other worker took {took:.0f} s to finish"
     shard_runs = [(t, p) for t, p, _th in site.calls() if t == "shard-4-6"]
-    assert len(shard_runs) == 2 and shard_runs[0][1] == a.pid and shard_runs[1][1] != a.pid  # started by a, redone by b
+    assert len(shard_runs) == 2 and shard_runs[0][1] == stage_pid and shard_runs[1][1] != stage_pid  # a, then b
     record = site.record("store-b")
     assert record["ok"]
     statuses = {r["label"]: r["status"] for r in record["reached"]}
