@@ -5,7 +5,7 @@ DAG:  ShSource ─┬─ ShShard(0, 2) ─┐
                 ├─ ShShard(4, 6)  │
                 └─ ShShard(6, 8) ─┘
 
-The stage logs ``<text> <pid> <OMP_NUM_THREADS>`` to ``$NEST_FAKE_LOG`` as it starts; ``$NEST_TEST_SLOW`` =
+The stage logs ``<text> <pid> <OMP_NUM_THREADS> <unix time>`` to ``$NEST_FAKE_LOG`` as it starts; ``$NEST_TEST_SLOW`` =
 ``text:seconds[,text:seconds]`` makes those stages sleep (a resource of the test: not part of any key).
 """
 
@@ -31,7 +31,7 @@ def run(out_dir, *, text, **inputs):
     log = os.environ.get("NEST_FAKE_LOG")
     if log:
         with open(log, "a") as f:
-            f.write(f"{text} {os.getpid()} {os.environ.get('OMP_NUM_THREADS', '-')}\\n")
+            f.write(f"{text} {os.getpid()} {os.environ.get('OMP_NUM_THREADS', '-')} {time.time():.3f}\\n")
     for item in filter(None, os.environ.get("NEST_TEST_SLOW", "").split(",")):
         name, _, seconds = item.partition(":")
         if name == text:

@@ -97,9 +97,16 @@ class Site:
         return (self.root / f"{name}.{stream}").read_text()
 
     def calls(self) -> list[tuple[str, int, str]]:
+        """(text, pid, OMP_NUM_THREADS) of every stage call, in order."""
+        return [(t, int(p), th) for t, p, th, _at in self._lines()]
+
+    def started(self) -> dict[str, float]:
+        return {t: float(at) for t, _p, _th, at in self._lines()}
+
+    def _lines(self) -> list[list[str]]:
         if not self.log.exists():
             return []
-        return [(t, int(p), th) for t, p, th in (line.split() for line in self.log.read_text().splitlines())]
+        return [line.split() for line in self.log.read_text().splitlines() if len(line.split()) == 4]
 
     def record(self, store: str) -> dict:
         return json.loads((self.root / store / "runs" / "latest.json").read_text())
@@ -328,7 +335,7 @@ def test_worker_without_a_scheduler_is_one_line(site):
 def test_local_workers_share_the_cores_and_record_every_build(site):
     reference = _single_process(site)
     site.log.unlink()
-    proc = site.start(["run", "--workers", "2", *ROOT], "two", "two", NEST_TEST_SLOW="shard-0-2:0.5,shard-2-4:0.5")
+    proc = site.start(["run", "--workers", "2", *ROOT], "two", "two", NEST_TEST_SLOW=",".join(f"shard-{i}-{i + 2}:1" for i in (0, 2, 4, 6)))
     assert _wait(proc, site) == 0, site.text("two")
     record = site.record("two")
     # built in Luigi's forked worker processes: the run record still knows each build (the journal)
@@ -337,6 +344,9 @@ def test_local_workers_share_the_cores_and_record_every_build(site):
     calls = site.calls()
     assert {th for _t, _p, th in calls} == {"2"}  # [resources] threads = 4 over 2 workers
     assert len({p for _t, p, _th in calls}) >= 2  # stages ran in worker processes, not all in one
+    # four 1-second shards: two at a time (one after the other, each start would be ≥ 1 s after the previous one)
+    starts = sorted(at for t, at in site.started().items() if t.startswith("shard-"))
+    assert min(b - a for a, b in zip(starts, starts[1:])) < 0.5, starts
     key = _keys(record)["ShReport"]
     assert (site.root / "two" / "ShReport" / key / "out.txt").read_bytes() == \
         (site.root / "single" / "ShReport" / key / "out.txt").read_bytes()
