@@ -177,7 +177,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     finally:
         end_run(active)
     total = time.perf_counter() - t0
-    if not quiet and record:
+    if not quiet and record and record["reached"]:
         width = max(len(r["label"]) for r in record["reached"])
         for r in record["reached"]:
             secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""

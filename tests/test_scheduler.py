@@ -404,3 +404,22 @@ def test_thread_budget(monkeypatch):
     finally:
         config.config().remove_option("resources", "threads")
         os.environ.pop(scheduling.THREADS_ENV, None)
+
+
+def test_assistant_worker_takes_tasks_another_process_submitted(site, luigid):
+    """``nest worker --assistant`` adds no DAG: it runs whatever runnable task the scheduler has, here the shards of a
+    ``nest run --scheduler-url`` submitted by another process (each task rebuilt from its module and parameters)."""
+    helper = site.start(["worker", "--scheduler-url", luigid.url, "--assistant"], "store-b", "helper",
+                        NEST_REMOTE=str(site.remote))
+    time.sleep(1.0)
+    slow = ",".join(f"shard-{i}-{i + 2}:0.7" for i in (0, 2, 4, 6))
+    main = site.start(["run", "--scheduler-url", luigid.url, *ROOT], "store-a", "main", NEST_REMOTE=str(site.remote),
+                      NEST_TEST_SLOW=slow)
+    assert _wait(main, site) == 0, site.text("main") + site.text("helper")
+    texts = [t for t, _p, _th in site.calls()]
+    assert sorted(texts) == sorted(set(texts)) and len(texts) == N_TASKS
+    by = {t: p for t, p, _th in site.calls()}
+    assert helper.pid in by.values() and set(by.values()) <= {main.pid, helper.pid}, f"the assistant ran nothing: {by}"
+    assert helper.poll() is None  # an assistant stays until stopped
+    helper.terminate()
+    helper.wait(20)
