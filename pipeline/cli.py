@@ -162,9 +162,10 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     t0 = time.perf_counter()
     active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
     try:
-        kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, keep_alive=keep_alive, assistant=assistant)
+        kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
         try:
-            luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+            with scheduling.worker_options(keep_alive=keep_alive):
+                luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
         except luigi.rpc.RPCError as e:
             RUN_LOG.reset()
             attempts = str(e).splitlines()[0].split(" when ")[0].removeprefix("Errors ").strip("()")

@@ -23,6 +23,7 @@ hands it. Luigi guarantees that one task runs in one worker at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -62,6 +63,7 @@ def set_thread_budget(workers: int) -> int | None:
     from pipeline.config import config
 
     if workers <= 1 and not config().getint("resources", "threads", 0):
+        os.environ.pop(THREADS_ENV, None)
         return None
     n = thread_budget(workers)
     os.environ[THREADS_ENV] = str(n)
@@ -119,7 +121,7 @@ def cuda_present() -> bool:
 
 
 # stages that run the LM or an encoder (a GPU when there is one), and stages that open a Lucene index (a JVM)
-GPU_STAGES = {"PrepareLM", "EncodePassages", "EncodePassageKeys", "Generate", "Perplexity"}
+GPU_STAGES = {"EncodePassages", "EncodePassageKeys", "Generate", "Perplexity"}
 
 
 def _uses_lucene(task) -> bool:
@@ -176,18 +178,29 @@ def enter_distributed(scheduler_url: str) -> str | None:
     os.environ[DISTRIBUTED_ENV] = "1"
     os.environ[SCHEDULER_ENV] = scheduler_url
     _quiet_rpc()
-    if remote_url() is None:
+    if remote_url() is None or remote_mode() == "off":  # off: the workers share one store (a shared file system)
         return None
     if remote_mode() != "both":
         note = f"remote_mode {remote_mode()} -> both (a worker pulls the inputs it runs on and pushes what it builds)"
+        _saved_mode.setdefault("NEST_REMOTE_MODE", os.environ.get("NEST_REMOTE_MODE"))
         os.environ["NEST_REMOTE_MODE"] = "both"
         return note
     return None
 
 
+_saved_mode: dict[str, str | None] = {}
+
+
 def enter_local() -> None:
+    """Back to one machine (a process that ran a distributed build before, e.g. a test)."""
     os.environ.pop(DISTRIBUTED_ENV, None)
     os.environ[SCHEDULER_ENV] = "local"
+    if "NEST_REMOTE_MODE" in _saved_mode:
+        old = _saved_mode.pop("NEST_REMOTE_MODE")
+        if old is None:
+            os.environ.pop("NEST_REMOTE_MODE", None)
+        else:
+            os.environ["NEST_REMOTE_MODE"] = old
 
 
 def _quiet_rpc() -> None:
@@ -207,11 +220,8 @@ def _quiet_rpc() -> None:
         cfg.set("core", "rpc-log-retries", "false")
 
 
-def scheduler_kwargs(workers: int, scheduler_url: str | None, *, keep_alive: bool = False,
-                     assistant: bool = False) -> dict[str, Any]:
+def scheduler_kwargs(workers: int, scheduler_url: str | None, *, assistant: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``luigi.build`` for the local scheduler or a ``luigid``."""
-    from pipeline.config import config
-
     kw: dict[str, Any] = {"workers": max(1, int(workers))}
     if scheduler_url:
         kw["scheduler_url"] = scheduler_url
@@ -220,8 +230,28 @@ def scheduler_kwargs(workers: int, scheduler_url: str | None, *, keep_alive: boo
             kw["assistant"] = True
     else:
         kw["local_scheduler"] = True
+    return kw
+
+
+@contextlib.contextmanager
+def worker_options(*, keep_alive: bool):
+    """``keep_alive``: the worker stays while its DAG has pending tasks (some running elsewhere), for ``nest worker``;
+    the configuration's own value is restored afterwards."""
+    from pipeline.config import config
+
     cfg = config()
+    if not keep_alive:
+        yield
+        return
+    had = cfg.has_section("worker") and cfg.has_option("worker", "keep_alive")
+    old = cfg.get("worker", "keep_alive") if had else None
     if not cfg.has_section("worker"):
         cfg.add_section("worker")
-    cfg.set("worker", "keep_alive", "true" if keep_alive else cfg.get("worker", "keep_alive", "false"))
-    return kw
+    cfg.set("worker", "keep_alive", "true")
+    try:
+        yield
+    finally:
+        if had:
+            cfg.set("worker", "keep_alive", old)
+        else:
+            cfg.remove_option("worker", "keep_alive")
