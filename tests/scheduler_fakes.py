@@ -54,9 +54,10 @@ def write_shard_stage(folder: Path) -> Path:
 
 class ShSource(NestTask):
     stage_module = SHARD_MODULE
+    salt = luigi.Parameter(default="", description="new keys for the whole DAG (a fresh run)")
 
     def stage_params(self):
-        return {"text": "source"}
+        return {"text": f"source{self.salt}"}
 
 
 class ShShard(NestTask):

@@ -423,3 +423,55 @@ def test_assistant_worker_takes_tasks_another_process_submitted(site, luigid):
     assert helper.poll() is None  # an assistant stays until stopped
     helper.terminate()
     helper.wait(20)
+
+
+def _verify_everything(site: Site, stores: list[str]) -> tuple[int, list[str]]:
+    """Every complete artifact of every store checked against its manifest, every remote artifact pulled (and so
+    checked) into a fresh store: (artifacts checked, problems)."""
+    from pipeline.remote import Remote, RemoteError
+    from pipeline.store import Store
+
+    checked, problems = 0, []
+    for name in stores:
+        store = Store(site.root / name)
+        if not store.root.is_dir():
+            continue
+        for ref in store.folders():
+            if store.complete(ref.stage, ref.key):
+                checked += 1
+                problems += [f"{name} {ref.stage}/{ref.key[:12]}: {p}" for p in store.verify(ref.stage, ref.key)]
+    fresh = Store(site.root / "verify-remote")
+    remote = Remote(str(site.remote))
+    for stage, key in remote.list():
+        checked += 1
+        try:
+            remote.pull(fresh, stage, key)
+        except RemoteError as e:
+            problems.append(f"remote {stage}/{key[:12]}: {e}")
+    return checked, problems
+
+
+def test_ten_random_kills_across_two_workers_leave_no_corrupt_artifact(site, luigid):
+    import random
+
+    rng = random.Random(10)
+    slow = ",".join(f"shard-{i}-{i + 2}:0.4" for i in (0, 2, 4, 6))
+    kills = 0
+    for rnd in range(5):
+        salt = [f"--ShSource-salt=_r{rnd}"]
+        workers = [site.start(["worker", "--scheduler-url", luigid.url, *ROOT, *salt], store, f"{store}-{rnd}",
+                              NEST_REMOTE=str(site.remote), NEST_TEST_SLOW=slow) for store in ("store-a", "store-b")]
+        for proc in rng.sample(workers, 2):  # both die, in a random order, at random moments
+            time.sleep(rng.uniform(0.8, 2.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(10)
+        # the rerun finishes (here on the local scheduler: the killed workers' tasks stay theirs until their heartbeat
+        # lapses), pulling what the killed workers pushed
+        rerun = site.start(["run", *ROOT, *salt], "store-a", f"rerun-{rnd}", NEST_REMOTE=str(site.remote),
+                           NEST_REMOTE_MODE="both")
+        assert _wait(rerun, site) == 0, site.text(f"rerun-{rnd}")
+    assert kills >= 8, f"only {kills} kills landed"
+    checked, problems = _verify_everything(site, ["store-a", "store-b"])
+    assert problems == [] and checked >= 5 * N_TASKS, (checked, problems)
