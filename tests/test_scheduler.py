@@ -45,6 +45,7 @@ wait_jitter = 0.1
 [scheduler]
 worker_disconnect_delay = 3
 retry_delay = 0.5
+retry_count = 3
 prune_on_get_work = true
 stable_done_cooldown_secs = 0
 [resources]
@@ -328,6 +329,20 @@ def test_worker_without_a_scheduler_is_one_line(site):
     err = site.text("a")
     assert [line for line in err.splitlines() if line.startswith("nest:")][0].startswith("nest: the scheduler at")
     assert "Traceback" not in err
+
+
+def test_a_failing_stage_is_retried_then_the_workers_stop_with_one_line(site, luigid):
+    """Luigi retries a failed task (``[scheduler] retry_delay``) up to ``retry_count`` failures, then disables it: the
+    workers stop instead of waiting for it forever."""
+    a = site.worker(luigid.url, "store-a", "a", NEST_TEST_SLOW="shard-2-4:oops")
+    b = site.worker(luigid.url, "store-b", "b", NEST_TEST_SLOW="shard-2-4:oops")
+    assert _wait(a, site, timeout=60) == 1 and _wait(b, site, timeout=60) == 1
+    assert [t for t, _p, _th in site.calls()].count("shard-2-4") == 3  # retry_count = 3, across both workers
+    for name in ("a", "b"):
+        err = site.text(name)
+        lines = [line for line in err.splitlines() if line.startswith("nest:")]
+        if "shard-2-4" in "".join(lines):  # the worker that ran it last names it
+            assert lines == [line for line in lines if "failed: ValueError" in line], err
 
 
 # ---- local scheduler, N worker processes -------------------------------------------------------------------------------
