@@ -141,6 +141,9 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
 
     if workers < 1:
         raise CliError(f"--workers {workers}: give at least 1")
+    if force and scheduler_url:
+        raise CliError("--force with --scheduler-url: not supported (the remote and the other workers would still "
+                       "count the old artifacts as done)")
     if scheduler_url:
         note = scheduling.enter_distributed(scheduler_url)
         if note and not quiet:
