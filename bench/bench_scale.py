@@ -264,12 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
         real = not synthetic and _real_dag_cached(base)
         overhead_env = dict(base) if real else {**base, "NEST_STORE": str(scratch / "noop-store")}
-        overhead_env.pop("NEST_REMOTE", None)
+        overhead_env["NEST_REMOTE_MODE"] = "off"  # one machine, one store: nothing is pushed or pulled
         _log("scheduler overhead: " + ("the real DAG (all cached)" if real else "a synthetic DAG"))
         overhead = measure_overhead(overhead_env, scratch, repeats, real, 40 if not args.quick else 8)
         workers_env = {**base, "NEST_STORE": str(scratch / "workers-store") if synthetic
                        else base.get("NEST_STORE", str(ROOT / "artifacts"))}
-        workers_env.pop("NEST_REMOTE", None)
+        workers_env["NEST_REMOTE_MODE"] = "off"
         try:
             workers = measure_workers(workers_env, repeats, synthetic, args)
         except RuntimeError as e:
