@@ -179,6 +179,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         failed = dict(RUN_LOG.failed)
         record = RUN_LOG.flush(roots, command=command, profile=profile)
     finally:
+        RUN_LOG.close_journal()  # (flush closed it already, unless interrupted)
         end_run(active)
     total = time.perf_counter() - t0
     if not quiet and record and record["reached"]:

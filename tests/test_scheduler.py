@@ -367,6 +367,16 @@ def test_local_workers_share_the_cores_and_record_every_build(site):
         (site.root / "single" / "ShReport" / key / "out.txt").read_bytes()
 
 
+def test_gpu_stages_never_run_two_at_once(site):
+    """Shards declared as GPU stages (``[stage_resources] needs``) with no ``[resources] gpu`` limit (Luigi: 1): two
+    worker processes run them one after the other, never two on the one GPU."""
+    proc = site.start(["run", "--workers", "2", "--set", 'stage_resources.needs={"ShShard": {"gpu": 1}}', *ROOT],
+                      "two", "two", NEST_TEST_SLOW=",".join(f"shard-{i}-{i + 2}:0.6" for i in (0, 2, 4, 6)))
+    assert _wait(proc, site) == 0, site.text("two")
+    starts = sorted(at for t, at in site.started().items() if t.startswith("shard-"))
+    assert len(starts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 0.55, starts
+
+
 def test_a_failure_in_a_worker_process_is_one_line_with_its_type(site):
     proc = site.start(["run", "--workers", "2", *ROOT], "two", "two", NEST_TEST_SLOW="shard-2-4:oops")
     assert _wait(proc, site) == 1
