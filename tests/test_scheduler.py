@@ -77,6 +77,7 @@ class Site:
         env.update({"PYTHONPATH": os.pathsep.join([str(PROJECT), str(TESTS), str(self.mods)]),
                     "NEST_STORE": str(self.root / store), "NEST_FAKE_LOG": str(self.log),
                     "LUIGI_CONFIG_PATH": str(self.cfg), "OMP_NUM_THREADS": "1", "NEST_GPU": "0",
+                    "TMPDIR": str(self.root),  # run journals of killed workers stay in the test's folder
                     "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
         env.update(extra)
         return env
