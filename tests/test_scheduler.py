@@ -378,6 +378,14 @@ def test_gpu_stages_never_run_two_at_once(site):
     assert len(starts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 0.55, starts
 
 
+def test_a_need_without_a_limit_is_refused_in_one_line(site):
+    proc = site.start(["run", "--set", 'stage_resources.needs={"ShShard": {"memory_gib": 8}}', *ROOT], "one", "one")
+    assert _wait(proc, site) == 2
+    err = site.text("one").strip().splitlines()
+    assert len(err) == 1 and "memory_gib = 8 has no limit in [resources]" in err[0], err
+    assert site.calls() == []  # nothing ran
+
+
 def test_a_failure_in_a_worker_process_is_one_line_with_its_type(site):
     proc = site.start(["run", "--workers", "2", *ROOT], "two", "two", NEST_TEST_SLOW="shard-2-4:oops")
     assert _wait(proc, site) == 1
