@@ -1,7 +1,9 @@
 """``nest``: the command line of the pipeline.
 
-    nest all [--profile P] [--set Stage.param=value ...] [--force STAGE]
-                                                           build the DAG (Luigi, local scheduler, one worker)
+    nest all [--profile P] [--set Stage.param=value ...] [--force STAGE] [--workers N] [--scheduler-url URL]
+                                                           build the DAG (Luigi; local scheduler, one worker by default)
+    nest worker --scheduler-url URL [--workers N] [StageName --param value ...]
+                                                           work for a running luigid on the DAG (default: `nest all`'s)
     nest run [--profile P] [--set ...] [--force STAGE] StageName [--param value ...]
                                                            one stage and what it needs (Luigi's own parameters)
     nest status [--profile P]                              cached, or why a stage would rerun
@@ -52,10 +54,15 @@ def _remote_error_types() -> tuple[type, ...]:
 # ---- building ----------------------------------------------------------------------------------------------------------
 
 class _DropInputErrors(logging.Filter):
-    """Luigi logs a traceback for every failed task; for bad input the CLI prints one line instead."""
+    """Luigi logs a traceback for every failed task; for bad input the CLI prints one line instead. A scheduler that
+    stopped answering is one line too (printed by :func:`build`), not a warning per ping."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(record.msg, str) and record.msg.startswith("Failed pinging scheduler"):
+            return False
+        if exc is not None and type(exc).__name__ == "RPCError":
+            return False
         return not (exc is not None and isinstance(exc, _input_error_types()))
 
 
@@ -118,30 +125,64 @@ def _force(tasks: list, stages: Sequence[str]) -> list:
 
 
 def build(roots: list, *, profile: str | None, command: list[str], quiet: bool = False,
-          force: Sequence[str] = ()) -> int:
-    """Build ``roots`` with Luigi's local scheduler and one worker; record the run; print one line per stage.
+          force: Sequence[str] = (), workers: int = 1, scheduler_url: str | None = None, keep_alive: bool = False,
+          assistant: bool = False) -> int:
+    """Build ``roots`` with Luigi (local scheduler, or the ``luigid`` at ``scheduler_url``) and ``workers`` worker
+    processes; record the run; print one line per stage (``pipeline/scheduling.py``).
 
     The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read."""
     import luigi
+    import luigi.rpc
 
+    from pipeline import scheduling
     from pipeline.base import RUN_LOG
     from pipeline.config import get_store
     from pipeline.runs import end_run, new_run_id, start_run
 
+    if workers < 1:
+        raise CliError(f"--workers {workers}: give at least 1")
+    if force and scheduler_url:
+        raise CliError("--force with --scheduler-url: not supported (the remote and the other workers would still "
+                       "count the old artifacts as done)")
+    if scheduler_url:
+        note = scheduling.enter_distributed(scheduler_url)
+        if note and not quiet:
+            print(f"[nest] {note}", file=sys.stderr)
+    else:
+        scheduling.enter_local()
+    scheduling.set_thread_budget(workers)
     tasks = _precompute_keys(roots)
+    for t in tasks if not scheduler_url else ():  # luigid's limits are in its own luigi.cfg
+        missing = scheduling.unlimited(t.resources)
+        if missing:
+            raise CliError(f"{t.label}: resource {missing[0]} = {t.resources[missing[0]]} has no limit in "
+                           f"[resources] (Luigi would never run it); set one, e.g. [resources] {missing[0]} = 64")
     _force(tasks, force)
     _configure_logging()
     RUN_LOG.reset()
+    if workers > 1 or scheduler_url:
+        RUN_LOG.open_journal()  # stages run in Luigi's worker processes: they tell this one through the journal
     t0 = time.perf_counter()
     active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
     try:
-        luigi.build(roots, local_scheduler=True, workers=1, log_level="WARNING", detailed_summary=True)
+        kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
+        try:
+            with scheduling.worker_options(keep_alive=keep_alive):
+                luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+        except luigi.rpc.RPCError as e:
+            RUN_LOG.reset()
+            attempts = str(e).splitlines()[0].split(" when ")[0].removeprefix("Errors ").strip("()")
+            print(f"nest: the scheduler at {scheduler_url} stopped answering ({attempts}); what was built is kept: "
+                  f"run the same command again to finish", file=sys.stderr)
+            return 1
+        RUN_LOG.merge_journal()
         failed = dict(RUN_LOG.failed)
         record = RUN_LOG.flush(roots, command=command, profile=profile)
     finally:
+        RUN_LOG.close_journal()  # (flush closed it already, unless interrupted)
         end_run(active)
     total = time.perf_counter() - t0
-    if not quiet and record:
+    if not quiet and record and record["reached"]:
         width = max(len(r["label"]) for r in record["reached"])
         for r in record["reached"]:
             secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""
@@ -149,12 +190,13 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         where = "not recorded" if record.get("not_recorded") else f"recorded as runs/{record['id']}.json"
         print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run {where}")
     for _ref, exc in failed.items():
-        if isinstance(exc, _input_error_types()):
+        if isinstance(exc, _input_error_types()) or getattr(exc, "input_error", False):
             print(f"nest: {exc}", file=sys.stderr)
             return _EXIT_INPUT
     if failed or (record and not record["ok"]):
         for (stage, key), exc in failed.items():
-            print(f"nest: {stage} {key[:12]} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            name = getattr(exc, "type_name", type(exc).__name__)
+            print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -165,11 +207,36 @@ def cmd_all(args) -> int:
     from pipeline import dag
 
     _setup(args.profile, args.set)
-    rc = build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]], force=args.force)
+    rc = build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]], force=args.force,
+               workers=args.workers, scheduler_url=args.scheduler_url)
+    if rc == 0 and args.scheduler_url:
+        _pull_report(dag.Report())  # built by another worker: on the remote only
     report = latest_report_path()
     if rc == 0 and report is not None:
         print(f"report: {_shown_path(report)}  (print it with `nest report`)")
     return rc
+
+
+def _pull_report(task) -> None:
+    from pipeline.remote import pull_now
+
+    if not task.store.complete(task.stage, task.key):
+        pull_now(task)
+
+
+def cmd_worker(args) -> int:
+    """``nest worker``: connect to a running ``luigid`` and run whatever part of the DAG it hands out (the DAG of
+    ``nest all``, or the stage named after the options), until all of it is done. Every worker must see the same
+    configuration (luigi.cfg, ``--profile``, ``--set``): the same tasks then have the same keys."""
+    from pipeline import dag
+
+    luigi_args = _split_run_args(list(args.luigi_args), args)
+    if luigi_args:
+        return _run_task(luigi_args, args, keep_alive=True, assistant=args.assistant)
+    _setup(args.profile, args.set)
+    roots = [] if args.assistant else [dag.All()]
+    return build(roots, profile=args.profile, command=["nest", *sys.argv[1:]], workers=args.workers,
+                 scheduler_url=args.scheduler_url, keep_alive=True, assistant=args.assistant)
 
 
 def latest_report_path():
@@ -209,7 +276,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-_OWN_RUN_OPTIONS = ("--set", "--force", "--profile")
+_OWN_RUN_OPTIONS = ("--set", "--force", "--profile", "--workers", "--scheduler-url")
 
 
 def _split_run_args(luigi_args: Sequence[str], args) -> list[str]:
@@ -226,6 +293,13 @@ def _split_run_args(luigi_args: Sequence[str], args) -> list[str]:
                     raise CliError(f"run: {name} needs a value")
             if name == "--profile":
                 args.profile = value
+            elif name == "--workers":
+                try:
+                    args.workers = int(value)
+                except ValueError:
+                    raise CliError(f"run: --workers {value}: not a number") from None
+            elif name == "--scheduler-url":
+                args.scheduler_url = value
             else:
                 getattr(args, name[2:]).append(value)
         else:
@@ -262,12 +336,15 @@ def _import_modules(luigi_args: Sequence[str]) -> None:
 
 
 def cmd_run(args) -> int:
+    return _run_task(_split_run_args(list(args.luigi_args), args), args)
+
+
+def _run_task(luigi_args: list[str], args, **build_kw) -> int:
     from luigi.cmdline_parser import CmdlineParser
     from luigi.task_register import TaskClassException
 
     from pipeline.params import ConfigError, check_value
 
-    luigi_args = _split_run_args(list(args.luigi_args), args)
     _import_modules(luigi_args)  # `--module M` first: its task classes may be named by --set and the config check
     _setup(args.profile, args.set)
     if not luigi_args:
@@ -290,7 +367,8 @@ def cmd_run(args) -> int:
             raise
         except (ValueError, TypeError) as e:
             raise CliError(f"run: {cls.get_task_family()}: {str(e).splitlines()[0]}") from None
-        return build([task], profile=args.profile, command=["nest", *sys.argv[1:]], force=args.force)
+        return build([task], profile=args.profile, command=["nest", *sys.argv[1:]], force=getattr(args, "force", ()),
+                     workers=args.workers, scheduler_url=args.scheduler_url, **build_kw)
     finally:
         CmdlineParser._instance = None
 
@@ -482,15 +560,35 @@ def make_parser() -> argparse.ArgumentParser:
                        help="rebuild STAGE (repeatable) and every stage that depends on it; the old artifacts are "
                             "moved aside (nest gc removes them)")
 
+    def workers_opts(p, need_url=False):
+        p.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="N Luigi worker processes on this machine, each with [resources] threads // N threads "
+                            "(default 1)")
+        p.add_argument("--scheduler-url", default=None, required=need_url, metavar="URL",
+                       help="a running luigid (e.g. http://127.0.0.1:8082) instead of the local scheduler; workers "
+                            "share artifacts through [nest] remote (or one shared store)")
+
     p = sub.add_parser("all", help="build the whole DAG")
     profile_opts(p)
     force_opt(p)
+    workers_opts(p)
     p.set_defaults(fn=cmd_all)
+
+    p = sub.add_parser("worker", help="work for a running luigid until the DAG is done (on any number of machines)")
+    profile_opts(p)
+    workers_opts(p, need_url=True)
+    p.add_argument("--assistant", action="store_true",
+                   help="take any runnable task of the scheduler (Luigi's assistant), not only this DAG's; stays "
+                        "until stopped")
+    p.add_argument("luigi_args", nargs=argparse.REMAINDER,
+                   help="optional StageName and Luigi parameters (default: the DAG of `nest all`)")
+    p.set_defaults(fn=cmd_worker, force=[])
 
     p = sub.add_parser("run", help="build one stage (and what it needs): nest run StageName --param value",
                        prefix_chars="-", add_help=True)
     profile_opts(p)
     force_opt(p)
+    workers_opts(p)
     p.add_argument("luigi_args", nargs=argparse.REMAINDER, help="StageName and Luigi parameters")
     p.set_defaults(fn=cmd_run)
 

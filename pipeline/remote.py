@@ -335,7 +335,25 @@ def byte_bar(desc: str, total: int | None):
 def read_through(task) -> bool:
     """Called by ``NestTask.complete()`` for a stage missing locally: pull it when the remote has it (and
     ``remote_mode`` is pull or both). False (build it) when it is not there or the pull is refused; the reason is
-    printed in one line."""
+    printed in one line.
+
+    In distributed mode (``nest worker``, ``--scheduler-url``: :mod:`pipeline.scheduling`) an artifact on the remote
+    counts as done without being pulled: the worker that runs a stage needing it pulls it then (:func:`pull_inputs`).
+    """
+    from pipeline.scheduling import distributed
+
+    if distributed():
+        try:
+            remote = active_remote("pull")
+            return remote is not None and remote.has(task.stage, task.key)
+        except RemoteError as e:
+            print(f"[nest] {task.label} {task.key[:12]}: remote not checked ({e})", file=sys.stderr, flush=True)
+            return False
+    return pull_now(task)
+
+
+def pull_now(task, *, quiet_missing: bool = True) -> bool:
+    """Pull ``task``'s artifact into the local store when the remote has it; False (with one line) otherwise."""
     from pipeline.base import RUN_LOG
 
     try:
@@ -354,14 +372,26 @@ def read_through(task) -> bool:
         print(f"[nest] {task.label} {task.key[:12]}: not pulled ({e}); building it", file=sys.stderr, flush=True)
         return False
     seconds = time.perf_counter() - t0
-    RUN_LOG.pulled[(task.stage, task.key)] = seconds
+    RUN_LOG.note("pulled", (task.stage, task.key), seconds)
     print(f"[nest] {task.label} {task.key[:12]}: pulled in {seconds:.1f} s", file=sys.stderr, flush=True)
     return True
 
 
-def push_built(task) -> None:
+def pull_inputs(task) -> None:
+    """Distributed mode, before a stage runs: pull every input that is not in the local store (another worker built
+    it and pushed it). Raises :class:`RemoteError` naming an input that is neither local nor on the remote."""
+    for name, dep in task.inputs().items():
+        if dep.store.complete(dep.stage, dep.key):
+            continue
+        if not pull_now(dep):
+            raise RemoteError(f"{task.label}: input {name} ({dep.label} {dep.key[:12]}) is neither in the local store "
+                              f"nor on the remote")
+
+
+def push_built(task, *, strict: bool = False) -> None:
     """Called by ``NestTask.run()`` after a build: push it when ``remote_mode`` is push or both (a failure is
-    reported in one line; the local build stands)."""
+    reported in one line; the local build stands). ``strict`` (distributed mode): a failed push fails the stage, since
+    the workers that run its dependents could not pull it."""
     try:
         remote = active_remote("push")
         if remote is None:
@@ -373,6 +403,26 @@ def push_built(task) -> None:
             print(f"[nest] {task.label} {task.key[:12]}: pushed to {remote.shown}", file=sys.stderr, flush=True)
     except (RemoteError, ArchiveError) as e:
         print(f"[nest] {task.label} {task.key[:12]}: not pushed ({e})", file=sys.stderr, flush=True)
+        if strict:
+            raise
+
+
+def share_local(task) -> bool:
+    """Distributed mode, ``complete()`` of a stage found in the local store: make sure the remote has it too (a build
+    whose push failed, or an artifact built before this run), so that other workers can pull it. False when the push
+    failed: the task then runs, which pushes again (strictly)."""
+    try:
+        remote = active_remote("push")
+        if remote is None or remote.has(task.stage, task.key):
+            return True
+    except RemoteError as e:
+        print(f"[nest] {task.label} {task.key[:12]}: remote not checked ({e})", file=sys.stderr, flush=True)
+        return False
+    try:
+        push_built(task, strict=True)
+    except (RemoteError, ArchiveError):
+        return False
+    return True
 
 
 # ---- status and pull planning --------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""A tiny sharded fake DAG for the scheduler tests (no torch, no Java): each stage writes one text file.
+
+DAG:  ShSource ─┬─ ShShard(0, 2) ─┐
+                ├─ ShShard(2, 4)  ├─ ShReport
+                ├─ ShShard(4, 6)  │
+                └─ ShShard(6, 8) ─┘
+
+The stage logs ``<text> <pid> <OMP_NUM_THREADS> <unix time>`` to ``$NEST_FAKE_LOG`` as it starts; ``$NEST_TEST_SLOW`` =
+``text:seconds[,text:seconds]`` makes those stages sleep (a resource of the test: not part of any key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import luigi
+
+from pipeline.base import NestTask
+
+SHARD_MODULE = "nest_shard_stage"
+
+SHARD_STAGE_SRC = '''"""A fake sharded stage: out.txt = text + the out.txt of every input, in input-name order."""
+import os
+import time
+from pathlib import Path
+
+VERSION = "1"
+
+
+def run(out_dir, *, text, **inputs):
+    log = os.environ.get("NEST_FAKE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{text} {os.getpid()} {os.environ.get('OMP_NUM_THREADS', '-')} {time.time():.3f}\\n")
+    for item in filter(None, os.environ.get("NEST_TEST_SLOW", "").split(",")):
+        name, _, seconds = item.partition(":")
+        if name == text:
+            time.sleep(float(seconds))
+    body = text + "".join("|" + (Path(inputs[k]) / "out.txt").read_text() for k in sorted(inputs))
+    (Path(out_dir) / "out.txt").write_text(body)
+    return {"chars": len(body)}
+'''
+
+N_EXAMPLES = 8
+N_SHARDS = 4
+
+
+def write_shard_stage(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{SHARD_MODULE}.py"
+    path.write_text(SHARD_STAGE_SRC)
+    return path
+
+
+class ShSource(NestTask):
+    stage_module = SHARD_MODULE
+    salt = luigi.Parameter(default="", description="new keys for the whole DAG (a fresh run)")
+
+    def stage_params(self):
+        return {"text": f"source{self.salt}"}
+
+
+class ShShard(NestTask):
+    stage_module = SHARD_MODULE
+    label_params = ("start", "end")
+    start = luigi.IntParameter()
+    end = luigi.IntParameter()
+
+    def requires(self):
+        return {"source": ShSource()}
+
+    def stage_params(self):
+        return {"text": f"shard-{self.start}-{self.end}"}
+
+
+class ShReport(NestTask):
+    stage_module = SHARD_MODULE
+
+    def requires(self):
+        step = N_EXAMPLES // N_SHARDS
+        return {f"shard{i:02d}": ShShard(start=i * step, end=(i + 1) * step) for i in range(N_SHARDS)}
+
+    def stage_params(self):
+        return {"text": "report"}
+
+
+class ShAll(luigi.WrapperTask):
+    def requires(self):
+        return [ShReport()]
