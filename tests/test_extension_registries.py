@@ -115,7 +115,7 @@ def test_the_dag_and_the_grid_find_the_toy_task_and_retriever(toys):
     conf.set("paper_tasks", "toy_qa", str(toys))
     assert "toy_qa" in dag.configured_tasks()
     runs = [(r.task, r.method, r.variant) for r in dag.experiment_runs()]
-    assert [m for t, m, v in runs if t == "toy_qa"] == list(dag.decoding().methods)
+    assert [m for t, m, v in runs if t == "toy_qa"] == dag.run_methods()
     assert "toy_qa/nest/main" in dag.Report().requires()
     # not topical, no PPL: Score needs only the examples and the generations
     assert set(dag.Score(task="toy_qa", method="nest").requires()) == {"examples", "generations"}
