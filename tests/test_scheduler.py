@@ -410,6 +410,7 @@ def test_resources_gpu_lucene_and_site_needs(monkeypatch):
     monkeypatch.setenv("NEST_GPU", "0")
     assert dag.Generate(task="bio", method="nest").resources == {}
     cfg = config.config()
+    before = cfg.get("stage_resources", "needs", raw=True)
     config.apply_overrides({"stage_resources": {"needs": '{"BuildDenseIndex": {"memory_gib": 48}}'}})
     try:
         Register.clear_instance_cache()
@@ -419,7 +420,7 @@ def test_resources_gpu_lucene_and_site_needs(monkeypatch):
         config.apply_overrides({"resources": {"memory_gib": "64"}})
         assert scheduling.unlimited(needs) == []
     finally:
-        cfg.remove_option("stage_resources", "needs")
+        cfg.set("stage_resources", "needs", before)  # luigi.cfg's value (the only default it has)
         if cfg.has_option("resources", "memory_gib"):
             cfg.remove_option("resources", "memory_gib")
         Register.clear_instance_cache()

@@ -138,12 +138,13 @@ def test_verify_true_moves_a_corrupt_artifact_aside_and_rebuilds_it(fake_env, mo
     target = store.path("FkMid", key) / "out.txt"
     target.write_text(target.read_text().replace("mid", "MID"))  # same size, other bytes
     assert store.verify("FkMid", key)
+    before = config.config().get("nest", "verify", raw=True)
     config.apply_overrides({"nest": {"verify": "true"}})
     try:
         _fresh()
         assert _build(FkLeaf()) == 0  # FkLeaf is new: Luigi checks its input FkMid, finds it corrupt, rebuilds it
     finally:
-        config.config().remove_option("nest", "verify")
+        config.config().set("nest", "verify", before)  # luigi.cfg's value
     assert store.verify("FkMid", key) == []
     asides = list((store.root / "FkMid").glob(f".corrupt-{key}-*"))
     assert len(asides) == 1 and "MID" in (asides[0] / "out.txt").read_text()
