@@ -206,12 +206,13 @@ def test_report_has_the_papers_tables(built):
 
 def test_micro_run_reproduces_its_recorded_table(built):
     """The small slice of the reproduction check (pipeline/reproduction.py): this micro run's headline numbers (quality,
-    PPL, attribution, accepted span; not wall-clock speed) against tests/reproduction/micro.json. After a deliberate
+    PPL, attribution, accepted span, the speed-up in forward passes) against tests/reproduction/micro.json. After a deliberate
     change, rerun with NEST_RECORD_REPRODUCTION=1 to record the new table, and commit it."""
     from pipeline import reproduction as rp
     from pipeline.store import Store
 
-    measured = rp.headline(rp.summary_rows(Store(built["store"]), built["run2"]), speed=False)
+    store = Store(built["store"])
+    measured = rp.headline(rp.summary_rows(store, built["run2"]) + rp.pass_rows(store, built["run2"]))
     assert len(measured) >= 10, measured
     if os.environ.get("NEST_RECORD_REPRODUCTION") == "1":
         rp.save("micro", measured, setting="tests/test_end_to_end.py micro run (2 completion tasks, 4 examples, 12 tokens)")
