@@ -409,8 +409,6 @@ class decoding(luigi.Config):  # noqa: N801
                                   "family defaults of tasks/stopping.py (null: the config's max_new_tokens)")
     stops = luigi.DictParameter(description="{task family: stop rule} over the family defaults "
                                 "(none, paragraph, blank_line)")
-    key_cache = luigi.Parameter(description="passage-key cache folder (empty: <store>/.cache/passage_keys); "
-                                "a resource, not in keys: keys depend only on the passage and the LM")
     key_store = luigi.ChoiceParameter(choices=["retrieved", "corpus", "off"], var_type=str,
                                       description="EncodePassageKeys before the token-index methods: the passages "
                                       "their task's pre-retrieval returned, every passage of the corpus, or off "
@@ -515,21 +513,11 @@ def experiment_runs():
                 _plain(d.task_config))
 
 
-def _key_cache_dir() -> str:
-    from pathlib import Path
-
-    if not decoding().key_cache:
-        return str(Path(cfg.get_store().root) / ".cache" / "passage_keys")
-    p = Path(decoding().key_cache)
-    return str(p if p.is_absolute() else cfg.PROJECT_ROOT / p)
-
-
 class _MethodOnTask(NestTask):
     """A decoding method over a task's examples: the LM, the examples, passages and their tokens, and the retrievals
     (which the base LM does not read)."""
 
     label_params = ("task", "method")
-    key_exclude = ("key_cache_dir",)
     task = luigi.Parameter()
     method = luigi.Parameter()
     config = luigi.DictParameter(default={})
@@ -577,8 +565,7 @@ class Perplexity(_MethodOnTask):
     def stage_params(self):
         from stages.decoding.config import relevant_for_perplexity  # torch-free
 
-        return {"method": self.method, "config": relevant_for_perplexity(self.method, _plain(self.config)),
-                "key_cache_dir": _key_cache_dir()}
+        return {"method": self.method, "config": relevant_for_perplexity(self.method, _plain(self.config))}
 
 
 def _task_spec(task: str):

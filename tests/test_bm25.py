@@ -127,3 +127,12 @@ def test_missing_or_old_java_gives_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and "found Java 17" in str(e.value) and "Java 21" in str(e.value)
     with pytest.raises(InputError):  # the CLI prints InputError subclasses without a traceback
         bm25.run(tmp_path / "x", passages=tmp_path)
+
+
+def test_indexer_counters_with_thousands_separators():
+    """Anserini prints "indexed:  12,371": the whole number, not 12 (bm25.json once said num_docs = 12)."""
+    log = ("2026-12-02 INFO  IndexCollection - indexed:           12,371\n"
+           "2026-12-02 INFO  IndexCollection - unindexable:            0\n"
+           "2026-12-02 INFO  IndexCollection - empty:                  3\n"
+           "2026-12-02 INFO  IndexCollection - skipped:            1,002\n")
+    assert bm25.parse_counters(log) == {"indexed": 12371, "unindexable": 0, "empty": 3, "skipped": 1002, "errors": None}

@@ -148,7 +148,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     out_dir = Path(out_dir)
     # no cross-run disk key cache: a run's speed must not depend on what ran before it
     mr = open_method_run(method, config, examples=examples, passages=passages, tokens=tokens, lm=lm,
-                         retrievals=retrievals, device=device, dtype=dtype, key_cache_dir=None,
+                         retrievals=retrievals, device=device, dtype=dtype,
                          key_cache=lambda cfg: make_key_cache(passage_keys))
     cfg, decoder, tokenizer = mr.config, mr.decoder, mr.tokenizer
     reader, lookup, retr = mr.reader, mr.lookup, mr.retrievals

