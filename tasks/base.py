@@ -245,3 +245,17 @@ def qa_example(task: str, question: str, answers: list[str], **meta: Any) -> Exa
     question = " ".join(question.split())
     return Example(example_id=-1, task=task, kind="qa", query=question, question=question,
                    references=list(answers), meta=meta)
+
+
+class CompletionFamily:
+    """What every completion task declares (mix in before :class:`Task`): ROUGE-1/2/L against the reference
+    continuation, ROUGE-1 as its quality, and an evaluation-mode PPL."""
+
+    kind = "completion"
+    family = "completion"
+    metrics = ("rouge1", "rouge2", "rougeL")
+    quality_metric = "rouge1"
+    headline_metrics = ("rouge1", "rouge2", "rougeL")
+    report_columns = COMPLETION_COLUMNS
+    perplexity = True  # meta["target_ids"]: evaluation-mode PPL
+

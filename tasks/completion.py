@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.base import COMPLETION_COLUMNS, Example, Task
+from tasks.base import CompletionFamily, Example, Task
 from tasks.corpus import Corpus, doc_ids_of_sources
 from tasks.errors import TaskInputError
 from tasks.registry import register
@@ -63,18 +63,11 @@ def draw_completion(corpus: Corpus, task: str, *, n_examples: int, seed: int, pr
 
 
 @register("completion")
-class Completion(Task):
+class Completion(CompletionFamily, Task):
     """Text completion of corpus passages, the source article in the datastore (module doc)."""
 
     name = "completion"
-    kind = "completion"
-    family = "completion"
     source = "corpus"
-    metrics = ("rouge1", "rouge2", "rougeL")
-    quality_metric = "rouge1"
-    headline_metrics = ("rouge1", "rouge2", "rougeL")
-    report_columns = COMPLETION_COLUMNS
-    perplexity = True
     cut_at_eos = False  # scored as Score always scored it: the decoders never emit EOS text
     sort_meta = False  # meta in insertion order, as LoadTask always wrote it (same bytes)
     max_new_tokens = 96

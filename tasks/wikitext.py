@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from tasks.base import COMPLETION_COLUMNS, Example, Task
+from tasks.base import CompletionFamily, Example, Task
 from tasks.errors import TaskInputError
 from tasks.files import read_lines
 from tasks.registry import register
@@ -122,16 +122,9 @@ def completion_examples(documents: Iterable[dict[str, Any]], tokenizer, task: st
                           exclude_doc_ids=list(doc.get("exclude_doc_ids", [])), meta=meta)
 
 
-class CompletionTask(Task):
+class CompletionTask(CompletionFamily, Task):
     """Text completion scored by ROUGE-1/2/L F (×100) against the reference continuation."""
 
-    kind = "completion"
-    family = "completion"
-    metrics = ("rouge1", "rouge2", "rougeL")
-    quality_metric = "rouge1"
-    headline_metrics = ("rouge1", "rouge2", "rougeL")
-    report_columns = COMPLETION_COLUMNS
-    perplexity = True  # meta["target_ids"]: evaluation-mode PPL
     max_new_tokens = TARGET_TOKENS
 
     def score_text(self, text: str, example: Example) -> dict[str, Any]:
