@@ -426,6 +426,7 @@ class RunLog:
         self.merge_journal()
         tasks = [t for tid, t in self.tasks.items() if tid in wanted]
         on_remote = _remote_checker()
+        shard_ids = {d.task_id for t in tasks for d in t.build_requires().values()}  # a merge's shards (catalog skips)
         reached = []
         for t in tasks:
             ref = (t.stage, t.key)
@@ -444,6 +445,8 @@ class RunLog:
             reached.append({"stage": t.stage, "key": t.key, "label": t.label, "status": status,
                             "seconds": round(self.built[ref], 3) if ref in self.built
                             else round(self.pulled[ref], 3) if ref in self.pulled else None})
+            if t.task_id in shard_ids:
+                reached[-1]["shard"] = True
         targets = [{"stage": t.stage, "key": t.key, "label": t.label} for t in tasks if t.task_id not in self.required]
         _mark_skipped(tasks, reached, {t["key"] for t in targets})
         ok = all(r["status"] in ("built", "cached", "pulled", "skipped", "remote") for r in reached)

@@ -188,4 +188,13 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         # the trained index does not depend on the count: trained once, reused by the 4-shard build
         assert labels["TrainDenseIndex"] == ("built" if k == 3 else "cached")
         store_keys[k] = {m["key"] for m in store.manifests("PreTokenize")}
+        assert sum(r.get("shard", False) for r in record["reached"]) == 4 * k + 1  # 4 stages' shards + the trained index
+        from pipeline.catalog import open_catalog
+
+        cat = open_catalog(store)
+        con = cat.con
+        assert cat.views["generations"] == 1 and cat.views["tokens"] == 1
+        # the views read the merged artifacts, not their shards too
+        assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == n_ex
+        assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == 52
     assert len(store_keys[4] - store_keys[3]) == 4  # each count has its own shard artifacts, one merged artifact
