@@ -1,8 +1,9 @@
 """Sharded stages (issue 10 §2, pipeline/sharding.py): the shard count is a resource, not an identity.
 
 With 1, 3 and 4 shards, PreTokenize, EncodePassages, BuildDenseIndex (an IVF-PQ index string: trained once, added per
-range, merged) and Generate (method base, the tiny LM) end with the same keys and byte-identical files, on the micro
-corpus through the real DAG and Luigi; the stage functions are also checked on random vectors alone.
+range, merged), PreRetrieve (dense mode), Generate and Perplexity (method base, a tiny random Llama) end with the same
+keys and byte-identical files, on the micro corpus through the real DAG and Luigi; the IVF stage functions are also
+checked alone on random vectors.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def tiny_lm_source(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return folder
 
 
-SHARDED = ("PreTokenize", "EncodePassages", "BuildDenseIndex", "Generate")
+SHARDED = ("PreTokenize", "EncodePassages", "BuildDenseIndex", "PreRetrieve", "Generate", "Perplexity")
 
 
 @pytest.fixture
@@ -112,6 +113,8 @@ def micro_dag(tmp_path, monkeypatch, tiny_lm_source):
         "PrepareLM": {"source": str(tiny_lm_source)},
         "LoadTask": {"n_examples": "7", "prefix_tokens": "8", "target_tokens": "8"},
         "BuildDenseIndex": {"index_string": "IVF2,PQ8x4", "nprobe": "2"},
+        # dense retrieval alone (no JVM); query batches of 2 examples: shard boundaries on even example ids
+        "PreRetrieve": {"mode": "dense", "batch_size": "2", "b": "5"},
         "decoding": {"lengths": json.dumps({"completion": 3, "qa": 3})},
     }
     cfg = config.config()
@@ -135,7 +138,8 @@ def micro_dag(tmp_path, monkeypatch, tiny_lm_source):
 
 
 def _roots():
-    return [dag.PreTokenize(), dag.BuildDenseIndex(), dag.Generate(task="completion", method="base")]
+    return [dag.PreTokenize(), dag.BuildDenseIndex(), dag.PreRetrieve(task="completion"),
+            dag.Generate(task="completion", method="base"), dag.Perplexity(task="completion", method="base")]
 
 
 def _merged(roots) -> dict[str, tuple[str, dict]]:
@@ -163,8 +167,7 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         micro_dag(k)
         roots = _roots()
         # the count is no identity: the merged tasks have the unsharded keys before anything is built
-        assert {t.stage: t.key for t in roots} == {s: whole[s][0] for s in ("PreTokenize", "BuildDenseIndex",
-                                                                             "Generate")}
+        assert {t.stage: t.key for t in roots} == {t.stage: whole[t.stage][0] for t in roots}
         for stage, (key, _, _) in whole.items():  # rebuild the merged artifacts (their inputs stay cached)
             store.remove(stage, key)
         Register.clear_instance_cache()
@@ -180,6 +183,10 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         n_ex = artifact_stat(dag.LoadTask(task="completion"), "num_examples")
         for a, b in ranges(0, n_ex, k):
             assert labels[f"Generate(task=completion, method=base, start={a}, end={b})"] == "built"
+            assert labels[f"Perplexity(task=completion, method=base, start={a}, end={b})"] == "built"
+        for a, b in ranges(0, n_ex, k, block=2):  # 3 shards: 0-4, 4-6, 6-7; 4 shards reuse the last two
+            assert labels[f"PreRetrieve(task=completion, start={a}, end={b})"] == (
+                "cached" if k == 4 and a >= 4 else "built")
         for a, b in ranges(0, 52, k):
             assert labels[f"PreTokenize(start={a}, end={b})"] == "built"
             assert labels[f"EncodePassages(start={a}, end={b})"] == "built"
@@ -188,7 +195,8 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         # the trained index does not depend on the count: trained once, reused by the 4-shard build
         assert labels["TrainDenseIndex"] == ("built" if k == 3 else "cached")
         store_keys[k] = {m["key"] for m in store.manifests("PreTokenize")}
-        assert sum(r.get("shard", False) for r in record["reached"]) == 4 * k + 1  # 4 stages' shards + the trained index
+        n_shards = 3 * len(ranges(0, 52, k)) + 2 * len(ranges(0, n_ex, k)) + len(ranges(0, n_ex, k, block=2))
+        assert sum(r.get("shard", False) for r in record["reached"]) == n_shards + 1  # and the trained index
         from pipeline.catalog import open_catalog
 
         cat = open_catalog(store)
@@ -197,4 +205,34 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         # the views read the merged artifacts, not their shards too
         assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == n_ex
         assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == 52
+        assert con.execute("SELECT count(DISTINCT example_id) FROM retrievals").fetchone()[0] == n_ex
+        assert con.execute("SELECT count(*) FROM retrievals").fetchone()[0] == 5 * n_ex
     assert len(store_keys[4] - store_keys[3]) == 4  # each count has its own shard artifacts, one merged artifact
+
+
+def test_a_cold_run_builds_the_size_source_first_and_plain_luigi_builds_one_task(micro_dag):
+    """``nest``'s build: ConvertCorpus first (its manifest gives the number of passages), then PreTokenize in 3 shards.
+    Plain Luigi on a cold store cannot know the size when it plans: one task, with the same key."""
+    import luigi
+
+    from pipeline.cli import build
+
+    micro_dag(3)
+    key = dag.PreTokenize().key
+    assert key == dag.PreTokenize(shards=1).key
+    assert dag.PreTokenize().build_requires() == {}  # ConvertCorpus not built: no plan (fixed for this instance)
+    assert luigi.build([dag.PreTokenize()], local_scheduler=True, workers=1, log_level="WARNING")
+    one = get_store().manifest("PreTokenize", key)
+    assert "merged_shards" not in one["stats"]
+    get_store().remove("PreTokenize", key)
+    micro_dag(3)  # fresh instances: now the size is known
+    assert [t.label for t in dag.PreTokenize().build_requires().values()] == [
+        f"PreTokenize(start={a}, end={b})" for a, b in ranges(0, 52, 3)]
+    for stage in ("PreTokenize", "ConvertCorpus"):
+        for m in list(get_store().manifests(stage)):
+            get_store().remove(stage, m["key"])
+    micro_dag(3)
+    assert build([dag.PreTokenize()], profile=None, command=["test"], quiet=True) == 0
+    merged = get_store().manifest("PreTokenize", key)
+    assert merged["stats"]["merged_shards"] == 3
+    assert {f: v["sha256"] for f, v in merged["files"].items()} == {f: v["sha256"] for f, v in one["files"].items()}
