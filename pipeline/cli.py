@@ -158,7 +158,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
     t0 = time.perf_counter()
     try:
-        if not _build_size_sources(roots, kwargs, keep_alive=keep_alive, quiet=quiet):
+        if not _build_size_sources(roots, kwargs, quiet=quiet):
             print(f"nest: the scheduler at {scheduler_url} stopped answering; what was built is kept: run the same "
                   f"command again to finish", file=sys.stderr)
             RUN_LOG.close_journal()
@@ -210,10 +210,11 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     return 0
 
 
-def _build_size_sources(roots: list, kwargs: dict, *, keep_alive: bool, quiet: bool) -> bool:
+def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     """Sharded stages (``shards > 1``, pipeline/sharding.py) split by the number of passages or examples: build the
     artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
-    holds the shard tasks. False when the scheduler stopped answering."""
+    holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
+    them. False when the scheduler stopped answering."""
     import luigi
     import luigi.rpc
 
@@ -226,7 +227,7 @@ def _build_size_sources(roots: list, kwargs: dict, *, keep_alive: bool, quiet: b
         print(f"[nest] sharded stages: building what sizes them first ({', '.join(t.label for t in sources)})",
               file=sys.stderr)
     try:
-        with _scheduling().worker_options(keep_alive=keep_alive):
+        with _scheduling().worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
             luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
     except luigi.rpc.RPCError:
         return False

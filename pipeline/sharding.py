@@ -44,9 +44,15 @@ def ranges(start: int, end: int, shards: int, block: int = 1) -> list[tuple[int,
     return out
 
 
+_STATS: dict[tuple[str, str, str, str], int] = {}  # (store, stage, key, field) -> value, once found (never changes)
+
+
 def artifact_stat(task, name: str) -> int | None:
     """``stats[name]`` of ``task``'s artifact: from the local store's manifest, else (distributed mode, or a remote
     to pull from) from the remote's; None when neither has the artifact."""
+    memo = (str(task.store.root), task.stage, task.key, name)
+    if memo in _STATS:
+        return _STATS[memo]
     m = task.store.manifest(task.stage, task.key) if task.store.complete(task.stage, task.key) else None
     if m is None:
         try:
@@ -57,7 +63,10 @@ def artifact_stat(task, name: str) -> int | None:
         except Exception:  # no remote, or it does not answer: the stage is built as one task
             m = None
     value = (m or {}).get("stats", {}).get(name)
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    _STATS[memo] = int(value)
+    return int(value)
 
 
 class Sharded:
