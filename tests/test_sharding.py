@@ -194,6 +194,11 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         assert labels["PreTokenize"] == "built" and labels["BuildDenseIndex"] == "built"
         # the trained index does not depend on the count: trained once, reused by the 4-shard build
         assert labels["TrainDenseIndex"] == ("built" if k == 3 else "cached")
+        from pipeline.status import dag_status
+
+        rows = dag_status(_roots(), store)  # `nest status`: every shard listed, with its range, and cached
+        assert {r.state for r in rows} == {"cached"}
+        assert {r.task.label for r in rows} >= {f"PreTokenize(start={a}, end={b})" for a, b in ranges(0, 52, k)}
         store_keys[k] = {m["key"] for m in store.manifests("PreTokenize")}
         n_shards = 3 * len(ranges(0, 52, k)) + 2 * len(ranges(0, n_ex, k)) + len(ranges(0, n_ex, k, block=2))
         assert sum(r.get("shard", False) for r in record["reached"]) == n_shards + 1  # and the trained index
