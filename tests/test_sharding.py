@@ -241,3 +241,23 @@ def test_a_cold_run_builds_the_size_source_first_and_plain_luigi_builds_one_task
     merged = get_store().manifest("PreTokenize", key)
     assert merged["stats"]["merged_shards"] == 3
     assert {f: v["sha256"] for f, v in merged["files"].items()} == {f: v["sha256"] for f, v in one["files"].items()}
+
+
+def test_two_local_workers_share_one_sharded_stage(micro_dag):
+    """``--workers 2``: the shards of one stage run in Luigi's two worker processes; the merge is the unsharded
+    artifact."""
+    from pipeline.cli import build
+
+    micro_dag(1)
+    assert build([dag.PreTokenize()], profile=None, command=["test"], quiet=True) == 0
+    key = dag.PreTokenize().key
+    whole = {f: v["sha256"] for f, v in get_store().manifest("PreTokenize", key)["files"].items()}
+    get_store().remove("PreTokenize", key)
+    micro_dag(4)
+    assert build([dag.PreTokenize()], profile=None, command=["test"], quiet=True, workers=2) == 0
+    merged = get_store().manifest("PreTokenize", key)
+    assert merged["stats"]["merged_shards"] == 4
+    assert {f: v["sha256"] for f, v in merged["files"].items()} == whole
+    record = json.loads((get_store().runs_dir / "latest.json").read_text())
+    built = [r["label"] for r in record["reached"] if r["status"] == "built"]
+    assert sorted(built) == sorted(["PreTokenize"] + [f"PreTokenize(start={a}, end={b})" for a, b in ranges(0, 52, 4)])
