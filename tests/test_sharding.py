@@ -118,8 +118,8 @@ def micro_dag(tmp_path, monkeypatch, tiny_lm_source):
         "decoding": {"lengths": json.dumps({"completion": 3, "qa": 3})},
     }
     cfg = config.config()
-    saved = {(s, o): (cfg.get(s, o) if cfg.has_option(s, o) else None)
-             for s, opts in {**overrides, **{st: {"shards": ""} for st in SHARDED}}.items() for o in opts}
+    touched = {(s, o) for s, opts in overrides.items() for o in opts} | {(st, "shards") for st in SHARDED}
+    saved = {(s, o): (cfg.get(s, o) if cfg.has_option(s, o) else None) for s, o in touched}
     config.apply_overrides(overrides)
 
     def set_shards(k: int) -> None:
