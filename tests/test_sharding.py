@@ -194,6 +194,10 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         assert labels["PreTokenize"] == "built" and labels["BuildDenseIndex"] == "built"
         # the trained index does not depend on the count: trained once, reused by the 4-shard build
         assert labels["TrainDenseIndex"] == ("built" if k == 3 else "cached")
+        # distributed mode pulls what a merge reads: its shards (and the trained index), not the LM or the passages
+        gen, index = dag.Generate(task="completion", method="base"), dag.BuildDenseIndex()
+        assert set(gen.run_inputs()) == {f"shard-{i:05d}" for i in range(len(ranges(0, n_ex, k)))}
+        assert set(index.run_inputs()) == {"trained"} | {f"shard-{i:05d}" for i in range(len(ranges(0, 52, k)))}
         from pipeline.status import dag_status
 
         rows = dag_status(_roots(), store)  # `nest status`: every shard listed, with its range, and cached
