@@ -99,7 +99,9 @@ class BsAll(luigi.WrapperTask):
 
 class GenerateShards(luigi.WrapperTask):
     """``Generate`` of ``task``/``method`` (its main configuration of the report's grid) over examples ``[0, examples)``
-    in ``shards`` example ranges: each shard its own task and artifact."""
+    in ``shards`` example ranges: each shard its own task and artifact. These are the shard tasks of the sharded
+    Generate (``--set Generate.shards=N``, pipeline/sharding.py) when the task has ``examples`` examples, without
+    their merge: the benchmark times the shards alone, over a fixed number of examples."""
 
     task = luigi.Parameter(default="completion")
     method = luigi.Parameter(default="nest")

@@ -51,7 +51,17 @@ class NestTask(luigi.Task):
     - ``version_attr``: the module constant holding the declared stage version (``VERSION``);
     - ``key_exclude``: parameters handed to the stage but left out of the key (resources: threads, batch size);
     - ``input_args``: ``{input_name: kwarg}`` when the stage names an input differently;
-    - ``label_params``: luigi parameters shown in labels (``LoadTask(task=bio)``).
+    - ``label_params``: luigi parameters shown in labels (``LoadTask(task=bio)``); those also in ``label_if_set`` only
+      when one of them differs from its default (a shard's ``start``/``end``).
+
+    **Identity inputs and build dependencies.** ``requires()`` names the *identity inputs*: their keys enter this
+    task's key and its manifest's ``inputs``, and the stage reads them. ``build_requires()`` names *build
+    dependencies*: tasks Luigi must finish before this one runs but which are no part of its identity. A sharded stage
+    (``pipeline/sharding.py``) uses them: its shards are build dependencies, and ``build()`` then calls the stage
+    module's ``merge_fn`` on the shard artifacts (plus the identity inputs listed in ``merge_inputs``) instead of
+    ``stage_fn``. The key, and the files the merge writes, are those of the unsharded stage, so how many shards built
+    it changes nothing downstream. Luigi sees both kinds (``deps()``, through its ``_requires`` hook for non-input
+    dependencies); keys, manifests and ``nest status``'s reasons see only the identity inputs.
     """
 
     stage_module: str = ""
@@ -60,6 +70,9 @@ class NestTask(luigi.Task):
     key_exclude: tuple[str, ...] = ()
     input_args: Mapping[str, str] = {}
     label_params: tuple[str, ...] = ()
+    label_if_set: tuple[str, ...] = ()
+    merge_fn: str = "merge"
+    merge_inputs: tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -73,6 +86,22 @@ class NestTask(luigi.Task):
 
     def stage_params(self) -> dict[str, Any]:
         return {}
+
+    def build_requires(self) -> dict[str, "NestTask"]:
+        """Build dependencies that are not identity inputs (a sharded stage's shards, in order); empty by default."""
+        return {}
+
+    def _requires(self):  # Luigi's hook for dependencies that are not inputs: what Luigi waits for
+        return luigi.task.flatten(self.requires()) + luigi.task.flatten(self.build_requires())
+
+    def run_inputs(self) -> dict[str, "NestTask"]:
+        """The artifacts ``run()`` reads: the identity inputs, or, when merging shards, the shards and the identity
+        inputs named in ``merge_inputs`` (distributed mode pulls exactly these)."""
+        shards = self.build_requires()
+        if not shards:
+            return self.inputs()
+        inputs = self.inputs()
+        return {**shards, **{name: inputs[name] for name in self.merge_inputs if name in inputs}}
 
     # ---- identity ----------------------------------------------------------------------------------------------------
     @classmethod
@@ -117,7 +146,8 @@ class NestTask(luigi.Task):
 
     @property
     def label(self) -> str:
-        shown = ", ".join(f"{p}={getattr(self, p)}" for p in self.label_params)
+        optional = any(getattr(self, p) != self.get_param_default(p) for p in self.label_if_set)
+        shown = ", ".join(f"{p}={getattr(self, p)}" for p in self.label_params if optional or p not in self.label_if_set)
         return f"{self.stage}({shown})" if shown else self.stage
 
     # ---- luigi -------------------------------------------------------------------------------------------------------
@@ -161,9 +191,24 @@ class NestTask(luigi.Task):
             kwargs[name] = value.value if isinstance(value, Identified) else value
         return kwargs
 
+    @classmethod
+    def get_param_default(cls, name: str):
+        return dict(cls.get_params())[name]._default
+
     def build(self, out_dir) -> Mapping | None:
-        """Import the stage module (only now) and run it into ``out_dir``."""
+        """Import the stage module (only now) and run it into ``out_dir``; with build dependencies (a sharded stage),
+        merge them: ``merge_fn(out_dir, shards=[folders of the "shard-*" ones, in order], <other build dependencies
+        by name>, <merge_inputs>, <parameters>)``."""
         module = importlib.import_module(self.stage_module)
+        deps = self.build_requires()
+        if deps:
+            kwargs = self.call_kwargs()
+            for name in self.inputs():
+                if name not in self.merge_inputs:
+                    kwargs.pop(self.input_args.get(name, name), None)
+            kwargs.update({name: t.artifact_dir for name, t in deps.items() if not name.startswith("shard-")})
+            shards = [t.artifact_dir for name, t in deps.items() if name.startswith("shard-")]
+            return getattr(module, self.merge_fn)(out_dir, shards=shards, **kwargs)
         fn = getattr(module, self.stage_fn)
         return fn(out_dir, **self.call_kwargs())
 
@@ -217,7 +262,7 @@ def _walk(roots: Iterable[luigi.Task]) -> list[tuple[luigi.Task, list[luigi.Task
         if task.task_id in seen:
             return
         seen.add(task.task_id)
-        deps = list(luigi.task.flatten(task.requires()))
+        deps = list(task.deps())  # identity inputs and build dependencies (a sharded stage's shards)
         for dep in deps:
             visit(dep)
         out.append((task, deps))
@@ -239,7 +284,7 @@ def _mark_skipped(tasks: list[NestTask], reached: list[dict], target_keys: set[s
     needed = {t.task_id for t in tasks if t.key in target_keys}
     for t in reversed(tasks):  # dependents before their inputs
         if t.task_id in needed and status[t.task_id]["status"] not in ("cached", "pulled", "remote"):
-            needed.update(d.task_id for d in t.inputs().values())
+            needed.update(d.task_id for d in t.deps())
     for t in tasks:
         if t.task_id not in needed and status[t.task_id]["status"] == "missing":
             status[t.task_id]["status"] = "skipped"
@@ -381,6 +426,7 @@ class RunLog:
         self.merge_journal()
         tasks = [t for tid, t in self.tasks.items() if tid in wanted]
         on_remote = _remote_checker()
+        shard_ids = {d.task_id for t in tasks for d in t.build_requires().values()}  # a merge's shards (catalog skips)
         reached = []
         for t in tasks:
             ref = (t.stage, t.key)
@@ -399,6 +445,8 @@ class RunLog:
             reached.append({"stage": t.stage, "key": t.key, "label": t.label, "status": status,
                             "seconds": round(self.built[ref], 3) if ref in self.built
                             else round(self.pulled[ref], 3) if ref in self.pulled else None})
+            if t.task_id in shard_ids:
+                reached[-1]["shard"] = True
         targets = [{"stage": t.stage, "key": t.key, "label": t.label} for t in tasks if t.task_id not in self.required]
         _mark_skipped(tasks, reached, {t["key"] for t in targets})
         ok = all(r["status"] in ("built", "cached", "pulled", "skipped", "remote") for r in reached)

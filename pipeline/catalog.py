@@ -90,8 +90,8 @@ def _latest_per_stage(store: Store, stages: set[str]) -> list[tuple[str, str]]:
         runs.append(latest)
     for stage in sorted(stages):
         for run in reversed(runs):
-            refs = [(r["stage"], r["key"]) for r in run.get("reached", [])
-                    if r["stage"] == stage and store.complete(r["stage"], r["key"])]
+            refs = [(r["stage"], r["key"]) for r in run.get("reached", [])  # a merge's shards: in the merged artifact
+                    if r["stage"] == stage and not r.get("shard") and store.complete(r["stage"], r["key"])]
             if refs:
                 out.extend(dict.fromkeys(refs))
                 break

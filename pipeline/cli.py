@@ -111,7 +111,7 @@ def _force(tasks: list, stages: Sequence[str]) -> list:
     store = get_store()
     hit: set[str] = set()
     for t in tasks:  # dependencies first: a task is hit when forced or when an input was hit
-        if t.stage in stages or any(i.task_id in hit for i in t.inputs().values()):
+        if t.stage in stages or any(i.task_id in hit for i in t.deps()):  # inputs and shards
             hit.add(t.task_id)
     moved = []
     for t in tasks:
@@ -151,21 +151,30 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     else:
         scheduling.enter_local()
     scheduling.set_thread_budget(workers)
-    tasks = _precompute_keys(roots)
-    for t in tasks if not scheduler_url else ():  # luigid's limits are in its own luigi.cfg
-        missing = scheduling.unlimited(t.resources)
-        if missing:
-            raise CliError(f"{t.label}: resource {missing[0]} = {t.resources[missing[0]]} has no limit in "
-                           f"[resources] (Luigi would never run it); set one, e.g. [resources] {missing[0]} = 64")
-    _force(tasks, force)
     _configure_logging()
     RUN_LOG.reset()
     if workers > 1 or scheduler_url:
         RUN_LOG.open_journal()  # stages run in Luigi's worker processes: they tell this one through the journal
+    kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
     t0 = time.perf_counter()
+    try:
+        if not _build_size_sources(roots, kwargs, quiet=quiet):
+            print(f"nest: the scheduler at {scheduler_url} stopped answering; what was built is kept: run the same "
+                  f"command again to finish", file=sys.stderr)
+            RUN_LOG.close_journal()
+            return 1
+        tasks = _precompute_keys(roots)
+        for t in tasks if not scheduler_url else ():  # luigid's limits are in its own luigi.cfg
+            missing = scheduling.unlimited(t.resources)
+            if missing:
+                raise CliError(f"{t.label}: resource {missing[0]} = {t.resources[missing[0]]} has no limit in "
+                               f"[resources] (Luigi would never run it); set one, e.g. [resources] {missing[0]} = 64")
+        _force(tasks, force)
+    except BaseException:
+        RUN_LOG.close_journal()
+        raise
     active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
     try:
-        kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
         try:
             with scheduling.worker_options(keep_alive=keep_alive):
                 luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
@@ -199,6 +208,36 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
             print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
+    """Sharded stages (``shards > 1``, pipeline/sharding.py) split by the number of passages or examples: build the
+    artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
+    holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
+    them. False when the scheduler stopped answering."""
+    import luigi
+    import luigi.rpc
+
+    from pipeline.sharding import size_sources
+
+    sources = size_sources(roots)
+    if not sources:
+        return True
+    if not quiet:
+        print(f"[nest] sharded stages: building what sizes them first ({', '.join(t.label for t in sources)})",
+              file=sys.stderr)
+    try:
+        with _scheduling().worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
+            luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
+    except luigi.rpc.RPCError:
+        return False
+    return True
+
+
+def _scheduling():
+    from pipeline import scheduling
+
+    return scheduling
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------------

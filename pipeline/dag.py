@@ -24,6 +24,7 @@ import luigi
 from pipeline import config as cfg
 from pipeline.base import NestTask
 from pipeline.params import Accepts, accepts, at_least, between, each_one_of
+from pipeline.sharding import Sharded, range_params
 from pipeline.store import Identified
 
 EMBEDDED = "embedded"
@@ -56,6 +57,21 @@ _TASK = each_one_of(lambda: known_tasks(), "a list of known tasks (" + ", ".join
 _ONE_TASK = Accepts("one of " + ", ".join(known_tasks()), lambda v: v in known_tasks())
 _POS = at_least(1)
 _NONNEG = at_least(0)
+
+
+def _shards_param():
+    """``shards``: a resource, not an identity (pipeline/sharding.py): no key moves with it (nor Luigi's task id).
+    Its default (1) is luigi.cfg's, in each sharded stage's section."""
+    return accepts(luigi.IntParameter(significant=False, description="split into this many range shards, "
+                                      "each its own task (a resource: the merged artifact is the unsharded one)"),
+                   _POS)
+
+
+def _range_params():
+    """``start``/``end``: the range of a shard (doc_ids or example_ids; ``end`` -1: to the last); only shards set it."""
+    return (accepts(luigi.IntParameter(default=0, description="a shard's first item"), _NONNEG),
+            accepts(luigi.IntParameter(default=-1, description="a shard's end (exclusive; -1: the last item)"),
+                    at_least(-1)))
 
 
 def _paper_tasks_config() -> type:
@@ -209,42 +225,74 @@ class BuildBM25Index(RetrieverIndex, NestTask):
         return {"k1": self.k1, "b": self.b, "threads": self.threads}
 
 
-class EncodePassages(NestTask):
+class EncodePassages(Sharded, NestTask):
     """Passages → one embedding per passage with the ``[encoder]`` context encoder (float32 ``.npy`` shards in doc_id
     order). Versioned by ``ENCODE_VERSION`` alone, so a change to the index or the searcher does not re-encode the
-    corpus; ``batch_size`` is not in the key."""
+    corpus; ``batch_size`` is not in the key. ``shards``: doc_id ranges (pipeline/sharding.py)."""
 
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_encode"
+    merge_fn = "merge_encode"
     version_attr = "ENCODE_VERSION"
     key_exclude = ("batch_size",)
+    label_params = label_if_set = ("start", "end")
     batch_size = accepts(luigi.IntParameter(), _POS)
+    shards = _shards_param()
+    start, end = _range_params()
 
     def requires(self):
         return {"passages": ConvertCorpus()}
 
     def stage_params(self):
-        return {"encoder": encoder_param(), "batch_size": self.batch_size}
+        return {"encoder": encoder_param(), "batch_size": self.batch_size, **range_params(self)}
+
+    def size_source(self):
+        return ConvertCorpus(), "num_passages"
+
+    def shard_task(self, start, end):
+        return self.clone(start=start, end=end, shards=1)
 
 
-class BuildDenseIndex(RetrieverIndex, NestTask):
+class BuildDenseIndex(Sharded, RetrieverIndex, NestTask):
     """Embeddings → a FAISS index of any ``index_factory`` string (``Flat``; ``IVF65536,PQ256`` in the paper): the
     ``dense`` retriever's artifact (``[PreRetrieve] prebuilt_index`` imports one instead). Versioned by
-    ``INDEX_VERSION``."""
+    ``INDEX_VERSION``.
+
+    ``shards`` (IVF index strings only; anything else is one task): TrainDenseIndex trains the index once,
+    AddDenseShard adds each doc_id range, and this task merges their inverted lists into the same ``index.faiss``."""
 
     retriever = "dense"
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_index"
+    merge_fn = "merge_index"
     version_attr = "INDEX_VERSION"
     index_string = luigi.Parameter()
     metric = luigi.ChoiceParameter(choices=["ip", "l2"], var_type=str)
     nprobe = accepts(luigi.IntParameter(description="IVF probes at search time (0: FAISS default)"), _NONNEG)
+    shards = _shards_param()
 
     def requires(self):
         return {"embeddings": EncodePassages()}
 
     def stage_params(self):
         return {"index_string": self.index_string, "metric": self.metric, "nprobe": self.nprobe or None}
+
+    def sharding_enabled(self) -> bool:
+        from stages.retrieval.dense import shardable_index
+
+        return super().sharding_enabled() and shardable_index(self.index_string)
+
+    def size_source(self):
+        return ConvertCorpus(), "num_passages"  # one vector per passage
+
+    def shard_task(self, start, end):
+        return AddDenseShard(index_string=self.index_string, metric=self.metric, start=start, end=end)
+
+    def build_requires(self):
+        shards = self.shard_tasks()
+        if not shards:
+            return {}
+        return {"trained": TrainDenseIndex(index_string=self.index_string, metric=self.metric), **shards}
 
     @classmethod
     def for_retrieval(cls, pre: "PreRetrieve") -> NestTask:
@@ -253,6 +301,41 @@ class BuildDenseIndex(RetrieverIndex, NestTask):
     @classmethod
     def retrieval_params(cls, pre: "PreRetrieve") -> dict:
         return {"encoder": encoder_param()}
+
+
+class TrainDenseIndex(NestTask):
+    """A sharded IVF BuildDenseIndex's trained, empty index (trained as the unsharded build trains it)."""
+
+    stage_module = "stages.retrieval.dense"
+    stage_fn = "run_train"
+    version_attr = "TRAIN_VERSION"
+    index_string = luigi.Parameter()
+    metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
+
+    def requires(self):
+        return {"embeddings": EncodePassages()}
+
+    def stage_params(self):
+        return {"index_string": self.index_string, "metric": self.metric}
+
+
+class AddDenseShard(NestTask):
+    """One doc_id range of a sharded IVF BuildDenseIndex, added to the trained index (its inverted lists)."""
+
+    stage_module = "stages.retrieval.dense"
+    stage_fn = "run_add_shard"
+    version_attr = "ADD_VERSION"
+    label_params = ("start", "end")
+    index_string = luigi.Parameter()
+    metric = luigi.ChoiceParameter(default="ip", choices=["ip", "l2"], var_type=str)
+    start, end = _range_params()
+
+    def requires(self):
+        return {"embeddings": EncodePassages(),
+                "trained": TrainDenseIndex(index_string=self.index_string, metric=self.metric)}
+
+    def stage_params(self):
+        return {"start": self.start, "end": None if self.end < 0 else self.end}
 
 
 class ImportDenseIndex(NestTask):
@@ -314,13 +397,17 @@ def _retriever_names() -> tuple[str, ...]:
 PAPER_RETRIEVERS = ("bm25", "dense")
 
 
-class PreRetrieve(NestTask):
+class PreRetrieve(Sharded, NestTask):
     """NEST's first stage: hybrid retrieval of ``b`` passages per example, fusing the ``retrievers`` (default BM25 and
-    dense), or one retriever alone (``mode`` = its name). Each retriever is an input named after it."""
+    dense), or one retriever alone (``mode`` = its name). Each retriever is an input named after it. ``shards``:
+    example ranges (boundaries on multiples of ``batch_size``)."""
 
     stage_module = "stages.retrieval.pre_retrieve"
-    label_params = ("task",)
+    label_params = ("task", "start", "end")
+    label_if_set = ("start", "end")
     key_exclude = ("batch_size", "threads")
+    shards = _shards_param()
+    start, end = _range_params()
     task = accepts(luigi.Parameter(), _ONE_TASK)
     mode = accepts(luigi.Parameter(),
                    Accepts("hybrid or a registered retriever (bm25, dense, ...)",
@@ -366,7 +453,16 @@ class PreRetrieve(NestTask):
         for name in self.used_retrievers():
             if name in indexes:
                 params.update(indexes[name].retrieval_params(self))
-        return params
+        return {**params, **range_params(self)}
+
+    def size_source(self):
+        return LoadTask(task=self.task), "num_examples"
+
+    def block(self) -> int:
+        return int(self.batch_size)  # the stage's query batches: a shard holds whole ones
+
+    def shard_task(self, start, end):
+        return self.clone(start=start, end=end, shards=1)
 
 
 def retrieval_description() -> str:
@@ -376,19 +472,29 @@ def retrieval_description() -> str:
     return f"hybrid fusion of {', '.join(used)}" if pre.mode == "hybrid" else f"{used[0]} alone"
 
 
-class PreTokenize(NestTask):
-    """Passages → token ids with the LM's tokenizer, Parquet shards addressable by doc_id."""
+class PreTokenize(Sharded, NestTask):
+    """Passages → token ids with the LM's tokenizer, Parquet shards addressable by doc_id. ``shards``: doc_id
+    ranges (pipeline/sharding.py)."""
 
     stage_module = "stages.lm.pretokenize"
     key_exclude = ("batch_size",)
+    label_params = label_if_set = ("start", "end")
     template = luigi.Parameter()
     batch_size = accepts(luigi.IntParameter(), _POS)
+    shards = _shards_param()
+    start, end = _range_params()
 
     def requires(self):
         return {"passages": ConvertCorpus(), "lm": PrepareLM()}
 
     def stage_params(self):
-        return {"template": self.template, "batch_size": self.batch_size}
+        return {"template": self.template, "batch_size": self.batch_size, **range_params(self)}
+
+    def size_source(self):
+        return ConvertCorpus(), "num_passages"
+
+    def shard_task(self, start, end):
+        return self.clone(start=start, end=end, shards=1)
 
 
 # ---- generation, scoring, report (issue 4) ------------------------------------------------------------------------
@@ -533,12 +639,25 @@ class _MethodOnTask(NestTask):
         return req
 
 
-class Generate(_MethodOnTask):
-    """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last)."""
+class Generate(Sharded, _MethodOnTask):
+    """One decoding method over one task (examples ``[start, end)``; ``end`` = -1: to the last). ``shards``: example
+    ranges, each a Generate over its range (boundaries on multiples of the decoding ``batch_size``)."""
 
     stage_module = "stages.evaluation.generate"
+    label_params = ("task", "method", "start", "end")
+    label_if_set = ("start", "end")
     start = accepts(luigi.IntParameter(default=0), _NONNEG)
     end = accepts(luigi.IntParameter(default=-1), at_least(-1))
+    shards = _shards_param()
+
+    def size_source(self):
+        return LoadTask(task=self.task), "num_examples"
+
+    def block(self) -> int:
+        return int(_config_value(_plain(self.config), "batch_size"))  # decoding batches: a shard holds whole ones
+
+    def shard_task(self, start, end):
+        return self.clone(start=start, end=end, shards=1)
 
     def stage_params(self):
         from stages.decoding.config import relevant_config  # torch-free
@@ -557,15 +676,27 @@ def stop_rule(task: str) -> dict:
     return rule_for(task, lengths=_plain(d.lengths), stops=_plain(d.stops)).to_dict()
 
 
-class Perplexity(_MethodOnTask):
-    """Evaluation mode (Table 1 PPL): NLL of each completion example's reference under the method's distribution."""
+class Perplexity(Sharded, _MethodOnTask):
+    """Evaluation mode (Table 1 PPL): NLL of each completion example's reference under the method's distribution.
+    ``shards``: example ranges."""
 
     stage_module = "stages.evaluation.perplexity"
+    label_params = ("task", "method", "start", "end")
+    label_if_set = ("start", "end")
+    shards = _shards_param()
+    start, end = _range_params()
 
     def stage_params(self):
         from stages.decoding.config import relevant_for_perplexity  # torch-free
 
-        return {"method": self.method, "config": relevant_for_perplexity(self.method, _plain(self.config))}
+        return {"method": self.method, "config": relevant_for_perplexity(self.method, _plain(self.config)),
+                **range_params(self)}
+
+    def size_source(self):
+        return LoadTask(task=self.task), "num_examples"
+
+    def shard_task(self, start, end):
+        return self.clone(start=start, end=end, shards=1)
 
 
 def _task_spec(task: str):

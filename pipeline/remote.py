@@ -379,8 +379,9 @@ def pull_now(task, *, quiet_missing: bool = True) -> bool:
 
 def pull_inputs(task) -> None:
     """Distributed mode, before a stage runs: pull every input that is not in the local store (another worker built
-    it and pushed it). Raises :class:`RemoteError` naming an input that is neither local nor on the remote."""
-    for name, dep in task.inputs().items():
+    it and pushed it; a sharded stage's merge: its shards). Raises :class:`RemoteError` naming an input that is neither
+    local nor on the remote."""
+    for name, dep in task.run_inputs().items():
         if dep.store.complete(dep.stage, dep.key):
             continue
         if not pull_now(dep):
@@ -430,7 +431,7 @@ def share_local(task) -> bool:
 def needed_from(tasks_dep_first: list, local: Callable[[Any], bool], remote: Callable[[Any], bool]) -> tuple[set, set]:
     """Walk the DAG from its targets: a stage cached locally or on the remote stops the walk (what it was built from
     is not needed). Returns (task_ids to pull, task_ids to build)."""
-    inputs_of = {t.task_id: list(t.inputs().values()) for t in tasks_dep_first}
+    inputs_of = {t.task_id: list(t.deps()) for t in tasks_dep_first}  # identity inputs and shards
     required = {d.task_id for deps in inputs_of.values() for d in deps}
     needed = {t.task_id for t in tasks_dep_first if t.task_id not in required}  # the targets
     pull, build = set(), set()

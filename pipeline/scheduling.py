@@ -140,10 +140,14 @@ def task_resources(task) -> dict[str, int]:
     from pipeline.config import config
 
     out: dict[str, int] = {}
-    if task.stage in GPU_STAGES and cuda_present():
+    try:
+        merging = bool(task.build_requires())  # a sharded stage's merge reads its shards' files: no GPU, no Lucene
+    except Exception:
+        merging = False
+    if task.stage in GPU_STAGES and cuda_present() and not merging:
         out["gpu"] = 1
     try:
-        if _uses_lucene(task):
+        if _uses_lucene(task) and not merging:
             out["lucene"] = 1
     except Exception:  # a task whose inputs cannot be built yet: its own run reports that
         pass

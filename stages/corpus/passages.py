@@ -103,6 +103,30 @@ class ShardedRows:
             with pq.ParquetFile(path) as pf:
                 yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
 
+    def iter_range(self, start: int, end: int, columns: Sequence[str] | None = None,
+                   batch_size: int = 10_000) -> Iterator:
+        """Rows ``[start, end)`` (row positions = doc_ids) in order, as record batches of at most ``batch_size`` rows,
+        reading only the files and row groups that hold them (a shard of a sharded stage)."""
+        import pyarrow.parquet as pq
+
+        offset = 0
+        for path in self.shard_files:
+            with pq.ParquetFile(path) as pf:
+                md = pf.metadata
+                if offset >= end or offset + md.num_rows <= start:
+                    offset += md.num_rows
+                    continue
+                group_start = offset
+                for g in range(md.num_row_groups):
+                    rows = md.row_group(g).num_rows
+                    lo, hi = max(start, group_start), min(end, group_start + rows)
+                    if lo < hi:
+                        table = pf.read_row_group(g, columns=list(columns) if columns else None)
+                        table = table.slice(lo - group_start, hi - lo)
+                        yield from table.to_batches(max_chunksize=batch_size)
+                    group_start += rows
+                offset += md.num_rows
+
 
 class PassageReader(ShardedRows):
     """Passages written by :mod:`stages.corpus.convert` (``passages.json`` + ``passages-NNNNN.parquet``)."""

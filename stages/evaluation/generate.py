@@ -187,8 +187,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
                     "config": json.dumps(config or {}, sort_keys=True),
                     "supported_doc_ids": r["supported_doc_ids"], "supported_positions": r["supported_positions"],
                     "token_char_ends": token_char_ends(tokenizer, r["token_ids"])})  # after the timed decode
-    pq.write_table(pa.Table.from_pylist(out_rows, schema=SCHEMA), out_dir / "generations.parquet",
-                   compression="zstd")
+    write_generations(out_dir, out_rows)
     rate = key_hit_rate(all_counters)
     return {"examples": len(out_rows), "tokens": sum(r["num_tokens"] for r in out_rows),
             "seconds": round(time.perf_counter() - t_all, 3),
@@ -196,3 +195,31 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
             "key_hit_rate": None if rate is None else round(rate, 4),
             "key_cache_hits": sum(int(c.get("key_cache_hits", 0)) for c in all_counters),
             "key_cache_misses": sum(int(c.get("key_cache_misses", 0)) for c in all_counters)}
+
+
+def write_generations(out_dir: Path, rows: list[dict]) -> None:
+    """``generations.parquet`` of ``rows`` (a run, or the merge of a sharded run: the same call, the same bytes)."""
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), Path(out_dir) / "generations.parquet",
+                   compression="zstd")
+
+
+def merge(out_dir: Path, *, shards: list[Path], **_params) -> dict:
+    """The shards of a sharded Generate (example ranges, in order: each a Generate over ``[start, end)``) → the
+    ``generations.parquet`` of the whole range. The rows are the shards' rows, so the file is the one a single run
+    writes, except for what every run measures anew (``wall_s``, ``timings``; and the per-run key-cache counters of
+    the methods that encode passage keys on the fly)."""
+    rows: list[dict] = []
+    for s in shards:
+        rows.extend(pq.read_table(Path(s) / "generations.parquet").to_pylist())
+    ids = [r["example_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("Generate merge: two shards hold the same example")
+    write_generations(out_dir, rows)
+    counters = [json.loads(r["counters"] or "{}") for r in rows]
+    rate = key_hit_rate(counters)
+    return {"examples": len(rows), "tokens": sum(r["num_tokens"] for r in rows),
+            "wall_s_sum": round(sum(r["wall_s"] for r in rows), 3),
+            "key_hit_rate": None if rate is None else round(rate, 4),
+            "key_cache_hits": sum(int(c.get("key_cache_hits", 0)) for c in counters),
+            "key_cache_misses": sum(int(c.get("key_cache_misses", 0)) for c in counters),
+            "merged_shards": len(shards)}

@@ -42,9 +42,10 @@ def target_nll(decoder, request, target_ids: list[int]) -> float:
 
 def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path, retrievals: Path | None = None,
         method: str, config: dict | None = None, device: str = "cpu", dtype: str | None = None,
-        passage_keys: Path | None = None) -> dict:
+        passage_keys: Path | None = None, start: int = 0, end: int | None = None) -> dict:
     """NLL of each completion example's reference under ``method`` (keys from the key store ``passage_keys`` if
-    given, else encoded on the fly into this run's in-memory cache; nothing is cached on disk outside the store)."""
+    given, else encoded on the fly into this run's in-memory cache; nothing is cached on disk outside the store);
+    examples ``[start, end)`` (a shard of the sharded stage; :func:`merge`)."""
     import torch
     from tqdm import tqdm
 
@@ -59,7 +60,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     out, skipped = [], 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for ex in tqdm(rows, desc=f"Perplexity {method}", unit="example", disable=None):
+        for ex in tqdm(rows[start:end], desc=f"Perplexity {method}", unit="example", disable=None):
             meta = json.loads(ex.get("meta") or "{}")
             target = meta.get("target_ids")
             if ex["kind"] != "completion" or not target:
@@ -69,9 +70,27 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
             nll = target_nll(decoder, req, [int(t) for t in target])
             out.append({"example_id": int(ex["example_id"]), "num_tokens": len(target), "nll_sum": nll,
                         "ppl": math.exp(nll / len(target))})
-    pq.write_table(pa.Table.from_pylist(out, schema=SCHEMA), Path(out_dir) / "perplexity.parquet", compression="zstd")
+    _write(out_dir, out)
     total_nll = sum(r["nll_sum"] for r in out)
     total_tok = sum(r["num_tokens"] for r in out)
     return {"examples": len(out), "skipped_not_completion": skipped,
             "ppl": math.exp(total_nll / total_tok) if total_tok else None,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _write(out_dir: Path, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), Path(out_dir) / "perplexity.parquet", compression="zstd")
+
+
+def merge(out_dir: Path, *, shards: list[Path], **_params) -> dict:
+    """The shards of a sharded Perplexity (example ranges, in order) → the ``perplexity.parquet`` of one run, byte
+    for byte: each example is scored alone, so its NLL does not depend on the range it was scored in (for the methods
+    that read passage keys: when they come from a key store, the default, not from keys encoded on the fly)."""
+    rows: list[dict] = []
+    for s in shards:
+        rows.extend(pq.read_table(Path(s) / "perplexity.parquet").to_pylist())
+    _write(out_dir, rows)
+    total_nll = sum(r["nll_sum"] for r in rows)
+    total_tok = sum(r["num_tokens"] for r in rows)
+    return {"examples": len(rows), "ppl": math.exp(total_nll / total_tok) if total_tok else None,
+            "merged_shards": len(shards)}

@@ -26,6 +26,8 @@ VERSION = "1"
 
 TOKENS_INFO = "tokens.json"
 TOKENS_PREFIX = "tokens"
+SHARD_PREFIX = "shard"  # a shard of the sharded stage: shard-00000.parquet + shard.json
+SHARD_INFO = "shard.json"
 DEFAULT_TEMPLATE = "{title}. {text}"
 
 
@@ -86,8 +88,12 @@ def token_list_array(ids: list[list[int]]):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
 
 
-def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMPLATE, batch_size: int = 2_000) -> dict:
-    """Tokenize every passage of ``passages`` with ``lm``'s tokenizer into token shards in ``out_dir``."""
+def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMPLATE, batch_size: int = 2_000,
+        start: int | None = None, end: int | None = None) -> dict:
+    """Tokenize every passage of ``passages`` with ``lm``'s tokenizer into token shards in ``out_dir``.
+
+    ``start``/``end`` (a shard of the sharded stage, pipeline/sharding.py): tokenize doc_ids ``[start, end)`` only,
+    into ``shard-00000.parquet`` + ``shard.json``; :func:`merge` turns the shards into the files of a whole run."""
     import pyarrow as pa
     from tqdm import tqdm
 
@@ -102,18 +108,37 @@ def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMP
     tokenizer = load_tokenizer(lm)
     schema = tokens_schema()
     total = 0
-    writer = ShardedWriter(out_dir, TOKENS_PREFIX, schema, reader.shard_rows,
-                           int(reader.info.get("row_group_size", batch_size)))
-    with writer, tqdm(total=reader.num_passages, desc="PreTokenize", unit=" passages", mininterval=1.0,
-                      disable=None) as bar:
-        for batch in reader.iter_batches(["doc_id", *dict.fromkeys(fields)], batch_size):
+    row_group_size = int(reader.info.get("row_group_size", batch_size))
+    columns = ["doc_id", *dict.fromkeys(fields)]
+    if start is not None or end is not None:  # one shard: its rows in one file, the layout is the merge's job
+        lo, hi = int(start or 0), reader.num_passages if end is None else min(int(end), reader.num_passages)
+        batches = reader.iter_range(lo, hi, columns, batch_size)
+        writer = ShardedWriter(out_dir, SHARD_PREFIX, schema, max(hi - lo, 1), row_group_size)
+        expected = max(hi - lo, 0)
+    else:
+        batches = reader.iter_batches(columns, batch_size)
+        writer = ShardedWriter(out_dir, TOKENS_PREFIX, schema, reader.shard_rows, row_group_size)
+        expected = reader.num_passages
+    with writer, tqdm(total=expected, desc="PreTokenize", unit=" passages", mininterval=1.0, disable=None) as bar:
+        for batch in batches:
             ids = encode_texts(tokenizer, fill_template(batch, template))
             token_ids = token_list_array(ids)
             total += len(token_ids.values)
             writer.write(pa.Table.from_arrays([batch.column("doc_id"), token_ids], schema=schema))
             bar.update(batch.num_rows)
-    if writer.num_rows != reader.num_passages:
-        raise RuntimeError(f"wrote {writer.num_rows} token rows for {reader.num_passages} passages")
+    if writer.num_rows != expected:
+        raise RuntimeError(f"wrote {writer.num_rows} token rows for {expected} passages")
+    if start is not None or end is not None:
+        shard = {"start": lo, "end": hi, "num_passages": reader.num_passages, "num_tokens": total,
+                 "shard_rows": reader.shard_rows, "row_group_size": row_group_size, "template": template,
+                 "vocab_size": len(tokenizer), "files": [s["file"] for s in writer.shards]}
+        atomic_write_text(out_dir / SHARD_INFO, json.dumps(shard, indent=1) + "\n")
+        return {"start": lo, "end": hi, "num_passages": writer.num_rows, "num_tokens": total}
+    return _finish(out_dir, writer, total, template, len(tokenizer))
+
+
+def _finish(out_dir: Path, writer: ShardedWriter, total: int, template: str, vocab_size: int) -> dict:
+    """``tokens.json`` and the stats of a whole run (the unsharded stage and the merge of its shards)."""
     info = {
         "num_rows": writer.num_rows,
         "num_tokens": total,
@@ -121,11 +146,42 @@ def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMP
         "row_group_size": writer.row_group_size,
         "shards": writer.shards,
         "template": template,
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size,
     }
     atomic_write_text(out_dir / TOKENS_INFO, json.dumps(info, indent=1) + "\n")
     return {"num_passages": writer.num_rows, "num_tokens": total,
             "mean_tokens_per_passage": round(total / max(writer.num_rows, 1), 2), "num_shards": len(writer.shards)}
+
+
+def merge(out_dir: Path, *, shards: Sequence[Path], **_params) -> dict:
+    """The shards of a sharded PreTokenize (in doc_id order, covering every passage) → the files :func:`run` writes
+    for the whole corpus, byte for byte: the rows are streamed into the same writer with the passages' layout."""
+    import pyarrow.parquet as pq
+
+    infos = [json.loads((Path(s) / SHARD_INFO).read_text(encoding="utf-8")) for s in shards]
+    if not infos:
+        raise ValueError("PreTokenize merge: no shards")
+    expected = 0
+    for s, info in zip(shards, infos):
+        if info["start"] != expected:
+            raise ValueError(f"PreTokenize merge: shard {s} starts at doc_id {info['start']}, expected {expected}")
+        expected = info["end"]
+    first = infos[0]
+    if expected != first["num_passages"]:
+        raise ValueError(f"PreTokenize merge: the shards end at doc_id {expected}, the corpus has "
+                         f"{first['num_passages']} passages")
+    out_dir = Path(out_dir)
+    writer = ShardedWriter(out_dir, TOKENS_PREFIX, tokens_schema(), first["shard_rows"], first["row_group_size"])
+    with writer:
+        for s, info in zip(shards, infos):
+            for name in info["files"]:
+                with pq.ParquetFile(Path(s) / name) as pf:
+                    for batch in pf.iter_batches(batch_size=first["row_group_size"]):
+                        writer.write(batch)
+    if writer.num_rows != first["num_passages"]:
+        raise RuntimeError(f"merged {writer.num_rows} token rows for {first['num_passages']} passages")
+    stats = _finish(out_dir, writer, sum(i["num_tokens"] for i in infos), first["template"], first["vocab_size"])
+    return {**stats, "merged_shards": len(infos)}
 
 
 class TokenLookup(ShardedRows):

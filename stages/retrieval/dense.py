@@ -39,6 +39,12 @@ from stages.errors import InputError
 ENCODE_VERSION = "1"  # EncodePassages: run_encode, TextEncoder, EncoderSpec
 INDEX_VERSION = "1"  # BuildDenseIndex: run_index
 IMPORT_VERSION = "1"  # ImportDenseIndex: run_import
+TRAIN_VERSION = "1"  # TrainDenseIndex: run_train (a sharded IVF BuildDenseIndex's trained, empty index)
+ADD_VERSION = "1"  # AddDenseShard: run_add_shard (one doc_id range added to that index)
+
+ENCODE_CHUNK_ROWS = 8192  # run_encode: passages read (and length-sorted into batches) at a time
+INDEX_ADD_CHUNK = 65_536  # run_index: vectors added to the index at a time
+INDEX_TRAIN_SIZE = 262_144  # run_index: vectors sampled to train an index that needs training
 
 _METRICS = ("ip", "l2")
 
@@ -175,26 +181,36 @@ def _np_save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def run_encode(out_dir: Path, *, passages: Path, encoder: EncoderSpec | dict | None = None, batch_size: int = 64,
-               chunk_rows: int = 8192, device: str = "cpu") -> dict:
+               chunk_rows: int | None = None, device: str = "cpu", start: int | None = None,
+               end: int | None = None) -> dict:
     """Encode every passage with the context encoder: ``embeddings-NNNNN.npy`` (float32, one row per passage in doc_id
     order, one file per passages shard) and ``encoder.json`` (the encoder identity, dim, count).
 
-    Passages are read ``chunk_rows`` at a time (memory stays flat); within a chunk, batches of ``batch_size`` are formed
-    by token length. Each shard's matrix is written through a memory map, so a large shard never sits in RAM.
+    Passages are read ``chunk_rows`` (:data:`ENCODE_CHUNK_ROWS`) at a time (memory stays flat); within a chunk,
+    batches of ``batch_size`` are formed by token length. Each shard's matrix is written through a memory map, so a
+    large shard never sits in RAM.
+
+    ``start``/``end`` (a shard of the sharded stage, pipeline/sharding.py): encode only the chunks that *start* at a
+    doc_id in ``[start, end)``, into ``shard.npy`` + ``shard.json``. The chunks, hence the batches and the vectors'
+    bits, are those of a whole run whatever the range; :func:`merge_encode` writes the whole run's files from them.
     """
     out_dir = Path(out_dir)
     spec = _as_spec(encoder)
+    chunk_rows = int(chunk_rows or ENCODE_CHUNK_ROWS)
     shards = passage_shards(Path(passages))
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+    file_rows = [pq.ParquetFile(p).metadata.num_rows for p in shards]
+    total = sum(file_rows)
     if total == 0:
         raise InputError(passages, None, "the corpus is empty: nothing to encode")
     enc = TextEncoder(spec.passage_model, pooling=spec.pooling, normalize=spec.normalize, max_length=spec.max_length,
                       prefix=spec.passage_prefix, device=device)
+    if start is not None or end is not None:
+        return _encode_shard(out_dir, enc, spec, shards, file_rows, int(start or 0),
+                             total if end is None else int(end), batch_size, chunk_rows)
     next_id = 0
     with tqdm(total=total, unit="psg", desc="EncodePassages", file=sys.stderr, dynamic_ncols=True) as bar:
         for i, shard in enumerate(shards):
-            pf = pq.ParquetFile(shard)
-            rows = pf.metadata.num_rows
+            rows = file_rows[i]
             final = out_dir / f"embeddings-{i:05d}.npy"
             tmp = out_dir / f".embeddings-{i:05d}.npy.tmp"
             if rows == 0:  # numpy cannot memory-map an empty matrix
@@ -202,25 +218,106 @@ def run_encode(out_dir: Path, *, passages: Path, encoder: EncoderSpec | dict | N
                 continue
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, enc.dim))
             pos = 0
-            for batch in pf.iter_batches(columns=["doc_id", "title", "text"], batch_size=chunk_rows):
-                ids = batch.column("doc_id").to_numpy(zero_copy_only=False)
-                expected = np.arange(next_id, next_id + len(ids))
-                if not np.array_equal(ids, expected):
-                    bad = int(np.flatnonzero(ids != expected)[0])
-                    raise InputError(shard, None, f"doc_id must be dense and in order: row {pos + bad} has "
-                                     f"doc_id {ids[bad]}, expected {expected[bad]}")
-                cols = batch.select(["title", "text"]).to_pydict()
-                texts = [spec.passage_template.format(title=t or "", text=x or "").strip()
-                         for t, x in zip(cols["title"], cols["text"])]
-                mm[pos:pos + len(texts)] = enc.encode(texts, batch_size=batch_size, bar=bar)
-                pos += len(texts)
-                next_id += len(texts)
+            for batch in pq.ParquetFile(shard).iter_batches(columns=["doc_id", "title", "text"], batch_size=chunk_rows):
+                mm[pos:pos + batch.num_rows] = _encode_chunk(enc, spec, shard, batch, next_id, pos, batch_size, bar)
+                pos += batch.num_rows
+                next_id += batch.num_rows
             mm.flush()
             del mm
             os.replace(tmp, final)
-    meta = {"encoder": encoder_identity(spec), "dim": enc.dim, "num_docs": next_id, "num_shards": len(shards)}
+    return _encode_finish(out_dir, spec, enc.dim, next_id, len(shards))
+
+
+def _encode_chunk(enc: "TextEncoder", spec: EncoderSpec, shard: Path, batch, first_id: int, pos: int,
+                  batch_size: int, bar) -> np.ndarray:
+    """The vectors of one chunk of passages (doc_ids checked dense and in order from ``first_id``)."""
+    ids = batch.column("doc_id").to_numpy(zero_copy_only=False)
+    expected = np.arange(first_id, first_id + len(ids))
+    if not np.array_equal(ids, expected):
+        bad = int(np.flatnonzero(ids != expected)[0])
+        raise InputError(shard, None, f"doc_id must be dense and in order: row {pos + bad} has "
+                         f"doc_id {ids[bad]}, expected {expected[bad]}")
+    cols = batch.select(["title", "text"]).to_pydict()
+    texts = [spec.passage_template.format(title=t or "", text=x or "").strip()
+             for t, x in zip(cols["title"], cols["text"])]
+    return enc.encode(texts, batch_size=batch_size, bar=bar)
+
+
+def _encode_finish(out_dir: Path, spec: EncoderSpec, dim: int, num_docs: int, num_shards: int) -> dict:
+    """``encoder.json`` and the stats of a whole run (the unsharded stage and the merge of its shards)."""
+    meta = {"encoder": encoder_identity(spec), "dim": dim, "num_docs": num_docs, "num_shards": num_shards}
     atomic_write_text(out_dir / "encoder.json", json.dumps(meta, indent=2) + "\n")
-    return {"num_docs": next_id, "dim": enc.dim, "num_shards": len(shards), "encoder": spec.name}
+    return {"num_docs": num_docs, "dim": dim, "num_shards": num_shards, "encoder": spec.name}
+
+
+def _encode_shard(out_dir: Path, enc: "TextEncoder", spec: EncoderSpec, shards: list[Path], file_rows: list[int],
+                  start: int, end: int, batch_size: int, chunk_rows: int) -> dict:
+    parts, first, last = [], None, None
+    offset = 0
+    with tqdm(total=max(0, min(end, sum(file_rows)) - start), unit="psg", desc="EncodePassages (shard)",
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for shard, rows in zip(shards, file_rows):
+            if offset < end and offset + rows > start:  # a chunk starting in [start, end) lies in this file
+                pos = 0
+                for batch in pq.ParquetFile(shard).iter_batches(columns=["doc_id", "title", "text"],
+                                                                batch_size=chunk_rows):
+                    if start <= offset + pos < end:
+                        parts.append(_encode_chunk(enc, spec, shard, batch, offset + pos, pos, batch_size, bar))
+                        first = offset + pos if first is None else first
+                        last = offset + pos + batch.num_rows
+                    pos += batch.num_rows
+            offset += rows
+    vectors = np.concatenate(parts) if parts else np.empty((0, enc.dim), dtype=np.float32)
+    _np_save_atomic(out_dir / "shard.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+    info = {"rows": None if first is None else [first, last], "range": [start, end], "file_rows": file_rows,
+            "dim": enc.dim, "encoder_spec": spec.to_dict(), "chunk_rows": chunk_rows}
+    atomic_write_text(out_dir / "shard.json", json.dumps(info, indent=1) + "\n")
+    return {"range": [start, end], "encoded": int(vectors.shape[0])}
+
+
+def merge_encode(out_dir: Path, *, shards: Sequence[Path], encoder: EncoderSpec | dict | None = None,
+                 **_params) -> dict:
+    """The shards of a sharded EncodePassages (in order) → the files :func:`run_encode` writes for the whole corpus,
+    byte for byte (the same vectors, written the same way)."""
+    out_dir = Path(out_dir)
+    spec = _as_spec(encoder)
+    infos = [json.loads((Path(s) / "shard.json").read_text(encoding="utf-8")) for s in shards]
+    if not infos:
+        raise ValueError("EncodePassages merge: no shards")
+    file_rows, dim = infos[0]["file_rows"], int(infos[0]["dim"])
+    total = sum(file_rows)
+    parts = []  # (first doc_id, vectors), in order
+    expected = 0
+    for s, info in zip(shards, infos):
+        if info["file_rows"] != file_rows or int(info["dim"]) != dim:
+            raise ValueError(f"EncodePassages merge: shard {s} was encoded from other passages or another encoder")
+        if info["rows"] is None:
+            continue
+        lo, hi = info["rows"]
+        if lo != expected:
+            raise ValueError(f"EncodePassages merge: shard {s} starts at doc_id {lo}, expected {expected}")
+        parts.append((lo, np.load(Path(s) / "shard.npy", mmap_mode="r")))
+        expected = hi
+    if expected != total:
+        raise ValueError(f"EncodePassages merge: the shards end at doc_id {expected}, the corpus has {total} passages")
+    offset = 0
+    for i, rows in enumerate(file_rows):
+        final = out_dir / f"embeddings-{i:05d}.npy"
+        tmp = out_dir / f".embeddings-{i:05d}.npy.tmp"
+        if rows == 0:
+            _np_save_atomic(final, np.empty((0, dim), dtype=np.float32))
+            continue
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
+        for lo, vectors in parts:
+            a, b = max(lo, offset), min(lo + vectors.shape[0], offset + rows)
+            if a < b:
+                mm[a - offset:b - offset] = vectors[a - lo:b - lo]
+        mm.flush()
+        del mm
+        os.replace(tmp, final)
+        offset += rows
+    stats = _encode_finish(out_dir, spec, dim, total, len(file_rows))
+    return {**stats, "merged_shards": len(infos)}
 
 
 def _embedding_shards(embeddings: Path) -> list[np.ndarray]:
@@ -271,12 +368,103 @@ def _set_nprobe(index, nprobe: int | None) -> None:
 
 
 def run_index(out_dir: Path, *, embeddings: Path, index_string: str = "Flat", metric: str = "ip",
-              nprobe: int | None = None, train_size: int = 262_144, seed: int = 0, add_chunk: int = 65_536) -> dict:
+              nprobe: int | None = None, train_size: int | None = None, seed: int = 0,
+              add_chunk: int | None = None) -> dict:
     """Build ``faiss.index_factory(dim, index_string, metric)`` over the embeddings; ids are the doc_ids (row order).
 
     Indexes that need training (IVF, PQ, ...) train on ``min(train_size, N)`` rows sampled with ``seed``. Vectors are
     added ``add_chunk`` rows at a time from the memory-mapped shards. ``nprobe`` (IVF only) is stored in the index.
+    A sharded IVF build gives the same file: :func:`run_train`, :func:`run_add_shard` per range, :func:`merge_index`.
     """
+    out_dir = Path(out_dir)
+    arrays = _embedding_shards(Path(embeddings))
+    n, dim = sum(a.shape[0] for a in arrays), arrays[0].shape[1]
+    if n == 0:
+        raise InputError(embeddings, None, "no vectors to index")
+    index = _new_index(dim, index_string, metric)
+    trained_on = _train(index, arrays, n, train_size, seed)
+    with_ids = "IDMap" in index_string
+    with tqdm(total=n, unit="vec", desc="BuildDenseIndex", file=sys.stderr, dynamic_ncols=True) as bar:
+        for start, x in _iter_chunks(arrays, add_chunk):
+            if with_ids:
+                index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+            else:
+                index.add(x)
+            bar.update(len(x))
+    return _write_index(out_dir, index, index_string=index_string, metric=metric, nprobe=nprobe, dim=dim,
+                        trained_on=trained_on, encoder=_embeddings_encoder(embeddings))
+
+
+def _new_index(dim: int, index_string: str, metric: str):
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, index_string, _faiss_metric(metric))
+    except RuntimeError as e:
+        raise ValueError(f"faiss cannot build index string {index_string!r}: {str(e).strip().splitlines()[-1]}") \
+            from None
+
+
+def _train(index, arrays: list[np.ndarray], n: int, train_size: int | None, seed: int) -> int:
+    """Train ``index`` (if it needs it) on ``min(train_size, n)`` rows sampled with ``seed``; how many."""
+    if index.is_trained:
+        return 0
+    trained_on = min(int(train_size or INDEX_TRAIN_SIZE), n)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=trained_on, replace=False))
+    index.train(_gather(arrays, rows))
+    return trained_on
+
+
+def _iter_chunks(arrays: list[np.ndarray], add_chunk: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, vectors)`` of every chunk the index adds at once, in order (each file cut every ``add_chunk``)."""
+    start = 0
+    for x in _iter_rows(arrays, int(add_chunk or INDEX_ADD_CHUNK)):
+        yield start, x
+        start += len(x)
+
+
+def _embeddings_encoder(embeddings: Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((Path(embeddings) / "encoder.json").read_text(encoding="utf-8"))["encoder"]
+    return None
+
+
+def _write_index(out_dir: Path, index, *, index_string: str, metric: str, nprobe: int | None, dim: int,
+                 trained_on: int, encoder: dict | None) -> dict:
+    """``index.faiss`` + ``dense.json`` and the stats (the unsharded build and the merge of a sharded one)."""
+    import faiss
+
+    _set_nprobe(index, nprobe)
+    tmp = out_dir / ".index.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out_dir / "index.faiss")
+    meta = {"index_string": index_string, "metric": metric, "nprobe": nprobe, "ntotal": int(index.ntotal), "dim": dim,
+            "trained_on": trained_on, "encoder": encoder}
+    atomic_write_text(out_dir / "dense.json", json.dumps(meta, indent=2) + "\n")
+    return {"ntotal": int(index.ntotal), "dim": dim, "index_string": index_string, "trained_on": trained_on}
+
+
+def shardable_index(index_string: str) -> bool:
+    """Whether a sharded BuildDenseIndex can build ``index_string``: an inverted-file index (``IVF…``, the paper's
+    ``IVF65536,PQ256``), whose inverted lists FAISS merges. Anything else (``Flat``, HNSW, ``IDMap``…) is one task."""
+    head = index_string.split(",")[0]
+    return head.startswith("IVF") and "IDMap" not in index_string
+
+
+def _ivf(index, what: str):
+    import faiss
+
+    kind = faiss.downcast_index(index)  # a view: ``index`` keeps owning the C++ object
+    if not isinstance(kind, faiss.IndexIVF):
+        raise ValueError(f"{what}: a sharded dense index must be an IVF index (index_string 'IVF…'), got "
+                         f"{type(kind).__name__}")
+    return index
+
+
+def run_train(out_dir: Path, *, embeddings: Path, index_string: str, metric: str = "ip",
+              train_size: int | None = None, seed: int = 0) -> dict:
+    """A sharded BuildDenseIndex's first step: the empty index of ``index_string``, trained exactly as
+    :func:`run_index` trains it (the same sample), as ``trained.faiss`` + ``trained.json``."""
     import faiss
 
     out_dir = Path(out_dir)
@@ -284,37 +472,67 @@ def run_index(out_dir: Path, *, embeddings: Path, index_string: str = "Flat", me
     n, dim = sum(a.shape[0] for a in arrays), arrays[0].shape[1]
     if n == 0:
         raise InputError(embeddings, None, "no vectors to index")
-    try:
-        index = faiss.index_factory(dim, index_string, _faiss_metric(metric))
-    except RuntimeError as e:
-        raise ValueError(f"faiss cannot build index string {index_string!r}: {str(e).strip().splitlines()[-1]}") \
-            from None
-    trained_on = 0
-    if not index.is_trained:
-        trained_on = min(int(train_size), n)
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=trained_on, replace=False))
-        index.train(_gather(arrays, rows))
-    with_ids = "IDMap" in index_string
-    start = 0
-    with tqdm(total=n, unit="vec", desc="BuildDenseIndex", file=sys.stderr, dynamic_ncols=True) as bar:
-        for x in _iter_rows(arrays, add_chunk):
-            if with_ids:
-                index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
-            else:
-                index.add(x)
-            start += len(x)
-            bar.update(len(x))
-    _set_nprobe(index, nprobe)
-    tmp = out_dir / ".index.faiss.tmp"
+    index = _ivf(_new_index(dim, index_string, metric), f"index string {index_string!r}")
+    trained_on = _train(index, arrays, n, train_size, seed)
+    tmp = out_dir / ".trained.faiss.tmp"
     faiss.write_index(index, str(tmp))
-    os.replace(tmp, out_dir / "index.faiss")
-    encoder = None
-    with contextlib.suppress(OSError, ValueError):
-        encoder = json.loads((Path(embeddings) / "encoder.json").read_text(encoding="utf-8"))["encoder"]
-    meta = {"index_string": index_string, "metric": metric, "nprobe": nprobe, "ntotal": int(index.ntotal), "dim": dim,
-            "trained_on": trained_on, "encoder": encoder}
-    atomic_write_text(out_dir / "dense.json", json.dumps(meta, indent=2) + "\n")
-    return {"ntotal": int(index.ntotal), "dim": dim, "index_string": index_string, "trained_on": trained_on}
+    os.replace(tmp, out_dir / "trained.faiss")
+    info = {"index_string": index_string, "metric": metric, "dim": int(dim), "num_vectors": int(n),
+            "trained_on": trained_on, "encoder": _embeddings_encoder(embeddings)}
+    atomic_write_text(out_dir / "trained.json", json.dumps(info, indent=2) + "\n")
+    return {"trained_on": trained_on, "dim": int(dim), "num_vectors": int(n)}
+
+
+def run_add_shard(out_dir: Path, *, embeddings: Path, trained: Path, start: int, end: int | None = None,
+                  add_chunk: int | None = None) -> dict:
+    """One range of a sharded BuildDenseIndex: the chunks of :func:`run_index`'s add loop that *start* at a row in
+    ``[start, end)``, added to a copy of the trained index (ids from 0 here; the merge offsets them), as
+    ``shard.faiss`` + ``shard.json``. The same chunks give the same list assignments and codes as a whole run."""
+    import faiss
+
+    out_dir = Path(out_dir)
+    arrays = _embedding_shards(Path(embeddings))
+    n = sum(a.shape[0] for a in arrays)
+    end = n if end is None else int(end)
+    index = _ivf(faiss.read_index(str(Path(trained) / "trained.faiss")), "trained index")
+    first = last = None
+    for lo, x in _iter_chunks(arrays, add_chunk):
+        if start <= lo < end:
+            index.add(x)
+            first = lo if first is None else first
+            last = lo + len(x)
+    tmp = out_dir / ".shard.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out_dir / "shard.faiss")
+    info = {"rows": None if first is None else [first, last], "range": [int(start), end], "num_vectors": int(n)}
+    atomic_write_text(out_dir / "shard.json", json.dumps(info, indent=1) + "\n")
+    return {"range": [int(start), end], "added": int(index.ntotal)}
+
+
+def merge_index(out_dir: Path, *, shards: Sequence[Path], trained: Path, index_string: str, metric: str = "ip",
+                nprobe: int | None = None, **_params) -> dict:
+    """The trained index plus every shard's inverted lists, in doc_id order (FAISS ``merge_from``, ids offset by the
+    vectors before them) → the ``index.faiss`` and ``dense.json`` :func:`run_index` writes, byte for byte."""
+    import faiss
+
+    out_dir = Path(out_dir)
+    info = json.loads((Path(trained) / "trained.json").read_text(encoding="utf-8"))
+    index = _ivf(faiss.read_index(str(Path(trained) / "trained.faiss")), "trained index")
+    for s in shards:
+        part_info = json.loads((Path(s) / "shard.json").read_text(encoding="utf-8"))
+        if part_info["rows"] is None:
+            continue
+        if part_info["rows"][0] != index.ntotal:
+            raise ValueError(f"BuildDenseIndex merge: shard {s} starts at row {part_info['rows'][0]}, expected "
+                             f"{index.ntotal}")
+        part = _ivf(faiss.read_index(str(Path(s) / "shard.faiss")), f"shard {s}")
+        index.merge_from(part, index.ntotal)
+    if index.ntotal != info["num_vectors"]:
+        raise ValueError(f"BuildDenseIndex merge: {index.ntotal} vectors merged, the embeddings hold "
+                         f"{info['num_vectors']}")
+    stats = _write_index(out_dir, index, index_string=index_string, metric=metric, nprobe=nprobe, dim=info["dim"],
+                         trained_on=info["trained_on"], encoder=info["encoder"])
+    return {**stats, "merged_shards": len(shards)}
 
 
 def run_import(out_dir: Path, *, index_file: Path, metric: str = "ip", nprobe: int | None = None,

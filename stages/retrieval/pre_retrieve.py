@@ -16,6 +16,7 @@ divided equally among its examples, repeated on each of the example's rows; Gene
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -157,7 +158,8 @@ class HybridRetriever:
 
 def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: int = 40, candidates: int = 4000,
         conf_rank: int = 100, clip_dense: bool = False, dense_weight: float = 0.3, retrievers: Sequence[str] | None = None,
-        weights: dict | None = None, batch_size: int = 256, threads: int = 1, **artifacts: Path) -> dict:
+        weights: dict | None = None, batch_size: int = 256, threads: int = 1, start: int | None = None,
+        end: int | None = None, **artifacts: Path) -> dict:
     """Write ``retrievals.parquet`` for every example of ``examples``.
 
     ``artifacts``: each retriever's artifact under its name (``bm25=`` a BuildBM25Index, ``dense=`` a
@@ -169,6 +171,10 @@ def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: i
     examples are read and their queries encoded together. ``threads`` is accepted and ignored: BM25 queries run one at
     a time, which is faster here than Anserini's threaded ``batch_search`` (see
     :class:`stages.retrieval.bm25.BM25Searcher`).
+
+    ``start``/``end`` (a shard of the sharded stage, pipeline/sharding.py): only the batches of ``batch_size``
+    examples that *start* at a row in ``[start, end)``; the batches are those of a whole run, and :func:`merge`
+    concatenates the shards' row groups into the whole run's file.
     """
     names = used_retrievers(mode, retrievers)
     unknown = sorted(set(artifacts) - set(searchers.names()))
@@ -182,14 +188,20 @@ def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: i
     out_dir = Path(out_dir)
     pf = pq.ParquetFile(path)
     total = pf.metadata.num_rows
+    lo, hi = int(start or 0), total if end is None else int(end)
     tmp = out_dir / ".retrievals.parquet.tmp"
     etas: list[float] = []
-    n_rows = short = dropped = 0
+    n_rows = short = dropped = n_examples = 0
     search_total = 0.0
+    position = 0
     writer = pq.ParquetWriter(tmp, out_schema, compression="zstd")
     try:
         with tqdm(total=total, unit="ex", desc=f"PreRetrieve ({mode})", file=sys.stderr, dynamic_ncols=True) as bar:
             for batch in pf.iter_batches(columns=["example_id", "query", "exclude_doc_ids"], batch_size=batch_size):
+                position += batch.num_rows
+                if not lo <= position - batch.num_rows < hi:  # a shard: another shard's batch
+                    continue
+                n_examples += batch.num_rows
                 cols = batch.to_pydict()
                 t0 = time.perf_counter()
                 results = retriever.retrieve([q or "" for q in cols["query"]], cols["exclude_doc_ids"])
@@ -219,10 +231,55 @@ def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: i
         tmp.unlink(missing_ok=True)
         raise
     stats = {"mode": mode, **({"retrievers": list(names)} if names != PAPER_PAIR and mode == HYBRID else {}),
-             "num_examples": total, "rows": n_rows, "b": int(b), "candidates": retriever.candidates,
+             "num_examples": n_examples, "rows": n_rows, "b": int(b), "candidates": retriever.candidates,
              "examples_with_fewer_than_b": int(short), "excluded_hits_dropped": int(dropped),
              "search_s": round(search_total, 3)}
     if etas:
         e = np.asarray(etas)
-        stats.update(eta_mean=float(e.mean()), eta_min=float(e.min()), eta_max=float(e.max()))
+        stats.update(eta_mean=float(e.mean()), eta_min=float(e.min()), eta_max=float(e.max()), eta_count=len(etas))
+    if start is not None or end is not None:
+        stats["range"] = [lo, hi]
+        (out_dir / SHARD_STATS).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     return stats
+
+
+def merge(out_dir: Path, *, shards: Sequence[Path], mode: str = HYBRID, retrievers: Sequence[str] | None = None,
+          **_params) -> dict:
+    """The shards of a sharded PreRetrieve (in example order) → the ``retrievals.parquet`` :func:`run` writes for
+    every example, byte for byte: each shard's row groups (one per batch of examples) are written again in order, as
+    the whole run writes one per batch. (``search_s`` is each batch's measured search time, as in any run.)"""
+    out_schema = schema(used_retrievers(mode, retrievers))
+    out_dir = Path(out_dir)
+    tmp = out_dir / ".retrievals.parquet.tmp"
+    stats = [json.loads((Path(s) / SHARD_STATS).read_text(encoding="utf-8")) for s in shards]
+    writer = pq.ParquetWriter(tmp, out_schema, compression="zstd")
+    try:
+        for s in shards:
+            with pq.ParquetFile(Path(s) / "retrievals.parquet") as pf:
+                for g in range(pf.metadata.num_row_groups):
+                    writer.write_table(pf.read_row_group(g).cast(out_schema))
+        writer.close()
+        os.replace(tmp, out_dir / "retrievals.parquet")
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return merge_stats(stats)
+
+
+SHARD_STATS = "shard.json"  # a shard's stats (only a shard writes it), summed by the merge
+
+
+def merge_stats(parts: Sequence[dict]) -> dict:
+    """A whole run's stats from its shards' (counts summed, η's range and mean over every example)."""
+    out = {k: v for k, v in parts[0].items() if k not in ("range", "eta_count")}
+    for k in ("num_examples", "rows", "examples_with_fewer_than_b", "excluded_hits_dropped"):
+        out[k] = sum(int(p.get(k, 0)) for p in parts)
+    out["search_s"] = round(sum(float(p.get("search_s", 0.0)) for p in parts), 3)
+    with_eta = [p for p in parts if p.get("eta_count")]
+    if with_eta:
+        n = sum(p["eta_count"] for p in with_eta)
+        out.update(eta_mean=sum(p["eta_mean"] * p["eta_count"] for p in with_eta) / n,
+                   eta_min=min(p["eta_min"] for p in with_eta), eta_max=max(p["eta_max"] for p in with_eta))
+    out["merged_shards"] = len(parts)
+    return out
