@@ -130,7 +130,10 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     """Build ``roots`` with Luigi (local scheduler, or the ``luigid`` at ``scheduler_url``) and ``workers`` worker
     processes; record the run; print one line per stage (``pipeline/scheduling.py``).
 
-    The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read."""
+    The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read.
+    With a ``luigid`` the process stays until its DAG is done (Luigi's ``keep_alive``), also while other workers run its
+    tasks: otherwise a submitter whose every task was taken by a faster worker would stop at once and report them
+    missing."""
     import luigi
     import luigi.rpc
 
@@ -139,6 +142,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     from pipeline.config import get_store
     from pipeline.runs import end_run, new_run_id, start_run
 
+    keep_alive = keep_alive or bool(scheduler_url)
     if workers < 1:
         raise CliError(f"--workers {workers}: give at least 1")
     if force and scheduler_url:
