@@ -13,7 +13,8 @@ Measured in one run, each contestant a fresh ``nest`` process (its start-up coun
    ``--shards`` example-range shards (``GenerateShards`` below: ``Generate(start, end)``), ``nest run --workers N`` with
    ``[resources] threads = N`` (one torch thread per worker), ``--force Generate`` (the shards rebuilt each time, their
    inputs cached: the first, untimed run builds them). Goal: wall-time ratio ≤ 0.65. Also: the shards' files are
-   byte-identical for one worker and for two (their manifests' sha256). With ``--quick`` (or ``--synthetic``): fake
+   identical for one worker and for two (fake shards: every file's sha256; Generate: every generated column, the
+   measured ones, wall_s, timings and counters, left out). With ``--quick`` (or ``--synthetic``): fake
    shards that each burn ``--work`` CPU seconds.
 """
 
@@ -184,11 +185,28 @@ def _real_dag_cached(env: dict) -> bool:
     return proc.returncode == 0 and " 0 to build" in last
 
 
+# the columns a generation is made of; wall_s, timings and counters (key-cache hits) are measurements of the run
+_GENERATED = ("example_id", "task", "method", "text", "token_ids", "source_doc_ids", "source_positions", "spans",
+              "num_tokens", "supported_doc_ids", "supported_positions", "token_char_ends")
+
+
 def _digests(store: Path, stage: str) -> dict[str, dict]:
+    """Per artifact of ``stage``: the sha256 of each file (fake stages), or for Generate of what was generated (the
+    measured columns, which differ between any two runs, left out)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
     out = {}
     for m in sorted((store / stage).glob("*/manifest.json")):
         doc = json.loads(m.read_text())
-        out[doc["key"]] = {name: f["sha256"] for name, f in doc["files"].items()}
+        if stage == "Generate":
+            table = pq.read_table(m.parent / "generations.parquet")
+            cols = [c for c in _GENERATED if c in table.column_names]
+            out[doc["key"]] = hashlib.sha256(json.dumps(table.select(cols).to_pylist(), sort_keys=True,
+                                                        default=str).encode()).hexdigest()
+        else:
+            out[doc["key"]] = {name: f["sha256"] for name, f in doc["files"].items()}
     return out
 
 
@@ -288,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"({min(workers['two_workers_s'])} s vs {min(workers['one_worker_s'])} s) | ≤ 0.65: "
                      f"{'met' if workers['goal_met'] else 'missed'} |")
         lines.append(f"| shard outputs identical for one worker and for two | "
-                     f"{'yes' if workers['outputs_identical'] else 'NO'} ({workers['shards']} shards) | yes |")
+                     f"{'yes' if workers['outputs_identical'] else 'NO'} ({workers['shards']} artifacts compared) | yes |")
     else:
         lines.append(f"| two local workers ÷ one | not measured: {workers['error']} | ≤ 0.65 |")
     lines += ["", f"Each figure is the best of {repeats} fresh `nest` processes (start-up included), contestants "
