@@ -258,6 +258,22 @@ def measure_workers(env: dict, repeats: int, synthetic: bool, args) -> dict:
             "outputs_identical": outputs[1] == outputs[2], "shards": len(outputs[2])}
 
 
+def measure_shard_identity(env: dict, args) -> dict:
+    """The real sharded Generate with 1 shard and with ``--shards``: the merged stage's key (the shard count is a
+    resource, not an identity) and what it generated (every column but the measured ones), each built afresh."""
+    store = Path(env["NEST_STORE"])
+    seen = {}
+    for n in (1, args.shards):
+        _nest(["run", "Generate", "--task", args.task, "--method", args.method, "--set",
+               f"LoadTask.n_examples={args.examples}", "--set", f"Generate.shards={n}", "--force", "Generate"], env)
+        run = json.loads((store / "runs" / "latest.json").read_text())
+        key = next(r["key"] for r in run["reached"] if r["stage"] == "Generate" and not r.get("shard"))
+        seen[n] = (key, _digests(store, "Generate")[key])
+        _log(f"shards: {n} -> Generate {key[:12]}")
+    (k1, d1), (kn, dn) = seen[1], seen[args.shards]
+    return {"shards": args.shards, "same_key": k1 == kn, "same_generations": d1 == dn, "key": k1}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -294,8 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
             workers = measure_workers(workers_env, repeats, synthetic, args)
         except RuntimeError as e:
             workers = {"what": "not measured", "error": str(e), "goal_met": False}
+        identity = None
+        if not synthetic:
+            try:
+                identity = measure_shard_identity(workers_env, args)
+            except RuntimeError as e:
+                identity = {"error": str(e)}
 
-    result = {"quick": args.quick, "cpus": os.cpu_count(), "overhead": overhead, "workers": workers}
+    result = {"quick": args.quick, "cpus": os.cpu_count(), "overhead": overhead, "workers": workers,
+              "shard_identity": identity}
     lines = ["# Scale-out: luigid's overhead and local workers (bench/bench_scale.py)", "",
              "| measure | value | goal |", "|---|---|---|",
              f"| no-op `nest all` through luigid ÷ local scheduler ({overhead['dag']}) | {overhead['ratio']}× "
@@ -309,6 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{'yes' if workers['outputs_identical'] else 'NO'} ({workers['shards']} artifacts compared) | yes |")
     else:
         lines.append(f"| two local workers ÷ one | not measured: {workers['error']} | ≤ 0.65 |")
+    if identity and "error" not in identity:
+        lines.append(f"| Generate with 1 shard and with {identity['shards']}: the merged key / what it generated | "
+                     f"{'same' if identity['same_key'] else 'DIFFERENT'} ({identity['key'][:12]}) / "
+                     f"{'identical' if identity['same_generations'] else 'DIFFERENT'} | same / identical |")
+    elif identity:
+        lines.append(f"| Generate with 1 shard and with {args.shards} | not measured: {identity['error']} | same |")
     lines += ["", f"Each figure is the best of {repeats} fresh `nest` processes (start-up included), contestants "
               f"alternating; {os.cpu_count()} CPUs, shared." + (" Quick run: synthetic, numbers not meaningful."
                                                                  if args.quick else "")]
