@@ -125,14 +125,9 @@ GPU_STAGES = {"EncodePassages", "EncodePassageKeys", "Generate", "Perplexity"}
 
 
 def _uses_lucene(task) -> bool:
-    stage = task.stage
-    if stage == "BuildBM25Index":
-        return True
-    if stage == "PreRetrieve":
-        return getattr(task, "mode", "hybrid") in ("hybrid", "bm25")
-    if stage == "Score":
-        return "bm25" in task.inputs()
-    return False
+    """The BM25 index stage, and every stage that reads a BM25 index (PreRetrieve in a mode that uses it, a judged
+    Score): inputs are named after what they are, so the index is the input named ``bm25``."""
+    return task.stage == "BuildBM25Index" or "bm25" in task.inputs()
 
 
 def task_resources(task) -> dict[str, int]:

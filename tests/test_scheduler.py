@@ -494,7 +494,7 @@ def test_ten_random_kills_across_two_workers_leave_no_corrupt_artifact(site, lui
     import random
 
     rng = random.Random(10)
-    slow = ",".join(f"shard-{i}-{i + 2}:0.4" for i in (0, 2, 4, 6))
+    slow = ",".join(f"shard-{i}-{i + 2}:1.0" for i in (0, 2, 4, 6))
     kills = 0
     for rnd in range(5):
         salt = [f"--ShSource-salt=_r{rnd}"]

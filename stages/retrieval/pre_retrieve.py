@@ -16,6 +16,7 @@ divided equally among its examples, repeated on each of the example's rows; Gene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -156,6 +157,22 @@ class HybridRetriever:
         return out
 
 
+@contextlib.contextmanager
+def _retrievals_writer(out_dir: Path, out_schema: pa.Schema):
+    """A Parquet writer of ``out_dir/retrievals.parquet``: written under a temp name, renamed into place only when the
+    block ends without an error (else the temp file is removed)."""
+    tmp = out_dir / ".retrievals.parquet.tmp"
+    writer = pq.ParquetWriter(tmp, out_schema, compression="zstd")
+    try:
+        yield writer
+        writer.close()
+        os.replace(tmp, out_dir / "retrievals.parquet")
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: int = 40, candidates: int = 4000,
         conf_rank: int = 100, clip_dense: bool = False, dense_weight: float = 0.3, retrievers: Sequence[str] | None = None,
         weights: dict | None = None, batch_size: int = 256, threads: int = 1, start: int | None = None,
@@ -189,47 +206,39 @@ def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: i
     pf = pq.ParquetFile(path)
     total = pf.metadata.num_rows
     lo, hi = int(start or 0), total if end is None else int(end)
-    tmp = out_dir / ".retrievals.parquet.tmp"
     etas: list[float] = []
     n_rows = short = dropped = n_examples = 0
     search_total = 0.0
     position = 0
-    writer = pq.ParquetWriter(tmp, out_schema, compression="zstd")
-    try:
-        with tqdm(total=total, unit="ex", desc=f"PreRetrieve ({mode})", file=sys.stderr, dynamic_ncols=True) as bar:
-            for batch in pf.iter_batches(columns=["example_id", "query", "exclude_doc_ids"], batch_size=batch_size):
-                position += batch.num_rows
-                if not lo <= position - batch.num_rows < hi:  # a shard: another shard's batch
-                    continue
-                n_examples += batch.num_rows
-                cols = batch.to_pydict()
-                t0 = time.perf_counter()
-                results = retriever.retrieve([q or "" for q in cols["query"]], cols["exclude_doc_ids"])
-                share = (time.perf_counter() - t0) / max(batch.num_rows, 1)
-                search_total += share * batch.num_rows
-                out = {name: [] for name in out_schema.names}
-                for example_id, res in zip(cols["example_id"], results):
-                    if res.eta is not None:
-                        etas.append(res.eta)
-                    dropped += res.excluded_hits
-                    short += len(res.rows) < b
-                    for rank, (doc_id, fused, *scores) in enumerate(res.rows, start=1):
-                        out["example_id"].append(int(example_id))
-                        out["rank"].append(rank)
-                        out["doc_id"].append(doc_id)
-                        out["fused"].append(fused)
-                        for name, score in zip(names, scores):
-                            out[name].append(score)
-                        out["search_s"].append(share)
-                n_rows += len(out["doc_id"])
-                writer.write_table(pa.table(out, schema=out_schema))
-                bar.update(batch.num_rows)
-        writer.close()
-        os.replace(tmp, out_dir / "retrievals.parquet")
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with _retrievals_writer(out_dir, out_schema) as writer, \
+            tqdm(total=total, unit="ex", desc=f"PreRetrieve ({mode})", file=sys.stderr, dynamic_ncols=True) as bar:
+        for batch in pf.iter_batches(columns=["example_id", "query", "exclude_doc_ids"], batch_size=batch_size):
+            position += batch.num_rows
+            if not lo <= position - batch.num_rows < hi:  # a shard: another shard's batch
+                continue
+            n_examples += batch.num_rows
+            cols = batch.to_pydict()
+            t0 = time.perf_counter()
+            results = retriever.retrieve([q or "" for q in cols["query"]], cols["exclude_doc_ids"])
+            share = (time.perf_counter() - t0) / max(batch.num_rows, 1)
+            search_total += share * batch.num_rows
+            out = {name: [] for name in out_schema.names}
+            for example_id, res in zip(cols["example_id"], results):
+                if res.eta is not None:
+                    etas.append(res.eta)
+                dropped += res.excluded_hits
+                short += len(res.rows) < b
+                for rank, (doc_id, fused, *scores) in enumerate(res.rows, start=1):
+                    out["example_id"].append(int(example_id))
+                    out["rank"].append(rank)
+                    out["doc_id"].append(doc_id)
+                    out["fused"].append(fused)
+                    for name, score in zip(names, scores):
+                        out[name].append(score)
+                    out["search_s"].append(share)
+            n_rows += len(out["doc_id"])
+            writer.write_table(pa.table(out, schema=out_schema))
+            bar.update(batch.num_rows)
     stats = {"mode": mode, **({"retrievers": list(names)} if names != PAPER_PAIR and mode == HYBRID else {}),
              "num_examples": n_examples, "rows": n_rows, "b": int(b), "candidates": retriever.candidates,
              "examples_with_fewer_than_b": int(short), "excluded_hits_dropped": int(dropped),
@@ -249,21 +258,12 @@ def merge(out_dir: Path, *, shards: Sequence[Path], mode: str = HYBRID, retrieve
     every example, byte for byte: each shard's row groups (one per batch of examples) are written again in order, as
     the whole run writes one per batch. (``search_s`` is each batch's measured search time, as in any run.)"""
     out_schema = schema(used_retrievers(mode, retrievers))
-    out_dir = Path(out_dir)
-    tmp = out_dir / ".retrievals.parquet.tmp"
     stats = [json.loads((Path(s) / SHARD_STATS).read_text(encoding="utf-8")) for s in shards]
-    writer = pq.ParquetWriter(tmp, out_schema, compression="zstd")
-    try:
+    with _retrievals_writer(Path(out_dir), out_schema) as writer:
         for s in shards:
             with pq.ParquetFile(Path(s) / "retrievals.parquet") as pf:
                 for g in range(pf.metadata.num_row_groups):
                     writer.write_table(pf.read_row_group(g).cast(out_schema))
-        writer.close()
-        os.replace(tmp, out_dir / "retrievals.parquet")
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return merge_stats(stats)
 
 
