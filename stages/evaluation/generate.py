@@ -139,11 +139,11 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     example's length and stop rule are its task family's (``stopping``: the resolved rule, see :func:`build_requests`;
     the config's ``max_new_tokens`` is the fallback only)."""
     import torch
-    from tqdm import tqdm
 
     from stages.decoding.attribution import token_char_ends
     from stages.decoding.base import add_passage_search, settle_other
     from stages.evaluation.method_run import open_method_run
+    from stages.progress import progress
 
     out_dir = Path(out_dir)
     # no cross-run disk key cache: a run's speed must not depend on what ran before it
@@ -161,8 +161,9 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     all_counters = []
     t_all = time.perf_counter()
     bs = max(1, cfg.batch_size)
-    with torch.inference_mode():
-        for i in tqdm(range(0, len(rows), bs), desc=f"Generate {method}", unit="batch", disable=None):
+    # a bar on a terminal; in a log, a line every few seconds (done/total, rate, ETA): RA-NEST runs for many minutes
+    with torch.inference_mode(), progress(f"Generate {method}", len(rows), "examples") as bar:
+        for i in range(0, len(rows), bs):
             batch = rows[i:i + bs]
             t0 = time.perf_counter()
             reqs = build_requests(batch, retr, reader, lookup, cfg.passages, stopping=stopping)
@@ -187,6 +188,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
                     "config": json.dumps(config or {}, sort_keys=True),
                     "supported_doc_ids": r["supported_doc_ids"], "supported_positions": r["supported_positions"],
                     "token_char_ends": token_char_ends(tokenizer, r["token_ids"])})  # after the timed decode
+            bar.update(len(batch))
     write_generations(out_dir, out_rows)
     rate = key_hit_rate(all_counters)
     return {"examples": len(out_rows), "tokens": sum(r["num_tokens"] for r in out_rows),

@@ -47,9 +47,9 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     given, else encoded on the fly into this run's in-memory cache; nothing is cached on disk outside the store);
     examples ``[start, end)`` (a shard of the sharded stage; :func:`merge`)."""
     import torch
-    from tqdm import tqdm
 
     from stages.decoding.key_store import open_key_cache
+    from stages.progress import iterate
     from stages.evaluation.generate import build_requests
     from stages.evaluation.method_run import open_method_run
 
@@ -60,7 +60,8 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     out, skipped = [], 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for ex in tqdm(rows[start:end], desc=f"Perplexity {method}", unit="example", disable=None):
+        # a bar on a terminal, a line every few seconds in a log (stages/progress.py)
+        for ex in iterate(rows[start:end], f"Perplexity {method}", len(rows[start:end]), "examples"):
             meta = json.loads(ex.get("meta") or "{}")
             target = meta.get("target_ids")
             if ex["kind"] != "completion" or not target:
