@@ -312,7 +312,13 @@ def cmd_report(args) -> int:
     path = latest_report_path()
     if path is None:
         raise CliError("report: no report yet; run `make all` (or `nest all`) first")
-    if args.path:
+    if args.html:
+        html = path.with_name("report.html")
+        if not html.is_file():
+            raise CliError("report: the latest report has no report.html (a Report built before the HTML view); "
+                           "run `nest all` to build it")
+        print(_shown_path(html))
+    elif args.path:
         print(_shown_path(path))
     else:
         print(path.read_text(encoding="utf-8"), end="")
@@ -525,13 +531,31 @@ def cmd_query(args) -> int:
             return 0
         columns = [d[0] for d in cur.description]
         rows = cur.fetchmany(args.max_rows + 1)
-    except Exception as e:  # duckdb errors: one line, with the views that exist
+    except Exception as e:  # duckdb errors: one line, with the views that exist and the columns of those it names
         views = ", ".join(sorted(cat.views))
-        raise CliError(f"query: {str(e).splitlines()[0]} (views: {views})") from None
+        columns = "".join(f"; columns of {v}: {', '.join(cols)}" for v, cols in _named_view_columns(cat, args.sql))
+        raise CliError(f"query: {str(e).splitlines()[0]} (views: {views}{columns})") from None
     print(format_table(columns, rows[: args.max_rows]))
     if len(rows) > args.max_rows:
         print(f"... (first {args.max_rows} rows; --max-rows N for more)")
     return 0
+
+
+def _named_view_columns(cat, sql: str) -> list[tuple[str, list[str]]]:
+    """``(view, its column names)`` for each view the query names: a query that names a missing column, or a reserved
+    word such as ``references`` (the examples view calls it ``refs``), is told which columns exist."""
+    import re
+
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    out = []
+    for view in sorted(cat.views):
+        if view.lower() not in words:
+            continue
+        try:
+            out.append((view, [str(r[0]) for r in cat.con.execute(f'DESCRIBE "{view}"').fetchall()]))
+        except Exception:  # a view that cannot be described adds nothing to the message
+            continue
+    return out
 
 
 def _read_only_sql(sql: str) -> None:
@@ -576,11 +600,22 @@ def cmd_generate(args) -> int:
                  tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
                  dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,
                  options=options)
-    if prompts is None and not args.json:
+    if prompts is None and not args.json and not args.html:
         print(run_demo(args.prompt, **where))
         return 0
     session = DemoSession.load(**where)
-    run_stream(session, prompts if prompts is not None else [args.prompt], as_json=args.json)
+    answers: list = []
+    run_stream(session, prompts if prompts is not None else [args.prompt], as_json=args.json,
+               on_answer=(lambda *a: answers.append(a)) if args.html else None)
+    if args.html:
+        from stages.decoding.registry import method_info
+        from stages.evaluation.html_report import demo_page
+
+        provenance = {"profile": args.profile or "embedded", "inputs": {n: t.key for n, t in tasks.items()},
+                      "decoding": json.dumps(options, sort_keys=True, default=str)}
+        path = demo_page(args.html, answers, session.tokenizer, args.method, method_info(args.method).label,
+                         provenance)
+        print(f"(viewer: {_shown_path(path)})", file=sys.stderr)
     return 0
 
 
@@ -658,6 +693,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="print the latest run's report (Markdown)")
     p.add_argument("--path", action="store_true", help="print only the report's path")
+    p.add_argument("--html", action="store_true",
+                   help="print the path of the HTML report (report.html: tables, charts, the example browser)")
     p.add_argument("--profile", default=None)
     p.set_defaults(fn=cmd_report)
 
@@ -668,6 +705,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per prompt on stdout (tokens, seconds, components, text, sources); "
                         "start-up and the stream's summary as JSON lines on stderr")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write the answers to FILE as the report's viewer: copied spans lead to their passages, "
+                        "the retrieved passages listed, the ones copied from marked")
     p.add_argument("--method", default="nest", choices=method_names(),
                    help="a registered decoding method (a file of stages/decoding/methods/)")
     p.add_argument("--gamma", type=float, help="γ, leniency of relaxed speculative decoding")

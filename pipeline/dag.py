@@ -16,6 +16,7 @@ A new stage is one small class: its module and function, ``requires()`` → ``{i
 
 from __future__ import annotations
 
+import time
 from pathlib import PurePath
 from typing import Callable
 
@@ -744,6 +745,23 @@ class Score(NestTask):
         return params
 
 
+GENERATIONS, EXAMPLES = "generations:", "examples:"  # Report's input names besides its Scores (report.html)
+
+
+def applied_stop_rules() -> str:
+    """Each configured task's generation length and stop rule, as Generate's ``stopping`` param has them (the
+    decoding config's ``max_new_tokens`` only where a family has no length)."""
+    fallback = _plain(decoding().config).get("max_new_tokens")
+    parts = []
+    for t in configured_tasks():
+        rule = stop_rule(t)
+        n = rule["max_new_tokens"]
+        length = ("the reference's length" if n == "reference" else
+                  f"{fallback} tokens (decoding config)" if n is None else f"{n} tokens")
+        parts.append(f"{t}: {length}, stop {rule['stop']}")
+    return "; ".join(parts)
+
+
 class Report(NestTask):
     """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid."""
 
@@ -761,8 +779,17 @@ class Report(NestTask):
         return out
 
     def requires(self):
-        return {name: Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
-                for name, r in self.runs().items()}
+        """Each run's Score (named ``task/method/variant``); for ``report.html``, each run's Generate
+        (``generations:<run>``), each task's examples (``examples:<task>``), and the passages, their tokens and the LM
+        (titles, token ids and the tokenizer of the passages copied from)."""
+        runs = self.runs()
+        req: dict = {name: Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
+                     for name, r in runs.items()}
+        req.update({f"{GENERATIONS}{name}": Generate(task=r.task, method=r.method, config=r.config)
+                    for name, r in runs.items()})
+        req.update({f"{EXAMPLES}{t}": LoadTask(task=t) for t in dict.fromkeys(r.task for r in runs.values())})
+        req.update(passages=ConvertCorpus(), tokens=PreTokenize(), lm=PrepareLM())
+        return req
 
     def stage_params(self):
         import json
@@ -778,11 +805,19 @@ class Report(NestTask):
             "per-task overrides": json.dumps(_plain(d.task_config), sort_keys=True),
             "per-method overrides": json.dumps(_plain(d.method_config), sort_keys=True),
             "retrieval": retrieval_description(),
+            "length and stop rule per task (as Generate applied them)": applied_stop_rules(),
         }}
 
     def call_kwargs(self):
         kw = super().call_kwargs()
-        summaries = {k: kw.pop(k) for k in list(self.inputs())}
+        inputs = self.inputs()
+        summaries = {k: kw.pop(k) for k in list(inputs) if isinstance(inputs[k], Score)}
+        kw["generations"] = {k[len(GENERATIONS):]: kw.pop(k) for k in list(kw) if k.startswith(GENERATIONS)}
+        kw["examples"] = {k[len(EXAMPLES):]: kw.pop(k) for k in list(kw) if k.startswith(EXAMPLES)}
+        # the page's footer: no key ingredient (the key is what it names), the date of the build
+        kw["provenance"] = {"report key": self.key, "inputs": {k: t.key for k, t in inputs.items()},
+                            "profile": "embedded" if PrepareLM().source == EMBEDDED else "full (or custom)",
+                            "date": time.strftime("%Y-%m-%d", time.gmtime())}
         # each run's decoding config (the γ of the sweep): no key ingredient of its own, since its fields that change
         # a method's output are in each Score input's key already (through Generate's)
         configs = {name: _plain(r.config) for name, r in self.runs().items()}

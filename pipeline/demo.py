@@ -312,11 +312,13 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def run_stream(session: DemoSession, prompts: Sequence[str], *, as_json: bool = False, out=None, err=None) -> dict:
+def run_stream(session: DemoSession, prompts: Sequence[str], *, as_json: bool = False, out=None, err=None,
+               on_answer=None) -> dict:
     """Answer ``prompts`` in order with one session. ``as_json``: one JSON object per prompt on ``out`` (see
     :meth:`DemoSession.record`), and the start-up (``{"startup_s": ...}``, before the first prompt) and the stream's
     summary (``{"summary": ...}``, after the last) as JSON lines on ``err``; otherwise the attributed texts, one
-    block per prompt, and a summary line. Returns the summary."""
+    block per prompt, and a summary line. ``on_answer(prompt, generation, passages)``: called after each prompt
+    (``nest generate --html`` collects the answers). Returns the summary."""
     import json
     import sys
 
@@ -326,6 +328,8 @@ def run_stream(session: DemoSession, prompts: Sequence[str], *, as_json: bool = 
         print(json.dumps({"startup_s": round(session.startup_s, 3)}), file=err, flush=True)
     for i, prompt in enumerate(prompts):
         generation, passages = session.answer(prompt)
+        if on_answer is not None:
+            on_answer(prompt, generation, passages)
         if as_json:
             print(json.dumps(session.record(prompt, generation, passages), ensure_ascii=False), file=out, flush=True)
         else:

@@ -87,9 +87,13 @@ def test_the_documented_nest_run_form_parses(clean_config, monkeypatch):
 def test_report_inputs_are_named_by_what_they_score():
     from pipeline import dag
 
-    names = list(dag.Report().requires())
+    req = dag.Report().requires()
+    names = [n for n, t in req.items() if isinstance(t, dag.Score)]
     assert names and all(n.count("/") == 2 for n in names) and len(set(names)) == len(names)
     assert any(n.startswith("completion/nest/") for n in names)
+    # report.html reads each run's generations (named after the run), each task's examples, passages, tokens, the LM
+    assert {n for n, t in req.items() if isinstance(t, dag.Generate)} == {dag.GENERATIONS + n for n in names}
+    assert {"passages", "tokens", "lm"} <= set(req) and "examples:completion" in req
 
 
 # ---- nest query: read-only, no file access outside the store -----------------------------------------------------------

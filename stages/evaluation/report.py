@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from tasks.base import Column
 
-VERSION = "5"
+VERSION = "6"
 
 BASE = "base"  # the reference of the speed-ups and of the paired differences
 ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
@@ -145,6 +145,17 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+# metrics about copied spans: "–" in Table 1 for the methods that cannot copy (no token index: the base LM, RA)
+COPY_METRICS = frozenset({"answer_in_copied_span", "attribution_ratio", "attribution_span_length", "topical_precision",
+                          "chimera_rate"})
+
+
+def copies(method: str) -> bool:
+    """Whether a method can copy from the corpus (its registry entry declares a token index)."""
+    info = registered_methods().get(method)
+    return bool(info and info.uses_token_index)
+
+
 def table1(s: Summary, cells: list[dict]) -> str:
     """Quality per method and task (the paper's Table 1, one block per task)."""
     out = []
@@ -157,6 +168,10 @@ def table1(s: Summary, cells: list[dict]) -> str:
             row = [method_label(m)]
             for key, label, scale, dec in ((c.metric, c.label, c.scale, c.decimals) for c in cols):
                 v = s.get(task, m, key)
+                if key in COPY_METRICS and not copies(m):  # a method that cannot copy has no copied span: "–"
+                    row.append("–")
+                    cells.append({"table": "1", "task": task, "row": m, "column": label, "value": None})
+                    continue
                 row.append(fmt(v, scale, dec))
                 cells.append({"table": "1", "task": task, "row": m, "column": label, "value": v})
             rows.append(row)
@@ -492,10 +507,12 @@ def _read_next_to(paths: list[Path], name: str) -> list[dict]:
 
 
 def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict | None = None,
-        configs: dict[str, dict] | list[dict] | None = None) -> dict:
+        configs: dict[str, dict] | list[dict] | None = None, generations: dict[str, Path] | None = None,
+        **html_inputs) -> dict:
     """Write ``report.md``, ``tables.parquet`` and the PNG figures from the given ``summary.parquet`` folders/files.
     ``configs``: each run's decoding config (NestConfig overrides), keyed like ``summaries`` (or parallel to it): the
-    γ of a sweep run is read from there."""
+    γ of a sweep run is read from there. ``generations`` (each run's Generate folder, keyed like ``summaries``) with
+    ``html_inputs`` (examples, passages, tokens, lm, provenance): also ``report.html`` (stages/evaluation/html_report.py)."""
     out_dir = Path(out_dir)
     names = list(summaries) if isinstance(summaries, dict) else list(range(len(summaries)))
     paths = []
@@ -513,5 +530,12 @@ def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict
         schema=pa.schema([("table", pa.string()), ("task", pa.string()), ("row", pa.string()),
                           ("column", pa.string()), ("value", pa.float64())]))
     pq.write_table(table, out_dir / "tables.parquet", compression="zstd")
+    stats = {"cells": len(cells), "summaries": len(paths)}
+    if generations is not None and isinstance(summaries, dict):
+        from stages.evaluation import html_report
+
+        stats.update(html_report.write(out_dir, markdown=text, cells=cells, title="NEST reproduction report",
+                                       runs=summaries, generations=generations, method_label=method_label,
+                                       **html_inputs))
     (out_dir / "report.json").write_text(json.dumps({"cells": len(cells)}))
-    return {"cells": len(cells), "summaries": len(paths)}
+    return stats
