@@ -204,6 +204,55 @@ def test_report_has_the_papers_tables(built):
     assert [line.split()[0] for line in q.stdout.splitlines()[2:]] == ["base", "knnlm", "nest"]
 
 
+def test_html_report_opens_in_a_browser_and_a_copied_span_leads_to_its_source(built, tmp_path):
+    """report.html of the micro run in headless Chromium: a click on a copied span opens its source passage with the
+    same tokens highlighted; a table sorts. The screenshot goes to the test's tmp dir (NEST_README_SCREENSHOT=1: also
+    docs/report.png, the README's)."""
+    import shutil
+
+    from bench.browser import browser, open_report, unavailable
+
+    html = _dir(built, "Report") / "report.html"
+    assert html.is_file()
+    shown = built["run"]("report", "--html")
+    assert shown.returncode == 0 and Path(shown.stdout.strip()).resolve() == html.resolve(), shown.stderr
+    text = (_dir(built, "Report") / "report.md").read_text()
+    assert "length and stop rule per task (as Generate applied them): `completion: 12 tokens, stop none;" in text
+    why = unavailable()
+    if why:
+        pytest.skip(f"no headless browser: {why}")
+    with browser() as b:
+        page, ready_ms = open_report(b, html)
+        assert page.nest_errors == [], page.nest_errors
+        # the completion task's examples come first; NEST copies there (its source is in the datastore)
+        mark = page.locator(".out[data-method=nest] mark.cp").first
+        doc, pos, n = (mark.get_attribute(a) for a in ("data-doc-id", "data-pos", "data-len"))
+        mark.scroll_into_view_if_needed()
+        mark.click()
+        assert page.locator("#source-meta").get_attribute("data-doc-id") == doc
+        src = page.locator("#source-text mark.src")
+        assert (src.get_attribute("data-pos"), src.get_attribute("data-len")) == (pos, n)
+        assert src.inner_text().strip() == mark.inner_text().strip()
+        # the highlighted text is the decode of the passage's tokens at those positions
+        from stages.lm.load import load_tokenizer
+        from stages.lm.pretokenize import TokenLookup
+
+        ids = TokenLookup(_dir(built, "PreTokenize")).get([int(doc)])[0][int(pos):int(pos) + int(n)]
+        assert load_tokenizer(_dir(built, "PrepareLM")).decode(ids).strip() == src.inner_text().strip()
+        page.screenshot(path=str(tmp_path / "report.png"))
+        # sorting Table 1 by PPL: ascending, as numbers
+        th = page.locator("table.sortable", has=page.locator("th", has_text="PPL")).first.locator("th",
+                                                                                                  has_text="PPL")
+        th.click()
+        col = th.evaluate("h => [...h.closest('table').tBodies[0].rows].map(r => parseFloat(r.cells[h.cellIndex]"
+                          ".textContent))")
+        assert col == sorted(col) and len(col) == 3
+        page.close()
+    print(f"report.html: {html.stat().st_size} bytes, ready in {ready_ms:.0f} ms")
+    if os.environ.get("NEST_README_SCREENSHOT") == "1":
+        shutil.copyfile(tmp_path / "report.png", PROJECT / "docs" / "report.png")
+
+
 def test_micro_run_reproduces_its_recorded_table(built):
     """The small slice of the reproduction check (pipeline/reproduction.py): this micro run's headline numbers (quality,
     PPL, attribution, accepted span, the speed-up in forward passes) against tests/reproduction/micro.json. After a deliberate
