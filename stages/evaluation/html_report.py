@@ -392,7 +392,8 @@ def example_prompt(ex: Mapping) -> str:
 def example_reference(ex: Mapping) -> str:
     refs = ex.get("references")
     refs = [str(r) for r in (refs if refs is not None else [])]
-    return " | ".join(refs) if len(refs) > 1 and max(map(len, refs)) < 80 else (refs[0] if refs else "")
+    # answer aliases on one line; long references (a continuation, a person's passages) as paragraphs
+    return " | ".join(refs) if refs and max(map(len, refs)) < 80 else "\n\n".join(refs)
 
 
 def example_topic(ex: Mapping) -> str:
