@@ -745,7 +745,8 @@ class Score(NestTask):
 
 
 class Report(NestTask):
-    """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid."""
+    """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid, and what each task's
+    passage-key store cost (the EncodePassageKeys NEST's main run read: inputs ``passage_keys/<task>``)."""
 
     stage_module = "stages.evaluation.report"
 
@@ -760,9 +761,35 @@ class Report(NestTask):
             out[name] = r
         return out
 
+    KEY_STORE_INPUT = "passage_keys/"  # + task: the key store NEST's main run on the task read
+
+    def key_stores(self) -> dict:
+        """``{task: EncodePassageKeys}`` of the stores NEST's main runs read (none with ``key_store = off``): the
+        report puts their build time beside NEST's speed (no query's seconds hold it)."""
+        out: dict = {}
+        for r in self.runs().values():
+            if r.method == "nest" and r.variant == "main" and r.task not in out:
+                keys = passage_keys_task(r.task, r.method, r.config)
+                if keys is not None:
+                    out[r.task] = keys
+        return out
+
+    def key_store_readers(self) -> dict:
+        """``{task: how many of the grid's runs read that task's store}``."""
+        stores = {t: k.key for t, k in self.key_stores().items()}
+        counts: dict = {}
+        for r in self.runs().values():
+            if r.task in stores:
+                keys = passage_keys_task(r.task, r.method, r.config)
+                if keys is not None and keys.key == stores[r.task]:
+                    counts[r.task] = counts.get(r.task, 0) + 1
+        return counts
+
     def requires(self):
-        return {name: Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
-                for name, r in self.runs().items()}
+        req = {name: Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
+               for name, r in self.runs().items()}
+        req.update({self.KEY_STORE_INPUT + t: k for t, k in self.key_stores().items()})
+        return req
 
     def stage_params(self):
         import json
@@ -782,10 +809,14 @@ class Report(NestTask):
 
     def call_kwargs(self):
         kw = super().call_kwargs()
-        summaries = {k: kw.pop(k) for k in list(self.inputs())}
+        stores = {k[len(self.KEY_STORE_INPUT):]: kw.pop(k) for k in list(self.inputs())
+                  if k.startswith(self.KEY_STORE_INPUT)}
+        summaries = {k: kw.pop(k) for k in list(self.inputs()) if not k.startswith(self.KEY_STORE_INPUT)}
         # each run's decoding config (the γ of the sweep): no key ingredient of its own, since its fields that change
         # a method's output are in each Score input's key already (through Generate's)
         configs = {name: _plain(r.config) for name, r in self.runs().items()}
+        if stores:  # the key stores' build time (their manifests) beside NEST's speed; how many runs read each
+            kw.update(key_stores=stores, key_store_readers=self.key_store_readers())
         return {**kw, "summaries": summaries, "configs": configs}
 
 

@@ -88,8 +88,12 @@ def test_report_inputs_are_named_by_what_they_score():
     from pipeline import dag
 
     names = list(dag.Report().requires())
-    assert names and all(n.count("/") == 2 for n in names) and len(set(names)) == len(names)
-    assert any(n.startswith("completion/nest/") for n in names)
+    runs = [n for n in names if not n.startswith(dag.Report.KEY_STORE_INPUT)]
+    assert runs and all(n.count("/") == 2 for n in runs) and len(set(names)) == len(names)
+    assert any(n.startswith("completion/nest/") for n in runs)
+    # and the key stores NEST's main runs read (their build time goes beside NEST's speed), one per task
+    stores = {n: t for n, t in dag.Report().requires().items() if n.startswith(dag.Report.KEY_STORE_INPUT)}
+    assert all(t.stage == "EncodePassageKeys" and n == f"passage_keys/{t.task}" for n, t in stores.items())
 
 
 # ---- nest query: read-only, no file access outside the store -----------------------------------------------------------
