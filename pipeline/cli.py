@@ -569,9 +569,9 @@ def cmd_generate(args) -> int:
     # the profile's decoding settings ([decoding] config and the method's overrides), then the command line's
     d = dag.decoding()
     options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {}),
-               "task_config": dag._plain(d.task_config)}
+               "task_config": dag._plain(d.task_config), "stops": dag._plain(d.stops)}
     options.update({k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
-                                                  "passages") if getattr(args, k) is not None})
+                                                  "min_new_tokens", "passages", "stop") if getattr(args, k) is not None})
     where = dict(lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
                  tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
                  dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,
@@ -676,6 +676,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, help="δ, span selection threshold")
     p.add_argument("--span-length", type=int, dest="span_length", help="n, longest drafted span")
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--min-new-tokens", type=int, dest="min_new_tokens",
+                   help="suppress EOS, the stop rule and the article's end until N tokens (with --max-new-tokens N: "
+                        "every method writes exactly N, for speed on equal work)")
+    p.add_argument("--stop", choices=("none", "paragraph", "blank_line", "sentence"),
+                   help="the answer's stop rule (default: its task family's; a question ends with its first sentence)")
     p.add_argument("--passages", type=int, help="b, passages retrieved for the prompt")
     profile_opts(p)
     p.set_defaults(fn=cmd_generate)

@@ -514,7 +514,7 @@ class decoding(luigi.Config):  # noqa: N801
     lengths = luigi.DictParameter(description="{task family: new tokens, 'reference' or null} over the "
                                   "family defaults of tasks/stopping.py (null: the config's max_new_tokens)")
     stops = luigi.DictParameter(description="{task family: stop rule} over the family defaults "
-                                "(none, paragraph, blank_line)")
+                                "(none, paragraph, blank_line, sentence)")
     key_store = luigi.ChoiceParameter(choices=["retrieved", "corpus", "off"], var_type=str,
                                       description="EncodePassageKeys before the token-index methods: the passages "
                                       "their task's pre-retrieval returned, every passage of the corpus, or off "
@@ -728,8 +728,8 @@ class Score(NestTask):
         ppl_tasks = set(decoding().ppl_tasks) | {t for t in paper_task_paths() if _task_spec(t).perplexity}
         if self.variant == "main" and self.task in ppl_tasks and method_info(self.method).perplexity:
             req["perplexity"] = Perplexity(task=self.task, method=self.method, config=self.config)
-        if _task_spec(self.task).topical:  # titles of copied passages: topical precision, off-topic copies
-            req["passages"] = ConvertCorpus()
+        if _task_spec(self.task).topical or method_info(self.method).uses_token_index:
+            req["passages"] = ConvertCorpus()  # copied passages' articles: topical precision, chimera sentences
         if self._judged():
             req["bm25"] = BuildBM25Index()
         return req

@@ -35,7 +35,8 @@ SNIPPET_CHARS = 160
 def split_options(options: dict | None) -> tuple[dict, dict]:
     """(NestConfig fields, demo-only options) from one flat dict; unknown names raise ValueError."""
     fields = {f.name for f in dataclasses.fields(NestConfig)}
-    demo_only = {"kind", "retrieval_mode", "candidates", "device", "dtype", "min_span_tokens", "task_config"}
+    demo_only = {"kind", "retrieval_mode", "candidates", "device", "dtype", "min_span_tokens", "task_config", "stops",
+                 "stop"}
     cfg, extra = dict(DEMO_DEFAULTS), {}
     for k, v in (options or {}).items():
         if v is None:
@@ -159,7 +160,8 @@ class DemoSession:
     everything that prompt cost: its retrieval (``passage_search``), key encoding, index building and decoding."""
 
     def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
-                 min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None):
+                 min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None,
+                 stops: dict | None = None, stop: str | None = None):
         from stages.decoding import make_decoder
         from stages.decoding.passage_keys import PassageKeyCache
 
@@ -169,6 +171,7 @@ class DemoSession:
         self.key_cache = PassageKeyCache(max_bytes=config.key_cache_max_bytes)  # memory only: this stream's keys
         self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
         self.task_config = dict(task_config or {})
+        self.stops, self.stop = dict(stops or {}), stop
         self._decoders = {None: self.decoder}  # by task: a bio prompt decodes with the bio task's overrides
         self.startup_s = float(startup_s)
         self.answered = 0
@@ -192,9 +195,23 @@ class DemoSession:
                                         candidates=int(extra.get("candidates", 4000)))
         model, tokenizer = load_lm(lm_dir, device=extra.get("device", "cpu"), dtype=extra.get("dtype"))
         session = cls(model, tokenizer, method, config, retrieve, kind=extra.get("kind", "qa"),
-                      min_span_tokens=int(extra.get("min_span_tokens", 1)), task_config=extra.get("task_config"))
+                      min_span_tokens=int(extra.get("min_span_tokens", 1)), task_config=extra.get("task_config"),
+                      stops=extra.get("stops"), stop=extra.get("stop"))
         session.startup_s = time.perf_counter() - t0
         return session
+
+    def stop_for(self, task: str | None) -> str:
+        """The stop rule of a prompt: ``--stop`` if given, else its family's (``[decoding] stops`` over the defaults of
+        tasks/stopping.py): a bio request is ``longform`` (it ends with the article, ``document_end``), any other
+        question ``qa`` (it ends with its first sentence), a completion prompt ``completion`` (the length only)."""
+        from tasks.stopping import DEFAULT_STOPS, STOP_RULES
+
+        if self.stop is not None:
+            if self.stop not in STOP_RULES:
+                raise ValueError(f"unknown stop rule {self.stop!r}; expected one of {STOP_RULES}")
+            return self.stop
+        family = "longform" if task == "bio" else "qa" if self.kind == "qa" else "completion"
+        return str(self.stops.get(family, DEFAULT_STOPS[family]))
 
     def decoder_for(self, task: str | None):
         """The decoder of a prompt's task: the session's config with that task's ``task_config`` overrides."""
@@ -220,7 +237,7 @@ class DemoSession:
         search_s = time.perf_counter() - t0
         kind = self.kind
         request = DecodeRequest(self.answered, kind, question=prompt if kind == "qa" else "",
-                                prefix=prompt if kind != "qa" else "", passages=passages)
+                                prefix=prompt if kind != "qa" else "", passages=passages, stop=self.stop_for(task))
         generation = self.decoder_for(task).decode([request])[0]
         timings = generation.timings
         timings["passage_search"] = timings.get("passage_search", 0.0) + search_s

@@ -335,6 +335,47 @@ def answer_in_copied_span(text: str, answers: Sequence[str], sources: Sequence[S
     return float(any(s <= a and b <= e for a, b in occ for s, e in ranges))
 
 
+# -- QA: the first sentence, and sentences stitched from several articles (issue 14) -------------------------------------
+def alr_first_sentence(prediction: str, answers: Sequence[str]) -> float:
+    """ALR of the prediction's first sentence only (:func:`tasks.sentences.first_sentence`): an answer that runs on
+    past its first sentence cannot score with text copied after it.
+
+    >>> alr_first_sentence("It is Rome. Paris is in France.", ["paris"])
+    0.0
+    """
+    from tasks.sentences import first_sentence
+
+    return alr(first_sentence(prediction), answers)
+
+
+def chimera_counts(text: str, sources: Sequence[Source], char_ends: Sequence[int], article_of) -> tuple[int, int]:
+    """(sentences, chimera sentences) of a generation: a sentence is a **chimera** when its copied tokens come from two
+    or more articles (``article_of(doc_id)``: the article of a passage, e.g. its source id), i.e. one statement
+    stitched from different articles. A token belongs to the sentence (:func:`tasks.sentences.sentence_spans`) where
+    its last character falls; tokens that add no character belong nowhere.
+
+    >>> chimera_counts("Ab cd. Ef gh.", [(1, 0), (1, 1), (2, 5), (2, 6)], [3, 6, 10, 13], {1: "A", 2: "B"}.get)
+    (2, 0)
+    >>> chimera_counts("Ab cd. Ef gh.", [(1, 0), (2, 1), None, None], [3, 6, 10, 13], {1: "A", 2: "B"}.get)
+    (2, 1)
+    """
+    from tasks.sentences import sentence_spans
+
+    if len(char_ends) != len(sources):
+        raise ValueError(f"{len(char_ends)} character offsets for {len(sources)} tokens")
+    sentences = sentence_spans(text)
+    articles: list[set] = [set() for _ in sentences]
+    j = 0
+    for (start, end), src in zip(token_char_spans(char_ends), sources):
+        if src is None or end <= start:
+            continue
+        while j < len(sentences) - 1 and end > sentences[j][1]:
+            j += 1
+        if sentences and sentences[j][0] < end <= sentences[j][1]:
+            articles[j].add(article_of(int(src[0])))
+    return len(sentences), sum(len(a) >= 2 for a in articles)
+
+
 # -- perplexity --------------------------------------------------------------------------------------------------------
 def perplexity(token_logprobs: Sequence[float]) -> float:
     """exp(mean negative log-likelihood) over the target tokens; log-probs in nats (natural log).

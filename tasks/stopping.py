@@ -6,8 +6,8 @@ the stop rule of its examples:
 | family | tasks | length (new tokens) | stop rule |
 |---|---|---|---|
 | ``completion`` | completion, completion_excluded, wikitext | the example's reference continuation (``meta["target_ids"]``) | ``none`` |
-| ``qa`` | nq, triviaqa, hotpotqa, truthfulqa | 128 (the paper's QA length) | ``paragraph`` |
-| ``multiple_choice`` | medmcqa (asked as open QA) | 128 | ``paragraph`` |
+| ``qa`` | nq, triviaqa, hotpotqa, truthfulqa | 128 (the paper's QA length), a cap | ``sentence`` |
+| ``multiple_choice`` | medmcqa (asked as open QA) | 128, a cap | ``sentence`` |
 | ``longform`` | bio, factscore | 512 (the paper's FactScore length) | ``none`` |
 
 Stop rules (EOS always ends a generation as well, and is never emitted):
@@ -17,7 +17,13 @@ Stop rules (EOS always ends a generation as well, and is never emitted):
   count): a short answer is one paragraph, and what an LM adds after it ("Explanation: ...", a copied second article)
   is not part of it;
 - ``blank_line``: the answer ends at the first blank line (two line breaks with only spaces between them) after
-  non-blank text.
+  non-blank text;
+- ``sentence`` (the QA default, beyond the paper): the answer ends with its first sentence of at least
+  :data:`SENTENCE_MIN_WORDS` words (:mod:`tasks.sentences`), or at a line break as ``paragraph``. Copied Wikipedia text
+  has no line breaks, so under ``paragraph`` NEST ran to the 128-token cap in 36 of 40 multi-hop answers and stitched
+  articles into false statements (issue 14); a sentence end fires on copied text as on generated text. The token that
+  would start the next sentence (it begins with whitespace) is not emitted. ``stops = {"qa": "paragraph"}`` restores
+  the paper's rule.
 
 The token that completes a stop (the line break) is kept in the output and ends the generation. A run overrides a
 family's length or stop rule with ``[decoding] lengths`` / ``stops`` (luigi.cfg); a length of ``None`` means the
@@ -33,12 +39,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 FAMILIES = ("completion", "qa", "multiple_choice", "longform")
-STOP_RULES = ("none", "paragraph", "blank_line")
+STOP_RULES = ("none", "paragraph", "blank_line", "sentence")
+SENTENCE_MIN_WORDS = 2  # "William Shakespeare." ends an answer; "1." opening a list does not
 REFERENCE = "reference"  # length = the example's reference continuation
 
 DEFAULT_LENGTHS: dict[str, int | str | None] = {"completion": REFERENCE, "qa": 128, "multiple_choice": 128,
                                                 "longform": 512}
-DEFAULT_STOPS = {"completion": "none", "qa": "paragraph", "multiple_choice": "paragraph", "longform": "none"}
+DEFAULT_STOPS = {"completion": "none", "qa": "sentence", "multiple_choice": "sentence", "longform": "none"}
 
 KIND_FAMILIES = {"completion": "completion", "qa": "qa"}
 
@@ -119,12 +126,18 @@ def rule_for(task: str, kind: str | None = None, lengths: Mapping[str, Any] | No
 
 
 def stop_reached(rule: str, text: str) -> bool:
-    """Whether ``text`` (the generation so far) has reached the end that ``rule`` defines."""
+    """Whether ``text`` (the generation so far) has reached the end that ``rule`` defines (``sentence``: a line break
+    after the answer, or a sentence end followed by whitespace; the decoder stops one token earlier, before the
+    whitespace token, with :func:`tasks.sentences.ends_sentence`)."""
     if rule == "none":
         return False
     body = text.lstrip()
     if rule == "paragraph":
         return "\n" in body
+    if rule == "sentence":
+        from tasks.sentences import sentence_ends
+
+        return "\n" in body or bool(sentence_ends(body, SENTENCE_MIN_WORDS))
     if rule == "blank_line":
         return _BLANK_LINE.search(body) is not None
     raise ValueError(f"unknown stop rule {rule!r}; expected one of {STOP_RULES}")

@@ -31,7 +31,8 @@ def _old_relevant(method, overrides):
 
 
 def _old_for_perplexity(method, overrides):
-    drop = _SPANS | _SAMPLING | {"max_new_tokens", "stop_at_eos", "batch_size"}
+    # min_new_tokens (issue 14) is a generation length like max_new_tokens: never in evaluation mode
+    drop = _SPANS | _SAMPLING | {"max_new_tokens", "min_new_tokens", "stop_at_eos", "batch_size"}
     return {k: v for k, v in _old_relevant(method, overrides).items() if k not in drop}
 
 

@@ -127,3 +127,24 @@ def test_forced_kv_compaction_gives_the_same_tokens(lm, requests, batched):
     assert max(g.counters["kv_compactions"] for g in batched) == 0  # the reference run never compacted
     assert [g.token_ids for g in compacted] == [g.token_ids for g in batched]
     assert [g.sources for g in compacted] == [g.sources for g in batched]
+
+
+def test_sentence_rule_ends_a_copied_answer_on_the_real_lm(lm, passages):
+    # Copied Wikipedia text has no line breaks: under the paper's `paragraph` rule NEST copies all of Curie's passage
+    # (and more); the QA default `sentence` ends the same answer at its first sentence end, inside the copied run.
+    model, tok = lm
+    cfg = NestConfig(**{**MIXTURE, "gamma": 0.05, "sink_keys": "drop", "max_new_tokens": 64})
+
+    def answer(stop):
+        req = DecodeRequest(0, "qa", question="Who was Marie Curie?", passages=passages, max_new_tokens=64, stop=stop)
+        return make_decoder("nest", model, tok, cfg).decode([req])[0]
+
+    long, short = answer("paragraph"), answer("sentence")
+    assert long.counters["stopped_by_stop_rule"] == 0 and "\n" not in long.text  # the rule never fired
+    assert short.counters["stopped_by_stop_rule"] == 1
+    assert short.token_ids == long.token_ids[:len(short.token_ids)] and len(short.token_ids) < len(long.token_ids)
+    assert short.text.rstrip().endswith(".") and short.sources[-1] is not None  # ended inside a copied run
+    assert long.sources[len(short.token_ids)] is not None  # ... which went on copying under `paragraph`
+    from tasks.sentences import first_sentence
+
+    assert first_sentence(long.text).strip() == short.text.strip()

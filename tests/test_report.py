@@ -176,3 +176,26 @@ def test_key_store_cost_beside_nest_speed(tmp_path):
     out2.mkdir()
     report.run(out2, summaries={"bio/nest/main": folder})
     assert "key store cost" not in (out2 / "report.md").read_text()
+
+
+def test_answers_section_shows_stop_reasons_cap_hits_first_sentence_recall_and_chimeras(tmp_path):
+    rows = []
+    for m, vals in (("base", dict(alr=40.0, alr_first_sentence=40.0, stopped_by_stop_rule=75.0, stopped_by_eos=25.0,
+                                  stopped_by_length=0.0, num_tokens=20.0)),
+                    ("nest", dict(alr=50.0, alr_first_sentence=25.0, stopped_by_stop_rule=0.0, stopped_by_eos=25.0,
+                                  stopped_by_length=75.0, chimera_rate=12.5, num_tokens=110.0))):
+        rows += [{"task": "nq", "method": m, "variant": "main", "metric": k, "value": v, "n": 4, "config": None}
+                 for k, v in vals.items()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "summary.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    report.run(out, summaries=[tmp_path])
+    text = (out / "report.md").read_text()
+    assert "## How the answers ended (QA)" in text
+    assert ("| method | ALR (%) | ALR, first sentence (%) | ended by its rule (%) | ended by EOS (%) | "
+            "hit the length cap (%) | chimera sentences (%) | mean tokens |") in text
+    assert "| Base LM | 40.0 | 40.0 | 75.0 | 25.0 | 0.0 | – | 20.0 |" in text
+    assert "| +NEST | 50.0 | 25.0 | 0.0 | 25.0 | 75.0 | 12.5 | 110.0 |" in text
+    cells = pq.read_table(out / "tables.parquet").to_pylist()
+    cap = [c for c in cells if c["table"] == "answers" and c["column"] == "hit the length cap"]
+    assert sorted((c["row"], c["value"]) for c in cap) == [("base", 0.0), ("nest", 75.0)]

@@ -199,3 +199,34 @@ def test_qa_answer_in_copied_span_and_old_generations_without_new_columns(tmp_pa
     score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="nq", method="nest")
     s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
     assert s["supported_ratio"] == 0.0 and "answer_in_copied_span" not in s
+
+
+def test_qa_stop_reasons_first_sentence_recall_and_chimeras_by_hand(tmp_path, micro_passages_dir):
+    """Two NQ answers: one stopped by its rule, correct in its first sentence; one that hit the length cap, whose
+    alias comes only in its second sentence, and whose first sentence copies from two articles (a chimera)."""
+    from stages.corpus.passages import PassageReader
+
+    reader = PassageReader(micro_passages_dir)
+    rows = reader.get(list(range(len(reader))), ("doc_id", "source_id"))
+    a = rows[0]["doc_id"]
+    b = next(r["doc_id"] for r in rows if r["source_id"] != rows[0]["source_id"])
+    ex = [Example(example_id=i, task="nq", kind="qa", query="q", references=["paris"]) for i in range(2)]
+    g0 = _gen(0, "It is Paris. More", [a, a, a, -1], [1, 2, 3, -1], 1.0,
+              {"stopped_by_eos": 0, "stopped_by_stop_rule": 1, "stopped_by_length": 0})
+    g0["token_char_ends"] = [2, 5, 12, 17]
+    g1 = _gen(1, "It is Rome. Not Paris.", [a, b, -1, b, b], [1, 4, -1, 5, 6], 1.0,
+              {"stopped_by_eos": 0, "stopped_by_stop_rule": 0, "stopped_by_length": 1})
+    g1["token_char_ends"] = [2, 5, 11, 15, 22]
+    for g in (g0, g1):
+        g["task"] = "nq"
+    _write(tmp_path, [g0, g1], ex)
+    out = tmp_path / "out"
+    out.mkdir()
+    score.run(out, examples=tmp_path / "e", generations=tmp_path / "g", task="nq", method="nest",
+              passages=micro_passages_dir)
+    s = {r["metric"]: r["value"] for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert math.isclose(s["alr"], 100.0) and math.isclose(s["alr_first_sentence"], 50.0)
+    assert math.isclose(s["stopped_by_stop_rule"], 50.0) and math.isclose(s["stopped_by_length"], 50.0)
+    assert math.isclose(s["stopped_by_eos"], 0.0)
+    # sentences: "It is Paris." / " More" (g0: none stitched), "It is Rome." (a and b: a chimera) / " Not Paris." (b)
+    assert math.isclose(s["chimera_rate"], 100 * 1 / 4)

@@ -47,8 +47,11 @@ def test_stop_rules_on_text():
     assert not stop_reached("paragraph", "Paris is the capital")
     assert not stop_reached("blank_line", "Paris.\nIt is") and stop_reached("blank_line", "Paris.\n \nIt")
     assert not stop_reached("blank_line", "\n\n\nParis.\n")  # leading blank lines come before the answer
+    assert not stop_reached("sentence", "Paris.") and not stop_reached("sentence", "It is Paris")
+    assert stop_reached("sentence", "It is Paris. It") and stop_reached("sentence", "Paris\n")
+    assert not stop_reached("sentence", "Dr. Smith") and not stop_reached("sentence", "1. The")
     with pytest.raises(ValueError, match="unknown stop rule"):
-        stop_reached("sentence", "a.")
+        stop_reached("chapter", "a.")
 
 
 def test_every_task_has_a_family_and_the_paper_tasks_agree_with_their_class():
@@ -61,7 +64,7 @@ def test_every_task_has_a_family_and_the_paper_tasks_agree_with_their_class():
     with pytest.raises(ValueError, match="no family"):
         family_of("my_task")
     # the paper's lengths: QA 128, FactScore 512; a completion runs to its reference
-    assert rule_for("hotpotqa") == StopRule("qa", 128, "paragraph")
+    assert rule_for("hotpotqa") == StopRule("qa", 128, "sentence")
     assert rule_for("factscore") == StopRule("longform", 512, "none")
     assert rule_for("wikitext").max_new_tokens == "reference" == DEFAULT_LENGTHS["completion"]
     for name in registry.names("file"):  # each paper task's declared length is its family's
@@ -79,7 +82,7 @@ def test_overrides_by_family_and_bad_overrides():
     assert rule_for("completion").length_for({}) is None
     assert StopRule.from_dict(r.to_dict()) == r
     for lengths, stops, msg in (({"QA": 1}, {}, "unknown task family"), ({"qa": 0}, {}, "positive integer"),
-                                ({"qa": "long"}, {}, "positive integer"), ({}, {"qa": "sentence"}, "stop rule")):
+                                ({"qa": "long"}, {}, "positive integer"), ({}, {"qa": "chapter"}, "stop rule")):
         with pytest.raises(ValueError, match=msg):
             rule_for("nq", lengths=lengths, stops=stops)
     assert set(FAMILIES) == set(DEFAULT_LENGTHS)
@@ -144,8 +147,81 @@ def test_newline_ids_are_found_once_per_tokenizer(model, tok):
 def test_bad_stop_rule_is_a_clear_input_error(model, tok):
     from stages.errors import InputError
 
-    with pytest.raises(InputError, match="example 3: unknown stop rule 'sentence'"):
-        make_decoder("base", model, tok, NestConfig()).decode([qa(3, "sentence")])
+    with pytest.raises(InputError, match="example 3: unknown stop rule 'chapter'"):
+        make_decoder("base", model, tok, NestConfig()).decode([qa(3, "chapter")])
+
+
+PERIOD, SPACED = 52, (53, 54, 55, 56)  # "." and " w"-like tokens (a word start), for the sentence rule
+
+
+class SentenceTokenizer(NewlineTokenizer):
+    """The tiny tokenizer with a period and some tokens that start with a space."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        out = []
+        for i in ids:
+            i = int(i)
+            out.append("." if i == PERIOD else " " + chr(97 + i - 53) if i in SPACED
+                       else super().decode([i], skip_special_tokens))
+        return "".join(out)
+
+
+def test_sentence_rule_ends_a_copied_run_before_the_next_sentence(model):
+    # NEST copies a passage of short sentences "AB qCD. rEF GH. ..." with no line break: without a stop rule it runs
+    # on to the length cap; `sentence` ends at the first sentence end of at least two words inside the accepted
+    # draft, and the token that starts the next sentence (a space first) is not emitted.
+    tok = SentenceTokenizer()
+    words = [[17, 18], [19, 20], [21, 22], [23, 24], [25, 26], [27, 28], [29, 30], [31, 32]]
+    text = []
+    for i, w in enumerate(words * 2):
+        text += ([SPACED[i % 4]] if i else []) + w + ([PERIOD] if i % 2 else [])
+    p = Passage(5, text, "", "")
+    cfg = NestConfig(gamma=1e-9, delta=1.0, span_length=16)
+
+    def run(stop, n=24):
+        return make_decoder("nest", model, tok, cfg).decode([DecodeRequest(
+            0, "completion", prefix_ids=text[:1], passages=[p], max_new_tokens=n, stop=stop)])[0]
+
+    full = run("none")
+    assert len(full.token_ids) == 24 and full.counters["accepted"] > 10  # it copies, past every sentence end
+    g = run("sentence")
+    k = next(i for i in range(1, len(full.token_ids))
+             if full.token_ids[i - 1] == PERIOD and full.token_ids[i] in SPACED
+             and len(tok.decode(full.token_ids[:i]).split()) >= 2)
+    assert g.token_ids == full.token_ids[:k] and g.text.endswith(".")
+    assert g.counters["stopped_by_stop_rule"] == 1 and g.counters["stopped_by_length"] == 0
+    assert g.sources[-1] is not None and full.sources[k] is not None  # it ended inside a copied run
+    assert stop_reached("sentence", g.text + " x") and not stop_reached("sentence", g.text)
+
+
+@pytest.mark.parametrize("method,cfg", METHODS)
+def test_min_new_tokens_writes_exactly_n_tokens_with_every_method(model, method, cfg):
+    # EOS, the stop rule and a document-end EOS key are all suppressed until min_new_tokens; with min = max every
+    # method writes exactly that many tokens. Passages end their article, so with document_end = "eos" their last
+    # key's value is EOS, and the tiny LM is made to like EOS.
+    tok = SentenceTokenizer()
+    ps = [Passage(100 + i, p.token_ids, "", "", True) for i, p in enumerate(random_passages(3, 5, lo=6, hi=10))]
+    eos_model = tiny_llama(seed=0)
+    import torch
+
+    with torch.no_grad():  # EOS logit = 0.5·Σh: often the largest, so the natural answer ends early
+        eos_model.lm_head.weight[1].fill_(0.5)
+    natural = make_decoder(method, eos_model, tok, NestConfig(document_end="eos", **cfg)).decode(
+        [DecodeRequest(0, "qa", question="who?", passages=ps, max_new_tokens=48, stop="sentence")])[0]
+    n = 40
+    out = make_decoder(method, eos_model, tok, NestConfig(document_end="eos", min_new_tokens=n, **cfg)).decode(
+        [DecodeRequest(0, "qa", question="who?", passages=ps, max_new_tokens=n, stop="sentence")])[0]
+    assert len(out.token_ids) == n and out.counters["min_new_tokens"] == n
+    assert 1 not in out.token_ids and out.counters["stopped_by_length"] == 1
+    assert len(natural.token_ids) < n  # without it the same example stops early
+
+
+def test_min_new_tokens_is_capped_by_the_length_and_checked():
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        NestConfig(min_new_tokens=-1)
+    g = make_decoder("base", tiny_llama(seed=0), TinyTokenizer(), NestConfig(min_new_tokens=50)).decode(
+        [DecodeRequest(0, "qa", question="who?", max_new_tokens=7)])[0]
+    assert len(g.token_ids) == 7 and g.counters["min_new_tokens"] == 7
 
 
 # ---------------------------------------------------------------- Generate's requests
@@ -160,11 +236,11 @@ def test_requests_carry_each_family_length_and_stop_rule():
     rows = [example(0, "completion", "completion", target_ids=[7] * 17), example(1, "nq", "qa"),
             example(2, "bio", "qa"), example(3, "completion_excluded", "completion")]
     reqs = build_requests(rows, {}, None, None, 40)
-    assert [(r.max_new_tokens, r.stop) for r in reqs] == [(17, "none"), (128, "paragraph"), (512, "none"),
+    assert [(r.max_new_tokens, r.stop) for r in reqs] == [(17, "none"), (128, "sentence"), (512, "none"),
                                                            (None, "none")]
     # a run's resolved rule (Generate's `stopping` parameter) and an explicit length
     reqs = build_requests(rows[1:2], {}, None, None, 40, stopping=rule_for("nq", lengths={"qa": 64}).to_dict())
-    assert (reqs[0].max_new_tokens, reqs[0].stop) == (64, "paragraph")
+    assert (reqs[0].max_new_tokens, reqs[0].stop) == (64, "sentence")
     assert build_requests(rows[1:2], {}, None, None, 40, max_new_tokens=9)[0].max_new_tokens == 9
 
 
@@ -225,7 +301,7 @@ def test_generate_key_holds_its_family_rule_and_only_that_family_reruns():
     try:
         config.apply_overrides({"decoding": {"lengths": '{"longform": 96}'}})
         before = keys()
-        assert before["nq"] == {"family": "qa", "max_new_tokens": 128, "stop": "paragraph"}
+        assert before["nq"] == {"family": "qa", "max_new_tokens": 128, "stop": "sentence"}
         assert before["bio"]["max_new_tokens"] == 96 and before["completion"]["max_new_tokens"] == "reference"
         config.apply_overrides({"decoding": {"lengths": '{"longform": 96, "qa": 256}'}})
         after = keys()

@@ -23,7 +23,8 @@ from stages.decoding.types import DecodeRequest, Generation, Passage
 from stages.errors import InputError
 from tasks.metrics import attribution_runs
 from tasks.prompts import KINDS, format_background, render_prompt_ids
-from tasks.stopping import STOP_RULES, stop_reached
+from tasks.sentences import ends_sentence
+from tasks.stopping import SENTENCE_MIN_WORDS, STOP_RULES, stop_reached
 
 # Latency components of one query (seconds; docs/decoding.md). lm_forward: the generating LM's own forward passes
 # (prefill and steps: the base LM has only this); passage_search: retrieving the passages and fetching their token ids
@@ -61,6 +62,7 @@ class Row:
     req: DecodeRequest
     prompt: list[int]
     max_new: int
+    min_new: int = 0  # EOS, the stop rule and the document-end EOS are suppressed until this many tokens
     tokens: list[int] = field(default_factory=list)
     sources: list = field(default_factory=list)  # copied tokens' (doc_id, position), else None
     supported: list = field(default_factory=list)  # token-mode tokens whose value a neighbour carries, else None
@@ -108,22 +110,29 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-_NEWLINE_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOKEN_CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _ERRORS = (IndexError, KeyError, OverflowError, TypeError, ValueError)
+_SENTENCE_PUNCT = ".!?"
+_CLOSERS = "\"'”’)]"
 
 
-def newline_token_ids(tokenizer, vocab_size: int) -> frozenset[int]:
-    """Ids in ``range(vocab_size)`` whose text, decoded alone, holds a line break (cached per tokenizer object)."""
-    try:
-        cached = _NEWLINE_IDS.get(tokenizer, {})
-    except TypeError:  # not weak-referenceable: no cache
-        cached = {}
-    if vocab_size in cached:
-        return cached[vocab_size]
+@dataclass(frozen=True)
+class TokenClasses:
+    """Ids of the vocabulary by what their text, decoded alone, can do to a stop rule: ``newline`` (holds a line
+    break: can complete ``paragraph``/``blank_line``), ``space_start`` (starts with whitespace, or with the tokenizer's
+    word-start marker: can begin the next sentence) and ``sentence_punct`` (ends with ``.``, ``!`` or ``?``, closing
+    quotes allowed: can end a sentence)."""
+
+    newline: frozenset
+    space_start: frozenset
+    sentence_punct: frozenset
+
+
+def _decoded_alone(tokenizer, vocab_size: int) -> list[str]:
     ids = [[i] for i in range(vocab_size)]
     batch = getattr(tokenizer, "batch_decode", None)
     try:
-        texts = batch(ids) if batch is not None else [tokenizer.decode(x) for x in ids]
+        return batch(ids) if batch is not None else [tokenizer.decode(x) for x in ids]
     except _ERRORS:  # ids past the tokenizer's vocabulary: one at a time
         texts = []
         for x in ids:
@@ -131,12 +140,47 @@ def newline_token_ids(tokenizer, vocab_size: int) -> frozenset[int]:
                 texts.append(tokenizer.decode(x))
             except _ERRORS:
                 texts.append("")
-    found = frozenset(i for i, t in enumerate(texts) if t and "\n" in t)
+        return texts
+
+
+def token_classes(tokenizer, vocab_size: int) -> TokenClasses:
+    """The :class:`TokenClasses` of ``range(vocab_size)`` (cached per tokenizer object: about 0.5 s for a 49k
+    vocabulary, once)."""
     try:
-        _NEWLINE_IDS.setdefault(tokenizer, {})[vocab_size] = found
+        cached = _TOKEN_CLASSES.get(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no cache
+        cached = {}
+    if vocab_size in cached:
+        return cached[vocab_size]
+    texts = _decoded_alone(tokenizer, vocab_size)
+    pieces: list = [None] * vocab_size
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is not None:
+        try:
+            pieces = list(convert(list(range(vocab_size))))
+        except _ERRORS:
+            pass
+    newline, space, punct = set(), set(), set()
+    for i, t in enumerate(texts):
+        if t and "\n" in t:
+            newline.add(i)
+        piece = pieces[i] if i < len(pieces) else None
+        if (t and t[0].isspace()) or (isinstance(piece, str) and piece[:1] in ("Ġ", "▁")):
+            space.add(i)
+        core = (t or "").rstrip().rstrip(_CLOSERS)
+        if core and core[-1] in _SENTENCE_PUNCT:
+            punct.add(i)
+    found = TokenClasses(frozenset(newline), frozenset(space), frozenset(punct))
+    try:
+        _TOKEN_CLASSES.setdefault(tokenizer, {})[vocab_size] = found
     except TypeError:
         pass
     return found
+
+
+def newline_token_ids(tokenizer, vocab_size: int) -> frozenset[int]:
+    """Ids in ``range(vocab_size)`` whose text, decoded alone, holds a line break (cached per tokenizer object)."""
+    return token_classes(tokenizer, vocab_size).newline
 
 
 class Decoder(ABC):
@@ -166,7 +210,7 @@ class Decoder(ABC):
         self.window = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.key_cache = key_cache
         self.last_stats: dict = {}
-        self._newline_ids: frozenset[int] | None = None
+        self._token_classes: TokenClasses | None = None
 
     # ---------------------------------------------------------------- public API
     def decode(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
@@ -278,7 +322,9 @@ class Decoder(ABC):
             counters["prompt_truncated"] = len(prompt) - keep
             prompt = prompt[-keep:]
         max_new = min(budget, self.window - len(prompt))
-        row = Row(req=req, prompt=prompt, max_new=max_new, counters=counters, stop=stop)
+        min_new = min(int(self.config.min_new_tokens), max_new)
+        counters["min_new_tokens"] = min_new
+        row = Row(req=req, prompt=prompt, max_new=max_new, min_new=min_new, counters=counters, stop=stop)
         row.counters["stopped_at_context_window"] = int(max_new < budget)
         row.done = max_new == 0
         return row
@@ -288,30 +334,55 @@ class Decoder(ABC):
              supported: tuple[int, int] | None = None) -> bool:
         """Append a token to the row's output (True if appended); EOS ends the row and is never emitted (B9); the
         row's stop rule ends it after the token that completes the stop (checked only when that token holds a line
-        break, so the text is decoded only then); the length ends it last. ``source``: where a copied token was copied
-        from; ``supported``: the neighbour that carries a token produced one at a time (never both)."""
+        break, so the text is decoded only then), or, for ``sentence``, before a token that starts with whitespace
+        right after a sentence end (that token would begin the next sentence: it is not emitted); the length ends it
+        last. Before ``row.min_new`` tokens no stop rule fires (the pickers never choose EOS then:
+        :meth:`suppress_eos`). ``source``: where a copied token was copied from; ``supported``: the neighbour that
+        carries a token produced one at a time (never both)."""
         if row.done:
             return False
         if self.config.stop_at_eos and token in self.eos_ids:
             row.done = row.eos = True
             return False
+        can_stop = row.stop != "none" and len(row.tokens) >= row.min_new
+        if (can_stop and row.stop == "sentence" and row.tokens and int(token) in self.token_classes().space_start
+                and row.tokens[-1] in self.token_classes().sentence_punct
+                and ends_sentence(self.tokenizer.decode(row.tokens, skip_special_tokens=True), SENTENCE_MIN_WORDS)):
+            row.done = row.stopped = True
+            return False
         row.tokens.append(int(token))
         row.sources.append(source)
         row.supported.append(supported)
-        if row.stop != "none" and int(token) in self.newline_ids() and stop_reached(
+        if can_stop and int(token) in self.token_classes().newline and stop_reached(
                 row.stop, self.tokenizer.decode(row.tokens, skip_special_tokens=True)):
             row.done = row.stopped = True
         elif len(row.tokens) >= row.max_new:
             row.done = True
         return True
 
+    def suppress_eos(self, row: Row, dist: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``dist`` (``[k, V]``: probabilities, or logits with ``fill=-inf``) at k consecutive positions of ``row``,
+        position j choosing the row's token number ``len(row.tokens) + j``, with EOS set to ``fill`` wherever that
+        token comes before ``row.min_new`` (``NestConfig.min_new_tokens``); ``dist`` itself when nothing is
+        suppressed."""
+        early = row.min_new - len(row.tokens)
+        if early <= 0 or not self.eos_ids:
+            return dist
+        eos = [i for i in self.eos_ids if 0 <= i < dist.shape[-1]]
+        dist = dist.clone()
+        dist[:early, eos] = fill
+        return dist
+
+    def token_classes(self) -> TokenClasses:
+        """:func:`token_classes` of this decoder's tokenizer (shared by its decoders; a caller that times queries
+        calls this at start-up)."""
+        if self._token_classes is None:
+            self._token_classes = token_classes(self.tokenizer, self.vocab_size)
+        return self._token_classes
+
     def newline_ids(self) -> frozenset[int]:
-        """Token ids whose text holds a line break (the only tokens that can complete a stop rule): each id of the
-        vocabulary decoded alone, once per tokenizer (shared by its decoders; about 0.5 s for a 49k vocabulary, so a
-        caller that times queries calls this at start-up)."""
-        if self._newline_ids is None:
-            self._newline_ids = newline_token_ids(self.tokenizer, self.vocab_size)
-        return self._newline_ids
+        """Token ids whose text holds a line break (the tokens that can complete a line-break stop rule)."""
+        return self.token_classes().newline
 
     def finish(self, row: Row) -> Generation:
         row.counters["generated_tokens"] = len(row.tokens)

@@ -56,7 +56,9 @@ class NestConfig:
             told to stop there instead of stitching another article on; docs/decoding.md, "Ending with the article").
     Generation
         max_new_tokens (the fallback for a request that sets none: the Generate stage sets each example's length and stop
-        rule from its task family, tasks/stopping.py), stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
+        rule from its task family, tasks/stopping.py), min_new_tokens (EOS, the document-end key's EOS and the stop rule
+        are suppressed until this many tokens are written, capped by the example's length: with min = max every method
+        writes exactly that many tokens, so speeds compare equal work; 0 = off), stop_at_eos (B9: text after EOS is never emitted), batch_size, do_sample/temperature/top_k/top_p
         and seed (base and RA only), ra_passages (top-3 in the prompt), prompt_overflow (``"error"`` or
         ``"truncate_left"`` for prompts that leave no room in the context window).
     Implementation
@@ -92,6 +94,7 @@ class NestConfig:
     sink_keys: str = "keep"
     # generation
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     stop_at_eos: bool = True
     batch_size: int = 1
     do_sample: bool = False
@@ -125,6 +128,8 @@ class NestConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"NestConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.min_new_tokens) < 0:
+            raise ValueError(f"NestConfig.min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.max_new_tokens < 0:
             raise ValueError(f"NestConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.mu is not None and not self.mu > 0:
@@ -159,7 +164,7 @@ class NestConfig:
 # The NestConfig fields by what they tune. A decoding method declares the groups (and single fields) it reads
 # (``Decoder.reads``, stages/decoding/registry.py): those, and only those, enter its Generate/Perplexity key, so that
 # changing γ reruns NEST and RA-NEST but not the base LM, RA or kNN-LM.
-GENERATION = ("max_new_tokens", "stop_at_eos", "batch_size", "prompt_overflow")
+GENERATION = ("max_new_tokens", "min_new_tokens", "stop_at_eos", "batch_size", "prompt_overflow")
 SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "seed")
 TOKEN_INDEX = ("passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys")
 MIXTURE = ("alpha", "tau", "mu", "lm_temperature", "force_lambda")
@@ -171,7 +176,7 @@ IMPLEMENTATION = ("passage_batch_size", "key_cache_dir", "key_cache_max_bytes", 
 FIELD_GROUPS = {"generation": GENERATION, "sampling": SAMPLING, "token_index": TOKEN_INDEX, "mixture": MIXTURE,
                 "knnlm_lambda": KNNLM_LAMBDA, "spans": SPANS}
 # evaluation mode (perplexity) stops at the mixture (paper §3.2): spans, γ, sampling and lengths do not enter it
-NOT_IN_EVALUATION = frozenset(SPANS + SAMPLING + ("max_new_tokens", "stop_at_eos", "batch_size"))
+NOT_IN_EVALUATION = frozenset(SPANS + SAMPLING + ("max_new_tokens", "min_new_tokens", "stop_at_eos", "batch_size"))
 # options that switch a behaviour on: a method that does not read one refuses a non-default value (as HF's generate
 # refuses flags it cannot honour) instead of silently decoding otherwise
 MODE_SWITCHES = ("do_sample",)

@@ -93,12 +93,15 @@ class TokenIndexDecoder(Decoder):
             if index is not None:
                 row.count("steps_without_valid_keys", k)
             lam = torch.ones(k, device=p_lm.device)  # no neighbour: the LM alone, whatever λ is forced to
-            return Scored(p_lm, p_lm, lam, empty, empty.long())
+            return Scored(self.suppress_eos(row, p_lm), p_lm, lam, empty, empty.long())
         nb = index.search(queries, self.config.neighbors, exclude)
         row.count("knn_searches", k)
         lam = self.lambdas(nb.scores).to(p_lm.device)
         p_m = mixture_from_neighbors(p_lm, nb.scores, index.values[nb.rows], lam, self.mu)
-        return Scored(p_m, p_lm, lam, nb.scores, nb.rows)
+        # NestConfig.min_new_tokens: no EOS before it, neither chosen nor accepted in a draft (a document-end key's EOS
+        # included); position j of a pass chooses token number len(row.tokens) + j (the fed token is already emitted,
+        # a draft's first token too)
+        return Scored(self.suppress_eos(row, p_m), p_lm, lam, nb.scores, nb.rows)
 
     # ---------------------------------------------------------------- passages → token index
     def index_tokens(self, passage, max_tokens: int | None = None) -> list[int]:
@@ -203,6 +206,7 @@ class TokenIndexDecoder(Decoder):
         """log p_M of each target token: every position its own kNN search over the example's token index (no
         masking, no spans: evaluation mode stops at the mixture, paper §3.2)."""
         krow = self.new_row(row)
+        krow.min_new = 0  # generation lengths do not enter evaluation mode
         self.build_indexes([krow], Clock(self.device))
         scored = self.score(krow, logits, torch.cat(queries))
         if scored.nb_scores.shape[1] == 0:  # no passages: the mixture is p_LM at the mixture's temperature

@@ -34,7 +34,7 @@ class DecodeRequest:
     best first (the token index uses all of them, the RA prompt the top 3). ``prefix_ids`` keeps a completion prefix cut
     at a token boundary exactly as cut; ``prompt_ids`` bypasses the prompt templates entirely (tests, PPL-style use).
     ``max_new_tokens`` overrides the config's budget for this example; ``stop`` is its task family's stop rule
-    (:data:`tasks.stopping.STOP_RULES`: ``"none"``, ``"paragraph"``, ``"blank_line"``).
+    (:data:`tasks.stopping.STOP_RULES`: ``"none"``, ``"paragraph"``, ``"blank_line"``, ``"sentence"``).
     """
 
     example_id: int

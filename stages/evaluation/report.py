@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from tasks.base import Column
 
-VERSION = "5"
+VERSION = "6"
 
 BASE = "base"  # the reference of the speed-ups and of the paired differences
 ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
@@ -478,6 +478,36 @@ def read_key_stores(key_stores: dict[str, Path] | None, readers: dict[str, int] 
     return out
 
 
+ANSWER_COLUMNS = (  # (metric, label): how each answer ended, and what it said first (Score's summary, in %)
+    ("alr", "ALR"), ("alr_first_sentence", "ALR, first sentence"), ("stopped_by_stop_rule", "ended by its rule"),
+    ("stopped_by_eos", "ended by EOS"), ("stopped_by_length", "hit the length cap"),
+    ("chimera_rate", "chimera sentences"), ("num_tokens", "mean tokens"),
+)
+
+
+def answers(s: Summary, cells: list[dict]) -> str:
+    """Per QA task (the tasks scored by ALR) and method: ALR beside ALR on the answer's first sentence (text copied
+    after the answer cannot score there), which rule ended the answers (stop rule, EOS, or the length cap), and the
+    chimera rate: sentences whose copied tokens come from two or more articles."""
+    out = []
+    for task in s.tasks():
+        if not any(s.get(task, m, "alr") is not None for m in s.methods()):
+            continue
+        rows = []
+        for m in s.methods():
+            if s.get(task, m, "alr") is None:
+                continue
+            row = [method_label(m)]
+            for metric, label in ANSWER_COLUMNS:
+                v = s.get(task, m, metric)
+                row.append("–" if v is None and metric == "chimera_rate" else fmt(v))
+                cells.append({"table": "answers", "task": task, "row": m, "column": label, "value": v})
+            rows.append(row)
+        out.append(f"**{task}**\n\n" + _md_table(["method"] + [c[1] + (" (%)" if c[0] != "num_tokens" else "")
+                                                                 for c in ANSWER_COLUMNS], rows))
+    return "\n\n".join(out)
+
+
 def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduction report",
            context: dict | None = None, scores: list[dict] | None = None,
            copied: list[dict] | None = None, key_stores: dict[str, dict] | None = None) -> tuple[str, list[dict]]:
@@ -491,6 +521,7 @@ def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduct
     sections = [
         ("## Table 1: quality per method and task", table1(s, cells), None),
         ("## Differences from the base LM (95% paired bootstrap)", paired_differences(scores or [], cells), None),
+        ("## How the answers ended (QA)", answers(s, cells), None),
         ("## Table 2: attribution (copied tokens; supported tokens apart)", table2(s, cells), None),
         ("## Off-topic copies per biography", off_topic_copies(s, scores or [], copied or [], cells), None),
         ("## Table 3: ablation", table3(s, cells), None),

@@ -21,6 +21,9 @@ in the paper's table scale (ROUGE, ALR and attribution ratio in %):
 | ``supported_ratio`` | 100 · Σ supported tokens / Σ generated tokens (produced one at a time, their value among the neighbours) |
 | ``topical_precision`` | topical tasks (bio, factscore): 100 · Σ on-topic copied tokens / Σ copied tokens (``tasks.metrics.Topic``) |
 | ``answer_in_copied_span`` | QA (ALR tasks): 100 · share of correct answers whose gold alias lies inside one copied span |
+| ``alr_first_sentence`` | QA (ALR tasks): ALR of the answer's first sentence only (``tasks.sentences``): text copied after the answer cannot score |
+| ``stopped_by_eos`` / ``stopped_by_stop_rule`` / ``stopped_by_length`` | % of examples each rule ended (``stopped_by_length``: the answers that hit the length cap) |
+| ``chimera_rate`` | methods that copy (``passages`` given): 100 · Σ sentences whose copied tokens come from two or more articles (source ids) / Σ sentences (``tasks.metrics.chimera_counts``) |
 | ``mean_proposed_span`` | Σ drafted tokens / Σ drafts (a draft: a span step or a streamed continuation; the paper's "average proposed span length", Fig. 2b) |
 | ``mean_accepted_span`` | Σ accepted draft tokens / Σ drafts |
 | ``ppl`` | exp(Σ target NLL / Σ target tokens) over the examples (evaluation mode, Table 1) |
@@ -51,8 +54,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-VERSION = "3"
+VERSION = "4"
 
+# which rule ended a generation (the decoder's counters, stages.decoding.base.Decoder.finish)
+STOP_REASONS = ("stopped_by_eos", "stopped_by_stop_rule", "stopped_by_length")
 # the latency components of stages.decoding.base.TIMING_KEYS without "total" (kept here: Score imports no torch)
 COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification",
               "other")
@@ -112,7 +117,8 @@ def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, pass
     """Per-example attribution metrics (in %) of one generation, and the counts to pool: ``attribution_ratio``,
     ``attribution_span_length``, ``supported_ratio``; ``topical_precision`` for the topical tasks (when the example
     knows its topic); ``answer_in_copied_span`` for tasks scored by ALR (``quality`` holds ``alr``)."""
-    from tasks.metrics import Topic, answer_in_copied_span, attribution_stats, topical_counts
+    from tasks.metrics import (Topic, alr_first_sentence, answer_in_copied_span, attribution_stats, chimera_counts,
+                               topical_counts)
 
     src = _sources(gen)
     st = attribution_stats(src, _sources(gen, "supported"))
@@ -134,11 +140,28 @@ def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, pass
                     on_docs[int(s_[0])] = on_docs.get(int(s_[0]), 0) + 1
             counts.update(topic_copied=copied, topic_on=on, off_topic=off, on_topic_docs=on_docs,
                           topic=str(topic.title or meta.get("source_id") or ""))
+    ends = gen.get("token_char_ends")
+    ends = list(ends) if ends is not None and len(ends) == len(src) else None
     if quality.get("alr") is not None:
-        ends = gen.get("token_char_ends")
-        if ends is not None and len(ends) == len(src):
-            v = answer_in_copied_span(gen["text"], list(example.get("references") or []), src, ends)
+        refs = list(example.get("references") or [])
+        out["alr_first_sentence"] = 100.0 * alr_first_sentence(gen["text"], refs)
+        if ends is not None:
+            v = answer_in_copied_span(gen["text"], refs, src, ends)
             out["answer_in_copied_span"] = None if v is None else 100.0 * v
+    counts.update(sentences=0, chimeras=0)
+    if ends is not None and passages and st["copied_tokens"]:
+        def article_of(doc: int):
+            info = passages.get(doc) or {}
+            return info.get("source_id") or info.get("title") or doc
+
+        n_sent, n_chim = chimera_counts(gen["text"], src, ends, article_of)
+        counts.update(sentences=n_sent, chimeras=n_chim)
+        out["chimera_rate"] = 100.0 * n_chim / n_sent if n_sent else None
+    elif ends is not None and passages is not None:
+        from tasks.sentences import sentence_spans
+
+        counts["sentences"] = len(sentence_spans(gen["text"]))  # nothing copied: no chimera
+        out["chimera_rate"] = 0.0 if counts["sentences"] else None
     return out, counts
 
 
@@ -176,15 +199,16 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         for r in pq.read_table(Path(perplexity) / "perplexity.parquet").to_pylist():
             ppl_rows[int(r["example_id"])] = r
 
-    passage_info: dict[int, dict] = {}
-    if spec.topical:
+    # titles and source ids of copied passages: topical precision, off-topic copies, chimera sentences
+    passage_info: dict[int, dict] | None = None
+    if passages is not None:
         passage_info = _passage_info(passages, {int(d) for g in gens for d in (g["source_doc_ids"] or []) if d >= 0})
 
     long_rows: list[dict] = []
     copied_rows: list[dict] = []
     per_metric: dict[str, list[float]] = {}
     pooled = {"tokens": 0, "seconds": 0.0, "attributed": 0, "runs": 0, "accepted": 0, "drafted": 0, "drafts": 0,
-              "supported": 0, "topic_copied": 0, "topic_on": 0,
+              "supported": 0, "topic_copied": 0, "topic_on": 0, "sentences": 0, "chimeras": 0,
               "key_hits": 0, "key_lookups": 0}
     rates: list[float] = []
     walls: list[float] = []
@@ -209,16 +233,19 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         attr, cnt = attribution_metrics(g, ex, task, m, passage_info)
         for k, v in attr.items():
             add(eid, k, v)
-        for k in ("supported", "topic_copied", "topic_on"):
+        for k in ("supported", "topic_copied", "topic_on", "sentences", "chimeras"):
             pooled[k] += cnt[k]
         for on_topic, docs in ((False, cnt["off_topic"]), (True, cnt["on_topic_docs"])):
             for doc, k in sorted(docs.items()):
                 copied_rows.append({"example_id": eid, "task": task, "method": method, "variant": variant,
                                     "topic": cnt["topic"], "doc_id": doc,
-                                    "title": (passage_info.get(doc) or {}).get("title") or f"passage {doc}",
+                                    "title": ((passage_info or {}).get(doc) or {}).get("title") or f"passage {doc}",
                                     "tokens": k, "on_topic": on_topic})
         counters = json.loads(g["counters"] or "{}")
         timings = json.loads(g["timings"] or "{}")
+        for reason in STOP_REASONS:  # which rule ended the answer, in % of examples (stopped_by_length: cap hits)
+            if reason in counters:
+                add(eid, reason, 100.0 * int(counters[reason]))
         pooled["tokens"] += n
         pooled["seconds"] += float(g["wall_s"])
         pooled["attributed"] += cnt["copied"]
@@ -242,7 +269,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     summary: dict[str, float | None] = {}
     for metric, values in per_metric.items():
         if metric in ("attribution_ratio", "attribution_span_length", "supported_ratio", "topical_precision",
-                      "wall_s", "nll_sum", "ppl_tokens"):
+                      "chimera_rate", "wall_s", "nll_sum", "ppl_tokens"):
             continue
         summary[metric] = sum(values) / len(values) if values else None
     for metric in {k for r in long_rows for k in [r["metric"]]} - set(summary):
@@ -261,6 +288,8 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     if spec.topical:
         summary["topical_precision"] = (100.0 * pooled["topic_on"] / pooled["topic_copied"]
                                         if pooled["topic_copied"] else None)
+    if pooled["sentences"]:
+        summary["chimera_rate"] = 100.0 * pooled["chimeras"] / pooled["sentences"]
     summary["mean_accepted_span"] = pooled["accepted"] / pooled["drafts"] if pooled["drafts"] else None
     summary["mean_proposed_span"] = pooled["drafted"] / pooled["drafts"] if pooled["drafts"] else None
     for c in COMPONENTS:

@@ -24,6 +24,8 @@ class BaseDecoder(Decoder):
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         cfg = self.config
+        if any(r.min_new > len(r.tokens) for r in rows):  # NestConfig.min_new_tokens: no EOS yet
+            logits = torch.cat([self.suppress_eos(r, lg[None], float("-inf")) for r, lg in zip(rows, logits)])
         if not cfg.do_sample:
             return logits.argmax(-1).tolist()
         picks = []
