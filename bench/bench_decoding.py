@@ -239,10 +239,11 @@ def heldout_rows(examples: list[dict], plan: dict) -> tuple[list[dict], dict]:
     return kept, info
 
 
-def load_inputs(tasks, n_examples: int, quick: bool, key_store: bool = True) -> dict:
+def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
     """Build (or reuse) the pipeline artifacts; per task: n_examples timed requests + one warm-up request, their
     references, each example's retrieval cost (PreRetrieve's search share + fetching its passages), and the key store
-    built for the task's draw. ``bio`` is the held-out draw (its own LoadTask seed and size)."""
+    built for the task's draw (``key_store``: True, False, or the tasks that need one). ``bio`` is the held-out draw
+    (its own LoadTask seed and size)."""
     if quick:
         os.environ.setdefault("NEST_STORE", str(QUICK_STORE))
     from pipeline import cli, config, dag
@@ -279,8 +280,8 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store: bool = True) -> 
             if cli.build(list(jobs.values()), profile=None, command=["bench", "decoding", t], quiet=True):
                 raise RuntimeError(f"the pipeline failed to build the benchmark's inputs for {t}")
             ex_dir, retr_dir = Path(jobs["examples"].artifact_dir), Path(jobs["retrievals"].artifact_dir)
-            out["key_store"][t] = (build_key_store(cli, dag, t, task_cfg[t]) if key_store else
-                                   {"note": "key store not built (--no-key-store)"})
+            if key_store is True or (key_store and t in key_store):
+                out["key_store"][t] = build_key_store(cli, dag, t, task_cfg[t])
         examples = pq.read_table(ex_dir / "examples.parquet").to_pylist()
         if plan is not None:
             examples, out["draws"][t] = heldout_rows(examples, plan)
@@ -822,7 +823,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
         notes.append("NestConfig has no min_new_tokens in this build: the equal-work setting is left out")
         plan = [s for s in plan if s.get("headline") != "equal"]
     tasks = sorted({s["task"] for s in plan})
-    inputs = load_inputs(tasks, n_examples, quick, key_store=any("nest_store" in s["methods"] for s in plan))
+    inputs = load_inputs(tasks, n_examples, quick, key_store={s["task"] for s in plan if "nest_store" in s["methods"]})
     model, tok = load_lm(inputs["lm_dir"])
     stores = inputs["key_store"]
     methods: dict[str, dict[str, Method]] = {}
