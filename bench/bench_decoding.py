@@ -6,6 +6,7 @@ prompt lookup, with a 95% confidence interval on every speed-up, and only on a q
     python -m bench.run --quick decoding         # 2 examples, 16/32 new tokens, 300-article corpus (no people in it:
                                                  # the headline settings run on completion_excluded): checks the bench
     NEST_BENCH_ALLOW_BUSY=1 python -m bench.run decoding     # on a busy machine: figures labelled "measured under load"
+    python -m bench.run decoding --only bio --min-new-tokens 128     # the bio settings only; equal work at 128..256
 
 **Quiet machine or no headline** (``bench/quiet.py``). Torch runs with its default threads (recorded: ``threads``;
 nothing here sets them, and a thread budget the pipeline applied while building the inputs is undone before the timed
