@@ -96,8 +96,10 @@ def settings(max_new: int, long_new: int, min_new: int | None = None, quick: boo
     out = [
         {"name": f"{hl}@{long_new} equal work (min {min_new})", "task": head, "max_new": long_new, "min_new": min_new,
          "methods": ["base", "nest", "nest_store"], "headline": "equal",
-         "label": f"HEADLINE: every method writes at least {min_new} and at most {long_new} new tokens (EOS, the stop "
-                  f"rule and the document-end key suppressed until {min_new}): NEST on the fly ÷ base on equal work"
+         "label": (f"HEADLINE: every method writes exactly {long_new} new tokens" if min_new == long_new else
+                   f"HEADLINE: every method writes at least {min_new} and at most {long_new} new tokens")
+                  + f" (EOS, the stop rule and the document-end key suppressed until {min_new}): NEST on the fly ÷ "
+                    f"base on equal work"
                   + ("" if quick else "; people in no eval/dev draw")},
         {"name": f"{hl}@{long_new} natural stops", "task": head, "max_new": long_new, "min_new": 0,
          "methods": ["base", "nest", "nest_store"], "headline": "natural",
