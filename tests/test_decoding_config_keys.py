@@ -15,7 +15,8 @@ _IMPL = {"passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_ident
          "compact_hole_fraction"}
 _TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys", "alpha", "tau",
                 "lm_temperature", "force_lambda", "knnlm_lambda", "knnlm_lambda_mode", "mu"}
-_SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution"}
+_SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution",
+          "span_start_passages", "span_article"}  # the last two: issue 14's span options, read where spans are
 _SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "seed"}
 IRRELEVANT = {
     "base": _IMPL | _TOKEN_INDEX | _SPANS | {"ra_passages"},

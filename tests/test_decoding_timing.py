@@ -227,3 +227,19 @@ def test_generate_wall_time_counts_retrieval_and_cold_keys(model, tok, tmp_path,
     assert counters[0]["key_cache_misses"] == 4 and timings[0]["passage_encoding"] > 0
     assert all(c["key_cache_hits"] == 4 and t["passage_encoding"] == 0.0 for c, t in zip(counters[1:], timings[1:]))
     assert stats["key_hit_rate"] == pytest.approx(8 / 12, abs=1e-4)
+
+
+def test_stream_stop_rule_by_prompt_and_min_new_tokens(model, tok):
+    # nest generate: a question ends with its first sentence (the qa family's rule), a bio request with its article
+    # (longform: no rule), --stop overrides both; --min-new-tokens N with --max-new-tokens N writes exactly N tokens
+    qa = DemoSession(model, tok, "nest", NestConfig(max_new_tokens=6), retrieve=lambda p: random_passages(7, 5))
+    assert qa.stop_for(None) == "sentence" and qa.stop_for("bio") == "none"
+    assert DemoSession(model, tok, "base", NestConfig(), stops={"qa": "paragraph"}).stop_for(None) == "paragraph"
+    forced = DemoSession(model, tok, "base", NestConfig(), stop="none")
+    assert forced.stop_for(None) == "none"
+    assert DemoSession(model, tok, "base", NestConfig(), kind="completion").stop_for(None) == "none"
+    for method in ("base", "nest"):
+        s = DemoSession(model, tok, method, NestConfig(max_new_tokens=9, min_new_tokens=9),
+                        retrieve=lambda p: random_passages(7, 5))
+        g, _ = s.answer("Who was it?")
+        assert len(g.token_ids) == 9 and g.counters["min_new_tokens"] == 9

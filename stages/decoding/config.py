@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 KEY_LAYERS = ("paper", "code")
 SPAN_STARTS = ("paper", "code")
+SPAN_ARTICLES = ("any", "sentence")
 MASKINGS = ("paper", "code", "off")
 ACCEPTANCES = ("relaxed", "strict")
 KNN_LAMBDAS = ("fixed", "rrc")
@@ -41,6 +42,15 @@ class NestConfig:
         gamma (γ, leniency): accept draft token w iff p_M(w) > 0.5·γ·max p_M (greedy Eq. 7).
         acceptance: ``"relaxed"`` (Eq. 7) or ``"strict"`` (accept only argmax p_M: lossless w.r.t. token-by-token p_M).
         streaming: after a fully accepted draft, draft the next n tokens of the same passage (still verified).
+        span_start_passages (beyond the paper; 0 = off, the paper): a span may start only in the articles of the
+            top-``span_start_passages`` retrieved passages (every retrieved passage of those articles; the token index
+            still holds all b passages for p_kNN and RRC). A span start neighbour from another article is never
+            chosen: the step is token mode instead. Against copying a namesake's article (a bio of Stefan Banach
+            opening with Henryk Sienkiewicz's "was a Polish ...", issue 14).
+        span_article (beyond the paper): ``"any"`` (paper) or ``"sentence"``: within one sentence, a span may start
+            only in an article the sentence has already copied from (the first span of a sentence is free), so that no
+            sentence is stitched from two articles (a *chimera*, :func:`tasks.metrics.chimera_counts`). Articles are
+            told apart by the passages' titles.
         masking: ``"paper"`` = every emitted corpus token's key is masked; ``"code"`` = only the first emitted key of a
             step, never a passage's first key (D4); ``"off"``.
         token_mode_attribution: a token-mode token whose value equals the selected neighbour's is recorded as
@@ -92,6 +102,8 @@ class NestConfig:
     token_mode_attribution: bool = True
     document_end: str = "none"
     sink_keys: str = "keep"
+    span_start_passages: int = 0
+    span_article: str = "any"
     # generation
     max_new_tokens: int = 256
     min_new_tokens: int = 0
@@ -120,7 +132,7 @@ class NestConfig:
         choices = {"key_layer": KEY_LAYERS, "span_start": SPAN_STARTS, "masking": MASKINGS,
                    "acceptance": ACCEPTANCES, "knnlm_lambda_mode": KNN_LAMBDAS, "prompt_overflow": OVERFLOWS,
                    "passage_bos": ("auto", "yes", "no"), "document_end": DOCUMENT_ENDS,
-                   "sink_keys": ("keep", "drop")}
+                   "sink_keys": ("keep", "drop"), "span_article": SPAN_ARTICLES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"NestConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -130,6 +142,8 @@ class NestConfig:
                 raise ValueError(f"NestConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.min_new_tokens) < 0:
             raise ValueError(f"NestConfig.min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if int(self.span_start_passages) < 0:
+            raise ValueError(f"NestConfig.span_start_passages must be >= 0, got {self.span_start_passages}")
         if self.max_new_tokens < 0:
             raise ValueError(f"NestConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.mu is not None and not self.mu > 0:
@@ -169,7 +183,8 @@ SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "seed")
 TOKEN_INDEX = ("passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys")
 MIXTURE = ("alpha", "tau", "mu", "lm_temperature", "force_lambda")
 KNNLM_LAMBDA = ("knnlm_lambda", "knnlm_lambda_mode")
-SPANS = ("delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution")
+SPANS = ("delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution",
+         "span_start_passages", "span_article")
 # resources: never change a token, never in a key
 IMPLEMENTATION = ("passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
                   "compact_hole_fraction")

@@ -6,7 +6,8 @@ A draft is the next ``n`` tokens of one passage after a start ``(doc_id, positio
 
 - **streaming**: after a fully accepted draft, the continuation of the same passage;
 - otherwise **span mode** when the position's λ_t ≤ δ: the span-start neighbour (Eq. 5; ``span_start`` rule) and the
-  tokens after it (cut at the passage end, never padded: B6);
+  tokens after it (cut at the passage end, never padded: B6); with ``span_start_passages`` / ``span_article`` (beyond
+  the paper) only neighbours of the allowed articles may start it;
 - otherwise no draft: the step is token mode.
 
 With paper masking, tokens already used are never drafted again.
@@ -15,6 +16,8 @@ With paper masking, tokens already used are never drafted again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from stages.decoding.config import NestConfig
 from stages.decoding.kernels import select_span_start
@@ -33,9 +36,12 @@ class SpanDrafter:
     """Proposes a row's next draft from its token index (counts ``steps_stream``, ``steps_span`` and
     ``span_start_not_found`` on the row)."""
 
-    def __init__(self, config: NestConfig, mu: float):
+    def __init__(self, config: NestConfig, mu: float, allowed=None):
+        """``allowed(row)``: the passages a span may start in, or None for any (the decoder's
+        :meth:`~stages.decoding.knn.TokenIndexDecoder.span_start_docs`)."""
         self.config = config
         self.mu = mu
+        self.allowed = allowed if allowed is not None else (lambda row: None)
 
     def span_mode(self, d: Scored) -> bool:
         """λ_t ≤ δ (and there are neighbours): the retrieval is confident enough to copy a span."""
@@ -55,6 +61,13 @@ class SpanDrafter:
         if not self.span_mode(d):
             return None
         scores, nb_rows, values = usable_neighbors(row, d)
+        allowed = self.allowed(row)
+        if allowed is not None:  # span_start_passages / span_article: only neighbours of the allowed articles
+            keep = torch.tensor([row.index.source(int(x))[0] in allowed for x in nb_rows.tolist()], dtype=torch.bool,
+                                device=nb_rows.device)
+            if not bool(keep.all()):
+                row.count("span_starts_restricted")
+                scores, nb_rows, values = scores[keep], nb_rows[keep], values[keep]
         j = select_span_start(d.p_m[0], d.p_lm[0], float(d.lam[0]), values, scores, self.mu, cfg.span_start)
         if j < 0:
             row.count("span_start_not_found")

@@ -44,6 +44,9 @@ class KnnRow(Row):
     feed_kind: str = "token"
     draft_src: tuple[int, int] | None = None
     masked_this_step: bool = False
+    article_of: dict = field(default_factory=dict)  # doc_id -> its article (the passage's title, else the doc_id)
+    span_docs: frozenset | None = None  # where a span may start (NestConfig.span_start_passages); None: anywhere
+    sentence_articles: set = field(default_factory=set)  # articles the current sentence copied from
 
 
 def usable_neighbors(row: KnnRow, d: Scored) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +133,7 @@ class TokenIndexDecoder(Decoder):
                     ps.append((int(p.doc_id), toks))
             per_row.append(ps)
             row.counters["passages"] = len(ps)
+            self.note_articles(row, row.req.passages[: cfg.passages])
             if not ps:
                 row.counters["fallback_no_passages"] = 1  # no keys: p_M = p_LM, i.e. the base LM
         flat = [toks for ps in per_row for _, toks in ps]
@@ -157,6 +161,15 @@ class TokenIndexDecoder(Decoder):
                     for doc, _ in ps:
                         row.index.mask(doc, first_value_pos)
             row.counters["keys"] = len(row.index)
+
+    def note_articles(self, row: KnnRow, passages) -> None:
+        """The row's passage → article map and, with ``span_start_passages``, the passages a span may start in: every
+        retrieved passage of the articles of the top-ranked ones (rank order = the request's order)."""
+        row.article_of = {int(p.doc_id): (p.title or int(p.doc_id)) for p in passages}
+        k = int(self.config.span_start_passages)
+        if k > 0:
+            top = {row.article_of[int(p.doc_id)] for p in passages[:k]}
+            row.span_docs = frozenset(d for d, a in row.article_of.items() if a in top)
 
     def prefetch_keys(self, requests) -> None:
         """Put the passage keys of ``requests`` into the key cache (e.g. to time decoding with a warm cache)."""
@@ -189,6 +202,8 @@ class TokenIndexDecoder(Decoder):
         source; otherwise (token mode) ``source`` is only a neighbour carrying the same value and is recorded as
         *supported*. Masking does not depend on the difference."""
         emitted = self.emit(row, token, source, None) if copied else self.emit(row, token, None, source)
+        if emitted and self.config.span_article == "sentence":
+            self.track_sentence_articles(row, source if copied else None)
         if not emitted or source is None or row.index is None:
             return
         mode = self.config.masking
@@ -198,6 +213,26 @@ class TokenIndexDecoder(Decoder):
             row.masked_this_step = True
             if not row.index.is_first_key(*source):
                 row.index.mask(*source)
+
+    def track_sentence_articles(self, row: KnnRow, source: tuple[int, int] | None) -> None:
+        """Keep the articles the current sentence copied from: a token that starts with whitespace right after one
+        that ends with sentence punctuation starts a new sentence (abbreviations aside: a cheap, conservative test)."""
+        classes = self.token_classes()
+        if (len(row.tokens) >= 2 and row.tokens[-1] in classes.space_start
+                and row.tokens[-2] in classes.sentence_punct):
+            row.sentence_articles = set()
+        if source is not None:
+            row.sentence_articles.add(row.article_of.get(int(source[0]), int(source[0])))
+
+    def span_start_docs(self, row: KnnRow) -> frozenset | None:
+        """The passages the next span may start in (None: any): the top-ranked articles' passages
+        (``span_start_passages``) and, with ``span_article = "sentence"``, those of the articles the sentence already
+        copied from."""
+        allowed = row.span_docs
+        if self.config.span_article == "sentence" and row.sentence_articles:
+            mine = frozenset(d for d, a in row.article_of.items() if a in row.sentence_articles)
+            allowed = mine if allowed is None else allowed & mine
+        return allowed
 
     def new_row(self, row: Row) -> KnnRow:
         return KnnRow(**{f: getattr(row, f) for f in Row.__dataclass_fields__})

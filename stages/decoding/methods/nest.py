@@ -25,7 +25,7 @@ class NestDecoder(VerifyingDecoder):
 
     def __init__(self, model, tokenizer, config=None, key_cache=None):
         super().__init__(model, tokenizer, config, key_cache)
-        self.drafter = SpanDrafter(self.config, self.mu)
+        self.drafter = SpanDrafter(self.config, self.mu, self.span_start_docs)
 
     def lambdas(self, nb_scores: torch.Tensor) -> torch.Tensor:
         """λ_t per position: RRC (Eq. 4) unless ``force_lambda`` is set."""
