@@ -28,8 +28,8 @@ class NestConfig:
         passage_bos: prepend the tokenizer's BOS when encoding a passage alone: ``"auto"`` (if the tokenizer adds one by
             default), ``"yes"``, ``"no"``.
         key_precision: the arithmetic of the passage-key encoding (beyond the paper): ``"fp32"`` (paper, default: the LM
-            in its own dtype, fp32 on CPU) or ``"bf16"`` (the forward up to the key layer under bf16 autocast: ~1.6x more
-            keys/s on an AVX512-BF16 CPU; keys are still stored as fp32 and stay within the project's tolerance of
+            in its own dtype, fp32 on CPU) or ``"bf16"`` (the forward up to the key layer under bf16 autocast: 1.4-1.6x
+            the keys/s on an AVX512-BF16 CPU; keys are still stored as fp32 and stay within the project's tolerance of
             ≤ 2% relative PPL, docs/decoding.md "Key precision"). It enters the keys' identity (key cache folder, key
             store): bf16 keys are never mixed with fp32 ones.
     Mixture and RRC (Eq. 2-4)
