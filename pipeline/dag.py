@@ -550,9 +550,10 @@ class EncodePassageKeys(NestTask):
     """Passage keys computed offline into a memory-mapped key store (stages.lm.encode_passage_keys; issue 7 §2).
 
     Keyed by the LM (PrepareLM's key), the tokens artifact, the scope's retrievals, the key layer and the BOS rule (and
-    ``passages`` = b for the retrieved scope): a decoder reads it only when its own LM identity, layer and BOS rule
-    match. ``key_layer``/``passage_bos``/``passages`` default to ``[decoding] config``; the Generate tasks pass their
-    own values, so the store always matches the decoder that reads it."""
+    ``passages`` = b for the retrieved scope; ``key_precision`` when not fp32): a decoder reads it only when its own
+    keys' identity (LM and key precision), layer and BOS rule match. ``key_layer``/``passage_bos``/``passages``/
+    ``key_precision`` default to ``[decoding] config``; the Generate tasks pass their own values, so the store always
+    matches the decoder that reads it."""
 
     stage_module = "stages.lm.encode_passage_keys"
     label_params = ("task", "scope")
@@ -563,6 +564,8 @@ class EncodePassageKeys(NestTask):
     passage_bos = luigi.Parameter(default="")
     passages = luigi.IntParameter(default=0, description="b: each example's first b ranks (0: [decoding] config)")
     document_end = luigi.Parameter(default="", description="NestConfig.document_end (empty: [decoding] config)")
+    key_precision = luigi.Parameter(default="", description="NestConfig.key_precision, fp32 or bf16 (empty: [decoding] "
+                                    "config)")
     compression = luigi.ChoiceParameter(choices=["fp16", "pq", "fp32"], var_type=str)
     pq_bytes = luigi.IntParameter(description="PQ: at most this many bytes (8-bit subquantizers) per key")
     pq_train_tokens = luigi.IntParameter(description="PQ: keys sampled to train the quantizer")
@@ -591,6 +594,8 @@ class EncodePassageKeys(NestTask):
             params["passages"] = int(self._setting("passages"))
         if self._setting("document_end") == "eos":  # absent otherwise: the keys of existing stores stay the same
             params["document_end"] = "eos"
+        if self._setting("key_precision") != "fp32":  # likewise: fp32 stores keep their keys
+            params["key_precision"] = self._setting("key_precision")
         if self.compression == "pq":
             params.update(pq_bytes=self.pq_bytes, pq_train_tokens=self.pq_train_tokens)
         return params
@@ -606,7 +611,8 @@ def passage_keys_task(task: str, method: str, overrides) -> EncodePassageKeys | 
                              key_layer=_config_value(overrides, "key_layer"),
                              passage_bos=_config_value(overrides, "passage_bos"),
                              passages=int(_config_value(overrides, "passages")) if scope == "retrieved" else 0,
-                             document_end=_config_value(overrides, "document_end"))
+                             document_end=_config_value(overrides, "document_end"),
+                             key_precision=_config_value(overrides, "key_precision"))
 
 
 def experiment_runs():
