@@ -48,7 +48,8 @@ seconds ÷ the queries of the draw it was built for).
 - ``completion@96``, the **upper bound**: the source article is in the datastore, so NEST copies the answer.
 
 Methods: ``base`` (our greedy loop, plain prompt), ``pld10``/``pld20`` (HF ``generate(prompt_lookup_num_tokens=k)``
-with the same top passages in its prompt as RA), ``nest`` (on the fly, the profile's b), ``nest_b20``/``nest_b40``,
+with the same top passages in its prompt as RA), ``nest`` (on the fly, the profile's b), ``nest_bf16`` (the same with
+its passage keys encoded under bf16 autocast, ``key_precision``: an option, not the profile's default), ``nest_b20``/``nest_b40``,
 ``nest_store`` (keys from the store).
 
 Speed-ups are **pooled** (Σ tokens / Σ seconds of the method ÷ the same for the base LM, on the same examples of the
@@ -95,14 +96,14 @@ def settings(max_new: int, long_new: int, min_new: int | None = None, quick: boo
     min_new = long_new if min_new is None else min_new
     out = [
         {"name": f"{hl}@{long_new} equal work (min {min_new})", "task": head, "max_new": long_new, "min_new": min_new,
-         "methods": ["base", "nest", "nest_store"], "headline": "equal",
+         "methods": ["base", "nest", "nest_bf16", "nest_store"], "headline": "equal",
          "label": (f"HEADLINE: every method writes exactly {long_new} new tokens" if min_new == long_new else
                    f"HEADLINE: every method writes at least {min_new} and at most {long_new} new tokens")
                   + f" (EOS, the stop rule and the document-end key suppressed until {min_new}): NEST on the fly ÷ "
                     f"base on equal work"
                   + ("" if quick else "; people in no eval/dev draw")},
         {"name": f"{hl}@{long_new} natural stops", "task": head, "max_new": long_new, "min_new": 0,
-         "methods": ["base", "nest", "nest_store"], "headline": "natural",
+         "methods": ["base", "nest", "nest_bf16", "nest_store"], "headline": "natural",
          "label": f"HEADLINE: at most {long_new} new tokens, each method stops where it stops (EOS, stop rule): the "
                   f"speed a user gets; seconds per query beside"},
         {"name": f"{TASK_LABEL['bio']}@{max_new}", "task": "bio", "max_new": max_new, "min_new": 0,
@@ -386,7 +387,9 @@ class Method:
             self.ra = make_decoder("ra", model, tok, NestConfig(**lengths))
         else:
             cfg = {**nest_cfg, **lengths}
-            if name.startswith("nest_b"):
+            if name == "nest_bf16":  # keys encoded under bf16 autocast (NestConfig.key_precision, docs/decoding.md)
+                cfg["key_precision"] = "bf16"
+            elif name.startswith("nest_b"):
                 cfg["passages"] = int(name[len("nest_b"):])
             self.dec = make_decoder("nest", model, tok, NestConfig(**cfg), key_cache=new_key_cache(key_store_dir))
 
