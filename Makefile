@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all test bench query reproduce clean distclean venv
+.PHONY: all test bench query reproduce keys clean distclean venv
 
 all: $(STAMP)
 	$(BIN)/nest all --profile $(PROFILE)
@@ -28,6 +28,15 @@ bench: $(STAMP)
 # the embedded run's headline numbers against tests/reproduction/embedded.json, each within its tolerance
 reproduce: $(STAMP)
 	NEST_REPRODUCE=1 $(BIN)/python -m pytest -q tests/test_reproduction.py
+
+# The corpus-wide passage-key store (EncodePassageKeys over every passage, PQ keys of 64 bytes), not part of `make all`:
+# about 35-40 min and 72 MB on 2 CPU cores for the embedded corpus (docs/scale.md "make keys"). A run reads it with
+# `nest all --set decoding.key_store=corpus --set EncodePassageKeys.compression=pq`. KEYS_SET adds overrides, e.g.
+# KEYS_SET="--set ConvertCorpus.limit=300"; KEYS_ARGS adds task parameters, e.g. KEYS_ARGS="--key-precision bf16".
+KEYS_SET ?=
+KEYS_ARGS ?=
+keys: $(STAMP)
+	$(BIN)/nest run --profile $(PROFILE) --set EncodePassageKeys.compression=pq $(KEYS_SET) EncodePassageKeys --scope corpus $(KEYS_ARGS)
 
 query: $(STAMP)
 	$(BIN)/nest query "$(SQL)"

@@ -551,9 +551,10 @@ class EncodePassageKeys(NestTask):
     """Passage keys computed offline into a memory-mapped key store (stages.lm.encode_passage_keys; issue 7 §2).
 
     Keyed by the LM (PrepareLM's key), the tokens artifact, the scope's retrievals, the key layer and the BOS rule (and
-    ``passages`` = b for the retrieved scope): a decoder reads it only when its own LM identity, layer and BOS rule
-    match. ``key_layer``/``passage_bos``/``passages`` default to ``[decoding] config``; the Generate tasks pass their
-    own values, so the store always matches the decoder that reads it."""
+    ``passages`` = b for the retrieved scope; ``key_precision`` when not fp32): a decoder reads it only when its own
+    keys' identity (LM and key precision), layer and BOS rule match. ``key_layer``/``passage_bos``/``passages``/
+    ``key_precision`` default to ``[decoding] config``; the Generate tasks pass their own values, so the store always
+    matches the decoder that reads it."""
 
     stage_module = "stages.lm.encode_passage_keys"
     label_params = ("task", "scope")
@@ -564,6 +565,8 @@ class EncodePassageKeys(NestTask):
     passage_bos = luigi.Parameter(default="")
     passages = luigi.IntParameter(default=0, description="b: each example's first b ranks (0: [decoding] config)")
     document_end = luigi.Parameter(default="", description="NestConfig.document_end (empty: [decoding] config)")
+    key_precision = luigi.Parameter(default="", description="NestConfig.key_precision, fp32 or bf16 (empty: [decoding] "
+                                    "config)")
     compression = luigi.ChoiceParameter(choices=["fp16", "pq", "fp32"], var_type=str)
     pq_bytes = luigi.IntParameter(description="PQ: at most this many bytes (8-bit subquantizers) per key")
     pq_train_tokens = luigi.IntParameter(description="PQ: keys sampled to train the quantizer")
@@ -592,6 +595,8 @@ class EncodePassageKeys(NestTask):
             params["passages"] = int(self._setting("passages"))
         if self._setting("document_end") == "eos":  # absent otherwise: the keys of existing stores stay the same
             params["document_end"] = "eos"
+        if self._setting("key_precision") != "fp32":  # likewise: fp32 stores keep their keys
+            params["key_precision"] = self._setting("key_precision")
         if self.compression == "pq":
             params.update(pq_bytes=self.pq_bytes, pq_train_tokens=self.pq_train_tokens)
         return params
@@ -607,7 +612,8 @@ def passage_keys_task(task: str, method: str, overrides) -> EncodePassageKeys | 
                              key_layer=_config_value(overrides, "key_layer"),
                              passage_bos=_config_value(overrides, "passage_bos"),
                              passages=int(_config_value(overrides, "passages")) if scope == "retrieved" else 0,
-                             document_end=_config_value(overrides, "document_end"))
+                             document_end=_config_value(overrides, "document_end"),
+                             key_precision=_config_value(overrides, "key_precision"))
 
 
 def experiment_runs():
@@ -763,7 +769,8 @@ def applied_stop_rules() -> str:
 
 
 class Report(NestTask):
-    """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid."""
+    """The paper's Tables 1-3, the γ sweep and the latency breakdown over every Score of the grid, and what each task's
+    passage-key store cost (the EncodePassageKeys NEST's main run read: inputs ``passage_keys/<task>``)."""
 
     stage_module = "stages.evaluation.report"
 
@@ -778,13 +785,39 @@ class Report(NestTask):
             out[name] = r
         return out
 
+    KEY_STORE_INPUT = "passage_keys/"  # + task: the key store NEST's main run on the task read
+
+    def key_stores(self) -> dict:
+        """``{task: EncodePassageKeys}`` of the stores NEST's main runs read (none with ``key_store = off``): the
+        report puts their build time beside NEST's speed (no query's seconds hold it)."""
+        out: dict = {}
+        for r in self.runs().values():
+            if r.method == "nest" and r.variant == "main" and r.task not in out:
+                keys = passage_keys_task(r.task, r.method, r.config)
+                if keys is not None:
+                    out[r.task] = keys
+        return out
+
+    def key_store_readers(self) -> dict:
+        """``{task: how many of the grid's runs read that task's store}``."""
+        stores = {t: k.key for t, k in self.key_stores().items()}
+        counts: dict = {}
+        for r in self.runs().values():
+            if r.task in stores:
+                keys = passage_keys_task(r.task, r.method, r.config)
+                if keys is not None and keys.key == stores[r.task]:
+                    counts[r.task] = counts.get(r.task, 0) + 1
+        return counts
+
     def requires(self):
-        """Each run's Score (named ``task/method/variant``); for ``report.html``, each run's Generate
-        (``generations:<run>``), each task's examples (``examples:<task>``), and the passages, their tokens and the LM
-        (titles, token ids and the tokenizer of the passages copied from)."""
+        """Each run's Score (named ``task/method/variant``), the key stores of NEST's main runs
+        (``passage_keys/<task>``); for ``report.html``, each run's Generate (``generations:<run>``), each task's examples
+        (``examples:<task>``), and the passages, their tokens and the LM (titles, token ids and the tokenizer of the
+        passages copied from)."""
         runs = self.runs()
         req: dict = {name: Score(task=r.task, method=r.method, variant=r.variant, config=r.config)
                      for name, r in runs.items()}
+        req.update({self.KEY_STORE_INPUT + t: k for t, k in self.key_stores().items()})
         req.update({f"{GENERATIONS}{name}": Generate(task=r.task, method=r.method, config=r.config)
                     for name, r in runs.items()})
         req.update({f"{EXAMPLES}{t}": LoadTask(task=t) for t in dict.fromkeys(r.task for r in runs.values())})
@@ -811,6 +844,7 @@ class Report(NestTask):
     def call_kwargs(self):
         kw = super().call_kwargs()
         inputs = self.inputs()
+        stores = {k[len(self.KEY_STORE_INPUT):]: kw.pop(k) for k in list(inputs) if k.startswith(self.KEY_STORE_INPUT)}
         summaries = {k: kw.pop(k) for k in list(inputs) if isinstance(inputs[k], Score)}
         kw["generations"] = {k[len(GENERATIONS):]: kw.pop(k) for k in list(kw) if k.startswith(GENERATIONS)}
         kw["examples"] = {k[len(EXAMPLES):]: kw.pop(k) for k in list(kw) if k.startswith(EXAMPLES)}
@@ -821,6 +855,8 @@ class Report(NestTask):
         # each run's decoding config (the γ of the sweep): no key ingredient of its own, since its fields that change
         # a method's output are in each Score input's key already (through Generate's)
         configs = {name: _plain(r.config) for name, r in self.runs().items()}
+        if stores:  # the key stores' build time (their manifests) beside NEST's speed; how many runs read each
+            kw.update(key_stores=stores, key_store_readers=self.key_store_readers())
         return {**kw, "summaries": summaries, "configs": configs}
 
 

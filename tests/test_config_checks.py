@@ -91,6 +91,9 @@ def test_report_inputs_are_named_by_what_they_score():
     names = [n for n, t in req.items() if isinstance(t, dag.Score)]
     assert names and all(n.count("/") == 2 for n in names) and len(set(names)) == len(names)
     assert any(n.startswith("completion/nest/") for n in names)
+    # and the key stores NEST's main runs read (their build time goes beside NEST's speed), one per task
+    stores = {n: t for n, t in req.items() if n.startswith(dag.Report.KEY_STORE_INPUT)}
+    assert all(t.stage == "EncodePassageKeys" and n == f"passage_keys/{t.task}" for n, t in stores.items())
     # report.html reads each run's generations (named after the run), each task's examples, passages, tokens, the LM
     assert {n for n, t in req.items() if isinstance(t, dag.Generate)} == {dag.GENERATIONS + n for n in names}
     assert {"passages", "tokens", "lm"} <= set(req) and "examples:completion" in req

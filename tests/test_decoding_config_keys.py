@@ -13,8 +13,9 @@ from stages.decoding.registry import methods
 # (issue 8): kept here verbatim, so that the declared ``reads`` are proven to give byte-identical keys.
 _IMPL = {"passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
          "compact_hole_fraction"}
-_TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys", "alpha", "tau",
-                "lm_temperature", "force_lambda", "knnlm_lambda", "knnlm_lambda_mode", "mu"}
+# (key_precision joined later, as a token-index field like sink_keys and document_end)
+_TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys", "key_precision",
+                "alpha", "tau", "lm_temperature", "force_lambda", "knnlm_lambda", "knnlm_lambda_mode", "mu"}
 _SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution",
           "span_start_passages", "span_article"}  # the last two: issue 14's span options, read where spans are
 _SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "seed"}

@@ -148,6 +148,36 @@ def test_gamma_is_read_from_the_run_config_not_the_variant_name(tmp_path):
         report.run(out2, summaries=summaries)
 
 
+def test_key_store_cost_beside_nest_speed(tmp_path):
+    """Issue 14: the key store NEST read was built for these very queries; its build seconds, their per-query share
+    and NEST's speed with that share counted stand beside the speed without (read from the store's manifest)."""
+    folder = tmp_path / "bio_nest"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([
+        {"task": "bio", "method": "nest", "variant": "main", "metric": m, "value": v, "n": 8}
+        for m, v in (("tokens_per_s", 40.0), ("seconds_per_query", 2.0), ("rouge1", 30.0))]), folder / "summary.parquet")
+    store = tmp_path / "EncodePassageKeys" / "k1"
+    store.mkdir(parents=True)
+    (store / "manifest.json").write_text(json.dumps({"stage": "EncodePassageKeys", "params": {
+        "scope": "retrieved", "passages": 10}, "timings": {"build_s": 16.0}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    report.run(out, summaries={"bio/nest/main": folder}, key_stores={"bio": store}, key_store_readers={"bio": 3})
+    text = (out / "report.md").read_text()
+    assert "## What the key store cost" in text
+    assert "The `retrieved` keys of bio were encoded by an earlier stage (EncodePassageKeys) for these very queries" in text
+    # 16 s over 8 queries: 2 s each; 80 tokens per query in 2 + 2 s: 20 tok/s with the share, 40 without
+    assert "| bio | `retrieved`, b = 10 | 16.0 | 8 | 2.00 | 4.00 | 2.00 | 20.0 | 40.0 | 3 |" in text
+    cells = {c["column"]: c["value"] for c in pq.read_table(out / "tables.parquet").to_pylist()
+             if c["table"] == "key_store"}
+    assert cells["share_s_per_query"] == 2.0 and cells["tokens_per_s_with_share"] == 20.0
+    # no key store (key_store = off): no section
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    report.run(out2, summaries={"bio/nest/main": folder})
+    assert "key store cost" not in (out2 / "report.md").read_text()
+
+
 def test_answers_section_shows_stop_reasons_cap_hits_first_sentence_recall_and_chimeras(tmp_path):
     rows = []
     for m, vals in (("base", dict(alr=40.0, alr_first_sentence=40.0, stopped_by_stop_rule=75.0, stopped_by_eos=25.0,

@@ -12,7 +12,7 @@ import torch
 
 from stages.decoding.base import Clock, Decoder, Row
 from stages.decoding.kernels import lm_distribution, mixture_from_neighbors, mu_for, select_span_start
-from stages.decoding.passage_keys import PassageKeyCache, lm_fingerprint, lookup_or_encode
+from stages.decoding.passage_keys import PassageKeyCache, key_identity, lm_fingerprint, lookup_or_encode
 from stages.decoding.token_index import TokenIndex
 
 
@@ -69,7 +69,8 @@ class TokenIndexDecoder(Decoder):
         cfg = self.config
         if self.key_cache is None:
             self.key_cache = PassageKeyCache(cfg.key_cache_dir, cfg.key_cache_max_bytes)
-        self.lm_identity = cfg.lm_identity or lm_fingerprint(model)
+        # the keys' identity: the LM's, and their precision (bf16 keys never share a cache or store with fp32 ones)
+        self.lm_identity = key_identity(cfg.lm_identity or lm_fingerprint(model), cfg.key_precision)
         hidden = int(getattr(model.config, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
         self.mu = float(cfg.mu) if cfg.mu is not None else mu_for(hidden)
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -141,7 +142,7 @@ class TokenIndexDecoder(Decoder):
             return
         keys, hits, lookup_s, encode_s = lookup_or_encode(
             self.key_cache, self.model, flat, lm_identity=self.lm_identity, key_layer=cfg.key_layer,
-            bos_id=self.passage_bos, batch_size=cfg.passage_batch_size)
+            bos_id=self.passage_bos, batch_size=cfg.passage_batch_size, precision=cfg.key_precision)
         with_passages = [r for r, ps in zip(rows, per_row) if ps]
         for r in with_passages:  # one batched lookup/encoding serves every row: its time is shared equally
             r.timings["token_index_build"] += lookup_s / len(with_passages)

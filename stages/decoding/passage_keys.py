@@ -2,7 +2,9 @@
 methods and processes (beyond the paper: keys depend only on the passage tokens and the LM, not on the query).
 
 Cache layout on disk: ``<dir>/<lm_identity>/<layer>-bos<0|1>/<sha[:2]>/<sha>.npy`` where ``sha`` is the sha1 of the
-passage's token ids: content-addressed, so a doc_id can never point at another corpus's keys. Files are written to a
+passage's token ids: content-addressed, so a doc_id can never point at another corpus's keys. ``lm_identity`` is the
+keys' identity (:func:`key_identity`): the LM's fingerprint, plus ``+bf16`` for keys encoded under bf16 arithmetic
+(``NestConfig.key_precision``), so keys of the two precisions never share a folder or a store. Files are written to a
 temp name and renamed (atomic), so several processes can share one folder.
 
 A :class:`~stages.decoding.key_store.PassageKeyStore` (the ``EncodePassageKeys`` artifact, built offline) can sit in
@@ -12,6 +14,7 @@ re-encoded (``stats["store_hits"]``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -47,12 +50,29 @@ def lm_fingerprint(model, sample: int = 1024) -> str:
     return f"{type(model).__name__}-{h.hexdigest()[:16]}"
 
 
+def key_identity(lm_identity: str, precision: str = "fp32") -> str:
+    """The identity of keys encoded by the LM ``lm_identity`` at ``precision`` (``NestConfig.key_precision``): the LM's
+    own identity for fp32 (so the paper's keys keep the names they always had), ``<lm_identity>+bf16`` otherwise."""
+    return lm_identity if precision == "fp32" else f"{lm_identity}+{precision}"
+
+
+def _precision_context(device: torch.device, precision: str):
+    """``"fp32"``: the model's own arithmetic; ``"bf16"``: torch autocast, so matmuls run in bf16 while weights, the
+    residual stream and the norms stay fp32 (more accurate than a bf16 copy of the model, and no second copy)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"key precision {precision!r}; expected 'fp32' or 'bf16'")
+
+
 @torch.inference_mode()
 def encode_passages(model, token_lists: Sequence[Sequence[int]], key_layer: str, bos_id: int | None,
-                    batch_size: int = 16) -> list[torch.Tensor]:
+                    batch_size: int = 16, precision: str = "fp32") -> list[torch.Tensor]:
     """Keys of each passage encoded alone: for passage tokens (t_0..t_{m−1}), the key-layer state at every position
     that has a next token, i.e. ``[m − 1, d]`` fp32 on CPU (``[m, d]`` with a BOS first: the BOS state predicts t_0).
-    Passages are batched (sorted by length, right-padded); the forward stops at the key layer.
+    Passages are batched (sorted by length, right-padded); the forward stops at the key layer. ``precision``
+    (``NestConfig.key_precision``) sets the forward's arithmetic only: the keys come back as fp32 either way.
     """
     prefix = [] if bos_id is None else [int(bos_id)]
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
@@ -70,8 +90,9 @@ def encode_passages(model, token_lists: Sequence[Sequence[int]], key_layer: str,
             mask[j, :len(x)] = 1
         capture = KeyLayerCapture(model, key_layer, stop=True)
         try:
-            base(input_ids=ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
-                 use_cache=False)
+            with _precision_context(device, precision):
+                base(input_ids=ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
+                     use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -188,9 +209,11 @@ class PassageKeyCache:
 
 
 def lookup_or_encode(cache: PassageKeyCache, model, token_lists: Sequence[Sequence[int]], *, lm_identity: str,
-                     key_layer: str, bos_id: int | None, batch_size: int
+                     key_layer: str, bos_id: int | None, batch_size: int, precision: str = "fp32"
                      ) -> tuple[list[torch.Tensor], list[bool], float, float]:
     """Keys for every passage, from the cache or freshly encoded (misses are deduplicated and encoded together).
+    ``lm_identity`` is the keys' identity (:func:`key_identity` of the LM and ``precision``), ``precision`` the
+    arithmetic of the encoding of the misses.
 
     Returns (keys per passage, hit flag per passage, lookup seconds, encoding seconds)."""
     t0 = time.perf_counter()
@@ -206,7 +229,7 @@ def lookup_or_encode(cache: PassageKeyCache, model, token_lists: Sequence[Sequen
     if missing:
         t1 = time.perf_counter()
         idx = list(missing.values())
-        keys = encode_passages(model, [token_lists[i] for i in idx], key_layer, bos_id, batch_size)
+        keys = encode_passages(model, [token_lists[i] for i in idx], key_layer, bos_id, batch_size, precision)
         encode_s = time.perf_counter() - t1
         total_tokens = sum(len(token_lists[i]) for i in idx) or 1
         for i, k in zip(idx, keys):

@@ -6,7 +6,9 @@ Input: one or more Score artifact folders (or ``summary.parquet`` files) written
 Table 3. Each run's decoding config comes beside its summary (``configs``): a sweep run's γ is read from it, not from
 the variant's name. The methods, their order and row labels come from the registry (stages/decoding/registry.py). Next
 to a summary, ``scores.parquet`` (per-example values: the paired bootstrap against the base LM) and, for
-the bio tasks, ``copied_sources.parquet`` (the off-topic copies) are read when present. Every number in the report comes
+the bio tasks, ``copied_sources.parquet`` (the off-topic copies) are read when present. ``key_stores``: per task, the
+EncodePassageKeys artifact NEST's main run read (its ``manifest.json`` holds the build time): the section "What the key
+store cost" puts that time beside NEST's speed, since no query's seconds hold it. Every number in the report comes
 from those rows; a metric that was not computed (no value) is printed as "not computed", never filled in. A section
 with no rows (no γ sweep, no ablation, no QA task, ...) is left out, not printed empty.
 
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 
 from tasks.base import Column
 
-VERSION = "6"
+VERSION = "7"
 
 BASE = "base"  # the reference of the speed-ups and of the paired differences
 ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
@@ -433,6 +435,64 @@ def off_topic_copies(s: Summary, scores: list[dict], copied: list[dict], cells: 
                              "off-topic sources (copied tokens)"], rows)
 
 
+def _rows_n(s: Summary, task: str, method: str, metric: str, variant: str = "main") -> int | None:
+    for r in s.rows:
+        if (r["task"], r["method"], r["variant"], r["metric"]) == (task, method, variant, metric) and r.get("n"):
+            return int(r["n"])
+    return None
+
+
+def key_store_costs(s: Summary, key_stores: dict[str, dict] | None, cells: list[dict], method: str = "nest") -> str:
+    """What each task's passage-key store cost (issue 14): its build seconds, its per-query share (build seconds ÷ the
+    queries that read it: the task's examples) and NEST's tokens/s with that share counted beside the tokens/s
+    without. ``key_stores``: ``{task: {"build_s", "scope", "passages", "readers"}}`` (:func:`read_key_stores`). The
+    latency table's seconds hold no part of the store's build: the keys were encoded before the first query."""
+    rows = []
+    retrieved = []
+    for task, ks in (key_stores or {}).items():
+        build = ks.get("build_s")
+        n = _rows_n(s, task, method, "seconds_per_query")
+        spq, tps = s.get(task, method, "seconds_per_query"), s.get(task, method, "tokens_per_s")
+        share = build / n if build is not None and n else None
+        with_share = (tps * spq / (spq + share) if tps is not None and spq is not None and share is not None
+                      and spq + share > 0 else None)
+        scope = ks.get("scope") or "retrieved"
+        if scope == "retrieved":
+            retrieved.append(task)
+        rows.append([task, f"`{scope}`" + (f", b = {ks['passages']}" if ks.get("passages") else ""),
+                     fmt(build, 1, 1), str(n) if n else NOT_COMPUTED, fmt(share, 1, 2),
+                     fmt(spq + share if spq is not None and share is not None else None, 1, 2), fmt(spq, 1, 2),
+                     fmt(with_share, 1, 1), fmt(tps, 1, 1), str(ks.get("readers") or "–")])
+        for column, value in (("build_s", build), ("queries", n), ("share_s_per_query", share),
+                              ("tokens_per_s_with_share", with_share), ("tokens_per_s", tps)):
+            cells.append({"table": "key_store", "task": task, "row": method, "column": column, "value": value})
+    if not rows:
+        return ""
+    head = []
+    if retrieved:
+        head.append(f"The `retrieved` keys of {', '.join(retrieved)} were encoded by an earlier stage "
+                    f"(EncodePassageKeys) for these very queries (the passages pre-retrieval returned for them): their "
+                    f"build time is in no query's seconds above, so here it is shared out over the queries that read "
+                    f"it and counted.")
+    return "\n\n".join(head + [_md_table(
+        ["task", "key store", "build (s)", "queries", "share (s/query)", f"{method_label(method)} s/query with share",
+         "without", f"{method_label(method)} tok/s with share", "without", "runs reading it"], rows)])
+
+
+def read_key_stores(key_stores: dict[str, Path] | None, readers: dict[str, int] | None = None) -> dict[str, dict]:
+    """``{task: EncodePassageKeys folder}`` → ``{task: {"build_s", "scope", "passages", "readers"}}`` from each
+    folder's ``manifest.json`` (its ``timings.build_s``: the store's own build, whichever run built it)."""
+    out: dict[str, dict] = {}
+    for task, folder in (key_stores or {}).items():
+        f = Path(folder) / "manifest.json"
+        m = json.loads(f.read_text()) if f.exists() else {}
+        params = m.get("params") or {}
+        build = (m.get("timings") or {}).get("build_s")
+        out[task] = {"build_s": None if build is None else float(build), "scope": params.get("scope", "retrieved"),
+                     "passages": params.get("passages"), "readers": (readers or {}).get(task)}
+    return out
+
+
 ANSWER_COLUMNS = (  # (metric, label): how each answer ended, and what it said first (Score's summary, in %)
     ("alr", "ALR"), ("alr_first_sentence", "ALR, first sentence"), ("stopped_by_stop_rule", "ended by its rule"),
     ("stopped_by_eos", "ended by EOS"), ("stopped_by_length", "hit the length cap"),
@@ -465,7 +525,7 @@ def answers(s: Summary, cells: list[dict]) -> str:
 
 def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduction report",
            context: dict | None = None, scores: list[dict] | None = None,
-           copied: list[dict] | None = None) -> tuple[str, list[dict]]:
+           copied: list[dict] | None = None, key_stores: dict[str, dict] | None = None) -> tuple[str, list[dict]]:
     """The Markdown report and its cells. ``scores``: per-example rows of ``scores.parquet`` (bootstrap, per-example
     topical precision); ``copied``: rows of ``copied_sources.parquet`` (off-topic copies). Empty sections are left
     out."""
@@ -482,6 +542,7 @@ def render(s: Summary, out_dir: Path | None = None, title: str = "NEST reproduct
         ("## Table 3: ablation", table3(s, cells), None),
         ("## Leniency sweep (γ)", gamma_sweep(s, cells, out_dir), "![gamma sweep](gamma_sweep.png)"),
         ("## Latency breakdown (seconds per query)", latency(s, cells, out_dir), "![latency](latency.png)"),
+        ("## What the key store cost", key_store_costs(s, key_stores, cells), None),
     ]
     for heading, body, figure in sections:
         if not body:
@@ -507,12 +568,15 @@ def _read_next_to(paths: list[Path], name: str) -> list[dict]:
 
 
 def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict | None = None,
-        configs: dict[str, dict] | list[dict] | None = None, generations: dict[str, Path] | None = None,
+        configs: dict[str, dict] | list[dict] | None = None, key_stores: dict[str, Path] | None = None,
+        key_store_readers: dict[str, int] | None = None, generations: dict[str, Path] | None = None,
         **html_inputs) -> dict:
     """Write ``report.md``, ``tables.parquet`` and the PNG figures from the given ``summary.parquet`` folders/files.
     ``configs``: each run's decoding config (NestConfig overrides), keyed like ``summaries`` (or parallel to it): the
-    γ of a sweep run is read from there. ``generations`` (each run's Generate folder, keyed like ``summaries``) with
-    ``html_inputs`` (examples, passages, tokens, lm, provenance): also ``report.html`` (stages/evaluation/html_report.py)."""
+    γ of a sweep run is read from there. ``key_stores``: ``{task: EncodePassageKeys folder}`` of the stores NEST's
+    main runs read; ``key_store_readers``: how many of the grid's runs read each. ``generations`` (each run's Generate
+    folder, keyed like ``summaries``) with ``html_inputs`` (examples, passages, tokens, lm, provenance): also
+    ``report.html`` (stages/evaluation/html_report.py)."""
     out_dir = Path(out_dir)
     names = list(summaries) if isinstance(summaries, dict) else list(range(len(summaries)))
     paths = []
@@ -523,7 +587,8 @@ def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict
         configs = [configs.get(n) for n in names] if isinstance(configs, dict) else list(configs)
     s = Summary.from_files(paths, configs)
     text, cells = render(s, out_dir, context=context, scores=_read_next_to(paths, "scores.parquet"),
-                         copied=_read_next_to(paths, "copied_sources.parquet"))
+                         copied=_read_next_to(paths, "copied_sources.parquet"),
+                         key_stores=read_key_stores(key_stores, key_store_readers))
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     table = pa.Table.from_pylist(
         [{**c, "value": None if c["value"] is None else float(c["value"])} for c in cells],

@@ -15,8 +15,9 @@ Compression: ``fp32``, ``fp16`` (the default: 2·d bytes per key) or ``pq``: a F
 seeded sample of ``pq_train_tokens`` keys, M = the largest divisor of d ≤ ``pq_bytes`` subquantizers of 8 bits (576-d
 SmolLM2 states: M = 64, i.e. 64 bytes per key). Keys come back as fp32 in every case.
 
-The LM identity stored is the decoders' own :func:`stages.decoding.passage_keys.lm_fingerprint`; a decoder whose LM,
-layer or BOS rule differ never reads the store (it encodes on the fly instead).
+The LM identity stored is the decoders' own keys' identity (:func:`stages.decoding.passage_keys.lm_fingerprint`, plus
+``+bf16`` when ``key_precision = "bf16"``: :func:`stages.decoding.passage_keys.key_identity`); a decoder whose LM, key
+precision, layer or BOS rule differ never reads the store (it encodes on the fly instead).
 """
 
 from __future__ import annotations
@@ -106,12 +107,13 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
         key_layer: str = "paper", passage_bos: str = "auto", passages: int = 40, compression: str = "fp16",
         pq_bytes: int = 64, pq_train_tokens: int = 65_536, seed: int = 0, shard_passages: int = 4096,
         batch_size: int = 16, device: str = "cpu", dtype: str | None = None, document_end: str = "none",
-        corpus: Path | None = None) -> dict:
+        corpus: Path | None = None, key_precision: str = "fp32") -> dict:
     """Encode the passages of ``scope`` into a passage-key store in ``out_dir`` (see the module docstring).
 
     ``document_end = "eos"`` (NestConfig.document_end) stores the keys of the token lists the decoder indexes: the last
     passage of each article gets EOS after its last token; ``corpus`` (the ConvertCorpus folder) tells which passages
-    end their article."""
+    end their article. ``key_precision`` (NestConfig.key_precision): the encoding's arithmetic, part of the stored
+    keys' identity."""
     from stages.lm.load import load_lm
 
     if scope not in SCOPES:
@@ -131,7 +133,7 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
     stats = encode_store(out_dir, model, tokenizer, lambda: _iter_tokens(tokens, doc_ids), key_layer=key_layer,
                          passage_bos=passage_bos, compression=compression, pq_bytes=pq_bytes,
                          pq_train_tokens=pq_train_tokens, seed=seed, shard_passages=shard_passages,
-                         batch_size=batch_size, document_end=document_end, ends=ends,
+                         batch_size=batch_size, document_end=document_end, ends=ends, key_precision=key_precision,
                          extra={"scope": scope, "passages": int(passages) if scope == "retrieved" else None})
     stats["scope"] = scope
     stats["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -142,7 +144,8 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
 def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterable[tuple[int, Sequence[int]]]], *,
                  key_layer: str = "paper", passage_bos: str = "auto", compression: str = "fp16", pq_bytes: int = 64,
                  pq_train_tokens: int = 65_536, seed: int = 0, shard_passages: int = 4096, batch_size: int = 16,
-                 extra: dict | None = None, document_end: str = "none", ends: set[int] | None = None) -> dict:
+                 extra: dict | None = None, document_end: str = "none", ends: set[int] | None = None,
+                 key_precision: str = "fp32") -> dict:
     """Write the store of ``passages()`` ((doc_id, token ids) in increasing doc_id order; called once per pass, two
     or three times) for ``model``: the core of :func:`run`, usable on any loaded LM."""
     import torch
@@ -159,7 +162,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
     t_start = time.perf_counter()
     # the decoder's own view of the LM: its identity, BOS rule and token cut (so the keys are the on-the-fly ones)
     probe = NestDecoder(model, tokenizer, NestConfig(key_layer=key_layer, passage_bos=passage_bos,
-                                                     document_end=document_end))
+                                                     document_end=document_end, key_precision=key_precision))
     bos_id = probe.passage_bos
     max_tokens = max(probe.window - 1, 2)
     min_tokens = 1 if bos_id is not None else 2
@@ -193,7 +196,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
             chosen.add(plan[i][0])
             n_sample += plan[i][2]
         sample_toks = [(d, toks) for d, toks in passages_in_scope() if d in chosen]
-        keys = encode_passages(model, [t for _, t in sample_toks], key_layer, bos_id, batch_size)
+        keys = encode_passages(model, [t for _, t in sample_toks], key_layer, bos_id, batch_size, key_precision)
         sample_keys = {d: k for (d, _), k in zip(sample_toks, keys)}
         stack = torch.cat(list(sample_keys.values())).numpy()[:pq_train_tokens]
         pq_model = train_pq(stack, m, seed)
@@ -201,7 +204,8 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
 
     writer = KeyStoreWriter(out_dir, lm_identity=probe.lm_identity, key_layer=key_layer, bos=bos_id is not None,
                             dim=dim, compression=compression, shard_passages=shard_passages, pq=pq_model,
-                            extra={**(extra or {}), "max_tokens": max_tokens, "bos_id": bos_id})
+                            extra={**(extra or {}), "max_tokens": max_tokens, "bos_id": bos_id,
+                                   "key_precision": key_precision})
     for d, digest, n in plan:
         writer.plan(d, digest, n)
 
@@ -219,7 +223,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
                 todo.append((d, t))
                 wanted.add(g)
         t0 = time.perf_counter()
-        keys = encode_passages(model, [t for _, t in todo], key_layer, bos_id, batch_size) if todo else []
+        keys = encode_passages(model, [t for _, t in todo], key_layer, bos_id, batch_size, key_precision) if todo else []
         encode_s += time.perf_counter() - t0
         encoded_passages += len(todo)
         encoded_tokens += sum(len(t) for _, t in todo)
