@@ -117,8 +117,10 @@ def test_the_dag_and_the_grid_find_the_toy_task_and_retriever(toys):
     runs = [(r.task, r.method, r.variant) for r in dag.experiment_runs()]
     assert [m for t, m, v in runs if t == "toy_qa"] == dag.run_methods()
     assert "toy_qa/nest/main" in dag.Report().requires()
-    # not topical, no PPL: Score needs only the examples and the generations
-    assert set(dag.Score(task="toy_qa", method="nest").requires()) == {"examples", "generations"}
+    # not topical, no PPL: Score needs the examples and the generations, and for a method that copies the passages
+    # (the copied passages' articles: chimera sentences)
+    assert set(dag.Score(task="toy_qa", method="nest").requires()) == {"examples", "generations", "passages"}
+    assert set(dag.Score(task="toy_qa", method="base").requires()) == {"examples", "generations"}
     assert dag.LoadTask(task="toy_qa").stage_params()["data"].value == toys
 
     # the toy retriever: alone, and fused with BM25; its index stage is an input named after it
