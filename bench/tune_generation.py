@@ -65,6 +65,19 @@ def load_dev(tasks, n: int, seed: int, b_max: int) -> dict:
     return out
 
 
+def title_runs(sources, titles) -> list[list]:
+    """``[[title, tokens], ...]``: consecutive tokens by the title of their source passage ("-": not copied)."""
+    runs, prev = [], None
+    for s in sources:
+        key = "-" if s is None else titles.get(int(s[0]), str(s[0]))
+        if runs and key == prev:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+        prev = key
+    return runs
+
+
 def score_task(task: str, gens, examples, titles) -> dict:
     from tasks.metrics import rouge
 
@@ -88,15 +101,7 @@ def score_task(task: str, gens, examples, titles) -> dict:
         else:
             ref = ex["references"][0]
         rouges.append(100 * rouge(g.text, ref, ("rouge1",))["rouge1"])
-        runs, prev = [], None
-        for s in g.sources:
-            key = "-" if s is None else titles.get(int(s[0]), str(s[0]))
-            if runs and key == prev:
-                runs[-1][1] += 1
-            else:
-                runs.append([key, 1])
-            prev = key
-        detail.append({"title": meta.get("title"), "text": g.text, "runs": runs})
+        detail.append({"title": meta.get("title"), "text": g.text, "runs": title_runs(g.sources, titles)})
     row = {"rouge1": sum(rouges) / len(rouges), "copied_ratio": 100 * copied / max(tokens, 1),
            "tokens": tokens, "tokens_per_pass": tokens / max(passes, 1), "examples": detail}
     if task == "bio":

@@ -82,6 +82,7 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
 
 
 def score(task: str, gens, examples, titles, tok) -> dict:
+    from bench.tune_generation import title_runs
     from tasks.metrics import alr, alr_first_sentence, chimera_counts, rouge
 
     copied = on_topic = tokens = passes = sentences = chimeras = 0
@@ -108,16 +109,8 @@ def score(task: str, gens, examples, titles, tok) -> dict:
         else:
             alrs.append(100 * alr(g.text, refs))
             firsts.append(100 * alr_first_sentence(g.text, refs))
-        runs, prev = [], None
-        for s in g.sources:
-            key = "-" if s is None else titles.get(int(s[0]), str(s[0]))
-            if runs and key == prev:
-                runs[-1][1] += 1
-            else:
-                runs.append([key, 1])
-            prev = key
         detail.append({"topic": meta.get("title") or ex.get("question"), "text": g.text,
-                       "runs": [r for r in runs if r[0] != "-"]})
+                       "runs": [r for r in title_runs(g.sources, titles) if r[0] != "-"]})
     n = len(gens)
     row = {"examples": n, "tokens": tokens, "mean_tokens": tokens / max(n, 1),
            "copied_pct": 100 * copied / max(tokens, 1), "tokens_per_pass": tokens / max(passes, 1),

@@ -33,6 +33,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from stages.evaluation.score import _num  # one definition of "a finite number or None"
+
 TEMPLATE = Path(__file__).with_name("report_viewer.html")
 
 # per-example metrics shown beside an output, in this order (Score's scores.parquet names), then seconds by component
@@ -184,14 +186,6 @@ def _table_html(block: list[str]) -> str:
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
 
-def _num(v) -> float | None:
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def gamma_chart(cells: list[dict]) -> str:
