@@ -172,7 +172,7 @@ class DemoSession:
         self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
         self.task_config = dict(task_config or {})
         self.stops, self.stop = dict(stops or {}), stop
-        self._decoders = {None: self.decoder}  # by task: a bio prompt decodes with the bio task's overrides
+        self._decoders: dict = {}  # by task: a bio prompt decodes with the bio task's overrides (decoder_for)
         self.startup_s = float(startup_s)
         self.answered = 0
         self.totals = {"tokens": 0, "seconds": 0.0, "key_cache_hits": 0, "key_cache_misses": 0}
@@ -213,15 +213,32 @@ class DemoSession:
         family = "longform" if task == "bio" else "qa" if self.kind == "qa" else "completion"
         return str(self.stops.get(family, DEFAULT_STOPS[family]))
 
+    def overrides_for(self, task: str | None) -> dict:
+        """A prompt's ``task_config`` overrides: its task's; for a free question (no task, kind ``qa``) those that every
+        configured task of the ``qa`` family shares (the profile starts their spans only in the top article: a free
+        question gets the same, so no answer stitches two articles); none for a completion prompt."""
+        if task is not None:
+            return dict(self.task_config.get(task) or {})
+        if self.kind != "qa":
+            return {}
+        from tasks import registry
+        from tasks.stopping import family_of
+
+        qa = [t for t in self.task_config if t in registry.names() and family_of(t) == "qa"]
+        common = dict(self.task_config[qa[0]]) if qa else {}
+        for t in qa[1:]:
+            common = {k: v for k, v in common.items() if (self.task_config[t] or {}).get(k) == v}
+        return common
+
     def decoder_for(self, task: str | None):
-        """The decoder of a prompt's task: the session's config with that task's ``task_config`` overrides."""
+        """The decoder of a prompt's task: the session's config with :meth:`overrides_for` the task."""
         if task not in self._decoders:
             from stages.decoding import make_decoder
 
-            overrides = self.task_config.get(task) or {}
-            cfg = self.decoder.config.replace(**overrides) if overrides else self.decoder.config
-            self._decoders[task] = make_decoder(self.method, self.decoder.model, self.tokenizer, cfg,
-                                                key_cache=self.key_cache)
+            overrides = self.overrides_for(task)
+            self._decoders[task] = self.decoder if not overrides else make_decoder(
+                self.method, self.decoder.model, self.tokenizer, self.decoder.config.replace(**overrides),
+                key_cache=self.key_cache)
         return self._decoders[task]
 
     def answer(self, prompt: str) -> tuple[Generation, list[Passage]]:

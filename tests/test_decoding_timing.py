@@ -243,3 +243,14 @@ def test_stream_stop_rule_by_prompt_and_min_new_tokens(model, tok):
                         retrieve=lambda p: random_passages(7, 5))
         g, _ = s.answer("Who was it?")
         assert len(g.token_ids) == 9 and g.counters["min_new_tokens"] == 9
+
+
+def test_a_free_question_takes_the_overrides_every_qa_task_shares(model, tok):
+    cfg = {"bio": {"document_end": "eos", "span_start_passages": 1}, "nq": {"span_start_passages": 1, "gamma": 0.5},
+           "hotpotqa": {"span_start_passages": 1}, "completion": {"gamma": 0.9}}
+    qa = DemoSession(model, tok, "nest", NestConfig(), task_config=cfg)
+    assert qa.overrides_for(None) == {"span_start_passages": 1}  # shared by nq and hotpotqa; nq's γ is not
+    assert qa.overrides_for("bio") == cfg["bio"]
+    assert qa.decoder_for(None).config.span_start_passages == 1
+    assert DemoSession(model, tok, "nest", NestConfig(), kind="completion", task_config=cfg).overrides_for(None) == {}
+    assert DemoSession(model, tok, "nest", NestConfig()).overrides_for(None) == {}
