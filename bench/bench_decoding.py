@@ -264,7 +264,8 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
     import pyarrow.parquet as pq
 
     from stages.corpus.passages import PassageReader
-    from stages.evaluation.generate import build_requests, read_retrievals, read_search_seconds
+    from stages.evaluation.generate import build_requests
+    from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
     from stages.lm.pretokenize import TokenLookup
 
     reader, lookup = PassageReader(shared["passages"].artifact_dir), TokenLookup(shared["tokens"].artifact_dir)
@@ -335,7 +336,7 @@ def build_key_store(cli, dag, task: str, cfg: dict | None = None) -> dict:
         scope = getattr(job, "scope", "retrieved")
         queries = None
         if scope == "retrieved":
-            from stages.evaluation.generate import read_retrievals
+            from stages.retrieval.pre_retrieve import read_retrievals
 
             queries = len(read_retrievals(Path(job.inputs()["retrievals"].artifact_dir)))
         return {"dir": str(job.artifact_dir), "scope": scope, "build_s": round(build_s, 2), "queries": queries,
@@ -608,7 +609,7 @@ def stream_hit_rate(n: int, quick: bool) -> dict:
         if cli.build([job, dag.PreTokenize()], profile=None, command=["bench", "decoding", "stream"], quiet=True):
             return {"note": "the stream's retrieval failed to build"}
         from stages.decoding.passage_keys import passage_digest
-        from stages.evaluation.generate import read_retrievals, read_search_seconds
+        from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
         from stages.lm.pretokenize import TokenLookup
 
         retr = read_retrievals(Path(job.artifact_dir))

@@ -67,7 +67,8 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
         raise RuntimeError(f"the pipeline failed to build the benchmark's inputs (exit {code})")
     import pyarrow.parquet as pq
 
-    from stages.evaluation.generate import build_requests, read_retrievals
+    from stages.evaluation.generate import build_requests
+    from stages.retrieval.pre_retrieve import read_retrievals
     from stages.corpus.passages import PassageReader
     from stages.lm.pretokenize import TokenLookup
 

@@ -48,7 +48,8 @@ def load_dev(tasks, n: int, seed: int, b_max: int) -> dict:
         raise SystemExit(f"the pipeline failed to build the dev inputs (exit {code})")
     import pyarrow.parquet as pq
 
-    from stages.evaluation.generate import build_requests, read_retrievals
+    from stages.evaluation.generate import build_requests
+    from stages.retrieval.pre_retrieve import read_retrievals
     from stages.corpus.passages import PassageReader
     from stages.lm.pretokenize import TokenLookup
 

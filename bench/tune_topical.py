@@ -53,7 +53,8 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
 
     from pipeline import cli, config, dag
     from stages.corpus.passages import PassageReader
-    from stages.evaluation.generate import build_requests, read_retrievals
+    from stages.evaluation.generate import build_requests
+    from stages.retrieval.pre_retrieve import read_retrievals
     from stages.lm.pretokenize import TokenLookup
     import pyarrow.parquet as pq
 

@@ -667,7 +667,7 @@ class Generate(Sharded, _MethodOnTask):
         return self.clone(start=start, end=end, shards=1)
 
     def stage_params(self):
-        from stages.decoding.config import relevant_config  # torch-free
+        from stages.decoding.registry import relevant_config  # torch-free
 
         return {"method": self.method, "config": relevant_config(self.method, _plain(self.config)), "start": self.start,
                 "end": None if self.end < 0 else self.end,  # no cross-run key cache: its speed is its own
@@ -694,7 +694,7 @@ class Perplexity(Sharded, _MethodOnTask):
     start, end = _range_params()
 
     def stage_params(self):
-        from stages.decoding.config import relevant_for_perplexity  # torch-free
+        from stages.decoding.registry import relevant_for_perplexity  # torch-free
 
         return {"method": self.method, "config": relevant_for_perplexity(self.method, _plain(self.config)),
                 **range_params(self)}

@@ -5,9 +5,8 @@ import sys
 
 import pytest
 
-from stages.decoding.config import (FIELD_GROUPS, IMPLEMENTATION, NestConfig, config_fields, relevant_config,
-                                    relevant_for_perplexity)
-from stages.decoding.registry import methods
+from stages.decoding.config import FIELD_GROUPS, IMPLEMENTATION, NestConfig, config_fields
+from stages.decoding.registry import methods, relevant_config, relevant_for_perplexity
 
 # The central deny-list this project keyed Generate/Perplexity on before the methods declared what they read
 # (issue 8): kept here verbatim, so that the declared ``reads`` are proven to give byte-identical keys.

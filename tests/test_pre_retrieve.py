@@ -97,7 +97,7 @@ def test_hybrid_schema_ranks_and_fusion(artifacts):
 
 def test_search_seconds_are_shared_per_example(artifacts):
     """Each example carries one positive search time on all its rows; the examples' shares add up to the stage's."""
-    from stages.evaluation.generate import read_search_seconds
+    from stages.retrieval.pre_retrieve import read_search_seconds
 
     root, examples = artifacts
     table, stats, out = _run(root, examples, "hybrid", b=4, candidates=4000, batch_size=2)

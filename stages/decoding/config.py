@@ -219,18 +219,3 @@ def expand_reads(names) -> frozenset[str]:
         else:
             raise ValueError(f"{name!r} is neither a NestConfig field nor a field group {tuple(FIELD_GROUPS)}")
     return frozenset(out)
-
-
-def relevant_config(method: str, overrides: dict) -> dict:
-    """The NestConfig overrides that can change ``method``'s tokens: the fields the method reads (unknown fields are
-    kept: NestConfig rejects them)."""
-    from stages.decoding.registry import method_info  # torch-free; imported here: the registry reads the groups above
-
-    reads, fields = method_info(method).reads, set(config_fields())
-    return {k: v for k, v in sorted(overrides.items()) if k in reads or k not in fields}
-
-
-def relevant_for_perplexity(method: str, overrides: dict) -> dict:
-    """The overrides that change ``method``'s scores in evaluation mode: NEST stops at Eq. 4 there (paper §3.2), so span
-    selection, γ and generation lengths do not enter."""
-    return {k: v for k, v in relevant_config(method, overrides).items() if k not in NOT_IN_EVALUATION}

@@ -63,8 +63,8 @@ class SpanDrafter:
         scores, nb_rows, values = usable_neighbors(row, d)
         allowed = self.allowed(row)
         if allowed is not None:  # span_start_passages / span_article: only neighbours of the allowed articles
-            keep = torch.tensor([row.index.source(int(x))[0] in allowed for x in nb_rows.tolist()], dtype=torch.bool,
-                                device=nb_rows.device)
+            docs = row.index.doc_ids[nb_rows.cpu()]  # each neighbour's passage, one gather
+            keep = torch.isin(docs, torch.tensor(sorted(allowed), dtype=docs.dtype)).to(nb_rows.device)
             if not bool(keep.all()):
                 row.count("span_starts_restricted")
                 scores, nb_rows, values = scores[keep], nb_rows[keep], values[keep]

@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import stages.decoding.methods  # noqa: F401  (the methods folder: every file in it is a dependency of its users)
-from stages.decoding.config import expand_reads
+from stages.decoding.config import NOT_IN_EVALUATION, config_fields, expand_reads
 
 PACKAGE = "stages.decoding.methods"
 FOLDERS: tuple[Path, ...] = (Path(__file__).resolve().parent / "methods",)  # tests add a folder of their own
@@ -151,3 +151,18 @@ def _import(path: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+
+
+# ---- what enters a method's Generate/Perplexity key (the NestConfig field groups it reads) ----------------------------
+
+def relevant_config(method: str, overrides: dict) -> dict:
+    """The NestConfig overrides that can change ``method``'s tokens: the fields the method reads (unknown fields are
+    kept: NestConfig rejects them)."""
+    reads, fields = method_info(method).reads, set(config_fields())
+    return {k: v for k, v in sorted(overrides.items()) if k in reads or k not in fields}
+
+
+def relevant_for_perplexity(method: str, overrides: dict) -> dict:
+    """The overrides that change ``method``'s scores in evaluation mode: NEST stops at Eq. 4 there (paper §3.2), so span
+    selection, γ and generation lengths do not enter."""
+    return {k: v for k, v in relevant_config(method, overrides).items() if k not in NOT_IN_EVALUATION}

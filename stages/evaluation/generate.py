@@ -36,6 +36,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.retrieval.pre_retrieve import read_search_seconds
+
 VERSION = "3"
 
 SCHEMA = pa.schema([
@@ -89,29 +91,6 @@ def ends_document(passage_reader, doc_ids: list[int], rows: list[dict]) -> list[
     nxt = [int(d) + 1 for d in doc_ids if int(d) + 1 < n]
     nxt_source = {int(r["doc_id"]): r.get("source_id") for r in passage_reader.get(nxt, ("doc_id", "source_id"))} if nxt else {}
     return [int(d) + 1 >= n or nxt_source.get(int(d) + 1) != r.get("source_id") for d, r in zip(doc_ids, rows)]
-
-
-def read_retrievals(retrievals_dir: Path | None) -> dict[int, list[int]]:
-    """``{example_id: [doc_id by rank]}`` from PreRetrieve's ``retrievals.parquet``."""
-    if retrievals_dir is None:
-        return {}
-    t = pq.read_table(Path(retrievals_dir) / "retrievals.parquet", columns=["example_id", "rank", "doc_id"])
-    out: dict[int, list[tuple[int, int]]] = {}
-    for e, r, d in zip(*(t.column(c).to_pylist() for c in ("example_id", "rank", "doc_id"))):
-        out.setdefault(int(e), []).append((int(r), int(d)))
-    return {e: [d for _, d in sorted(v)] for e, v in out.items()}
-
-
-def read_search_seconds(retrievals_dir: Path | None) -> dict[int, float]:
-    """``{example_id: seconds}``: each example's share of PreRetrieve's search time (empty for artifacts that predate
-    the ``search_s`` column, or without retrievals)."""
-    if retrievals_dir is None:
-        return {}
-    path = Path(retrievals_dir) / "retrievals.parquet"
-    if "search_s" not in pq.read_schema(path).names:
-        return {}
-    t = pq.read_table(path, columns=["example_id", "search_s"])
-    return {int(e): float(s or 0.0) for e, s in zip(t.column("example_id").to_pylist(), t.column("search_s").to_pylist())}
 
 
 def make_key_cache(passage_keys: Path | None = None):

@@ -34,7 +34,7 @@ def open_method_run(method: str, config: dict | None, *, examples: Path, passage
     from stages.corpus.passages import PassageReader
     from stages.decoding import NestConfig, make_decoder
     from stages.decoding.registry import method_info
-    from stages.evaluation.generate import read_retrievals
+    from stages.retrieval.pre_retrieve import read_retrievals
     from stages.lm.load import load_lm
     from stages.lm.pretokenize import TokenLookup
 

@@ -283,3 +283,28 @@ def merge_stats(parts: Sequence[dict]) -> dict:
                    eta_min=min(p["eta_min"] for p in with_eta), eta_max=max(p["eta_max"] for p in with_eta))
     out["merged_shards"] = len(parts)
     return out
+
+
+# ---- reading the artifact (Generate, the benches) ---------------------------------------------------------------
+
+def read_retrievals(retrievals_dir: Path | None) -> dict[int, list[int]]:
+    """``{example_id: [doc_id by rank]}`` from PreRetrieve's ``retrievals.parquet``."""
+    if retrievals_dir is None:
+        return {}
+    t = pq.read_table(Path(retrievals_dir) / "retrievals.parquet", columns=["example_id", "rank", "doc_id"])
+    out: dict[int, list[tuple[int, int]]] = {}
+    for e, r, d in zip(*(t.column(c).to_pylist() for c in ("example_id", "rank", "doc_id"))):
+        out.setdefault(int(e), []).append((int(r), int(d)))
+    return {e: [d for _, d in sorted(v)] for e, v in out.items()}
+
+
+def read_search_seconds(retrievals_dir: Path | None) -> dict[int, float]:
+    """``{example_id: seconds}``: each example's share of PreRetrieve's search time (empty for artifacts that predate
+    the ``search_s`` column, or without retrievals)."""
+    if retrievals_dir is None:
+        return {}
+    path = Path(retrievals_dir) / "retrievals.parquet"
+    if "search_s" not in pq.read_schema(path).names:
+        return {}
+    t = pq.read_table(path, columns=["example_id", "search_s"])
+    return {int(e): float(s or 0.0) for e, s in zip(t.column("example_id").to_pylist(), t.column("search_s").to_pylist())}
