@@ -138,7 +138,7 @@ def config_overrides(items: list[str]):
     on both sides, so a task made inside (``PreRetrieve(task=bio)``) is not one made before with other inputs."""
     from luigi.task_register import Register
 
-    from pipeline import config
+    from pipeline.engine import config
 
     cfg = config.config()
     parsed = config.parse_set(items)

@@ -75,7 +75,7 @@ def run(out_dir, *, name, files=3, size=2_000_000, passages=None, upstream=None,
 DAG_SRC = '''"""Luigi wiring of the faults benchmark's DAG (the real ConvertCorpus, then fake stages)."""
 import luigi
 
-from pipeline.base import NestTask
+from pipeline.engine.task import NestTask
 from pipeline.dag import ConvertCorpus
 
 
@@ -128,8 +128,8 @@ def _verify_remote(url: Path, scratch: Path) -> tuple[int, int, list[str]]:
     pulled into a scratch store and verified there."""
     import shutil
 
-    from pipeline.remote import Remote
-    from pipeline.store import Store
+    from pipeline.sharing.remote import Remote
+    from pipeline.storage.store import Store
 
     remote = Remote(str(url))
     check = scratch / "verify-store"
@@ -199,8 +199,8 @@ def _flips(n: int, rng: random.Random, scratch: Path, complete_remote: Path) -> 
     """``n`` flipped bytes, alternately in an archive and in a manifest: (refused pulls, pulls that let it in)."""
     import shutil
 
-    from pipeline.remote import Remote
-    from pipeline.store import Store
+    from pipeline.sharing.remote import Remote
+    from pipeline.storage.store import Store
 
     refused = accepted = 0
     for i in range(n):
@@ -231,7 +231,7 @@ def _nest_argv(limit: int, seed: int, size: int) -> list[str]:
 
 def _verify_store(root: Path) -> tuple[int, int, list[str]]:
     """(complete artifacts, corrupt-complete ones, their problems) over every manifest of the store."""
-    from pipeline.store import Store
+    from pipeline.storage.store import Store
 
     store = Store(root)
     n = bad = 0
@@ -249,7 +249,7 @@ def _verify_store(root: Path) -> tuple[int, int, list[str]]:
 
 def _leftovers(root: Path) -> int:
     """Temp folders and manifest-less key folders (what a kill leaves until the next build of that stage clears it)."""
-    from pipeline.store import Store
+    from pipeline.storage.store import Store
 
     store = Store(root)
     tmp = sum(1 for s in store.stages() for _ in store._tmp_folders(s))

@@ -170,8 +170,8 @@ def extrapolate(rates: list[dict], fa: dict, tokens_per_passage: float) -> list[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline import config as cfg
-    from pipeline.runs import latest_run_with
+    from pipeline.engine import config as cfg
+    from pipeline.storage.runs import latest_run_with
 
     ap = argparse.ArgumentParser(prog="bench rates")
     ap.add_argument("--quick", action="store_true")

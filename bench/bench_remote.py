@@ -66,7 +66,7 @@ def make_store(scratch: Path, size: int) -> Path:
     (compressible text): about 0.47 of its size once compressed."""
     import numpy as np
 
-    from pipeline.store import Store
+    from pipeline.storage.store import Store
 
     root = scratch / f"store-{size}"
     store = Store(root)
@@ -101,9 +101,9 @@ def _child(op: str, spec: dict) -> None:
     """One measured operation in this fresh process; prints ``{"seconds", "peak_kib"}`` as JSON."""
     import zstandard
 
-    from pipeline.archive import LEVEL
-    from pipeline.remote import Remote
-    from pipeline.store import Store
+    from pipeline.storage.archive import LEVEL
+    from pipeline.sharing.remote import Remote
+    from pipeline.storage.store import Store
 
     store = Store(spec["store"])
     t0 = time.perf_counter()

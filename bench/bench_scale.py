@@ -34,7 +34,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.base import NestTask
+from pipeline.engine.task import NestTask
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_MODULE = "nest_bench_scale_stage"
@@ -101,7 +101,7 @@ class BsAll(luigi.WrapperTask):
 class GenerateShards(luigi.WrapperTask):
     """``Generate`` of ``task``/``method`` (its main configuration of the report's grid) over examples ``[0, examples)``
     in ``shards`` example ranges: each shard its own task and artifact. These are the shard tasks of the sharded
-    Generate (``--set Generate.shards=N``, pipeline/sharding.py) when the task has ``examples`` examples, without
+    Generate (``--set Generate.shards=N``, pipeline/engine/sharding.py) when the task has ``examples`` examples, without
     their merge: the benchmark times the shards alone, over a fixed number of examples."""
 
     task = luigi.Parameter(default="completion")

@@ -35,9 +35,9 @@ class CliError(Exception):
 
 
 def _input_error_types() -> tuple[type, ...]:
-    from pipeline.config import ProfileError
-    from pipeline.params import ConfigError
-    from pipeline.store import StoreError
+    from pipeline.engine.config import ProfileError
+    from pipeline.engine.params import ConfigError
+    from pipeline.storage.store import StoreError
     from stages.errors import InputError
     from tasks.errors import TaskInputError
 
@@ -45,8 +45,8 @@ def _input_error_types() -> tuple[type, ...]:
 
 
 def _remote_error_types() -> tuple[type, ...]:
-    from pipeline.archive import ArchiveError
-    from pipeline.remote import RemoteError
+    from pipeline.storage.archive import ArchiveError
+    from pipeline.sharing.remote import RemoteError
 
     return RemoteError, ArchiveError
 
@@ -75,8 +75,8 @@ def _configure_logging() -> None:
 def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
     """Apply the profile and ``--set`` overrides, then check the whole configuration (names and values) before any
     task is built: a misspelt section/option or a bad value is one line (exit 2)."""
-    from pipeline import config, dag  # noqa: F401  (dag registers the task and config classes)
-    from pipeline.params import check_config
+    from pipeline.engine import config, dag  # noqa: F401  (dag registers the task and config classes)
+    from pipeline.engine.params import check_config
 
     if profile:
         config.apply_profile(profile)
@@ -89,7 +89,7 @@ def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
 def _precompute_keys(roots: Iterable) -> list:
     """Compute every key before Luigi runs: a bad source path then fails here, in one line, not inside Luigi's
     scheduler (which would log a traceback and skip the task)."""
-    from pipeline.base import closure
+    from pipeline.engine.task import closure
 
     tasks = closure(roots)
     for t in tasks:
@@ -100,7 +100,7 @@ def _precompute_keys(roots: Iterable) -> list:
 def _force(tasks: list, stages: Sequence[str]) -> list:
     """Move aside the artifacts of the tasks of ``stages`` and of every task downstream of them (their keys would not
     change, so they would stay cached); the run then rebuilds them. Returns the tasks moved aside."""
-    from pipeline.config import get_store
+    from pipeline.engine.config import get_store
 
     if not stages:
         return []
@@ -128,7 +128,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
           force: Sequence[str] = (), workers: int = 1, scheduler_url: str | None = None, keep_alive: bool = False,
           assistant: bool = False) -> int:
     """Build ``roots`` with Luigi (local scheduler, or the ``luigid`` at ``scheduler_url``) and ``workers`` worker
-    processes; record the run; print one line per stage (``pipeline/scheduling.py``).
+    processes; record the run; print one line per stage (``pipeline/engine/scheduling.py``).
 
     The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read.
     With a ``luigid`` the process stays until its DAG is done (Luigi's ``keep_alive``), also while other workers run its
@@ -137,10 +137,10 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     import luigi
     import luigi.rpc
 
-    from pipeline import scheduling
-    from pipeline.base import RUN_LOG
-    from pipeline.config import get_store
-    from pipeline.runs import end_run, new_run_id, start_run
+    from pipeline.engine import scheduling
+    from pipeline.engine.task import RUN_LOG
+    from pipeline.engine.config import get_store
+    from pipeline.storage.runs import end_run, new_run_id, start_run
 
     keep_alive = keep_alive or bool(scheduler_url)
     if workers < 1:
@@ -215,14 +215,14 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
 
 
 def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
-    """Sharded stages (``shards > 1``, pipeline/sharding.py) split by the number of passages or examples: build the
+    """Sharded stages (``shards > 1``, pipeline/engine/sharding.py) split by the number of passages or examples: build the
     artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
     holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
     them. False when the scheduler stopped answering."""
     import luigi
     import luigi.rpc
 
-    from pipeline.sharding import size_sources
+    from pipeline.engine.sharding import size_sources
 
     sources = size_sources(roots)
     if not sources:
@@ -239,7 +239,7 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
 
 
 def _scheduling():
-    from pipeline import scheduling
+    from pipeline.engine import scheduling
 
     return scheduling
 
@@ -261,7 +261,7 @@ def cmd_all(args) -> int:
 
 
 def _pull_report(task) -> None:
-    from pipeline.remote import pull_now
+    from pipeline.sharing.remote import pull_now
 
     if not task.store.complete(task.stage, task.key):
         pull_now(task)
@@ -285,8 +285,8 @@ def cmd_worker(args) -> int:
 def latest_report_path():
     """``report.md`` of the newest Report artifact of the latest recorded run that reached one (a later ``nest generate``
     or ``nest run`` does not hide it), or None."""
-    from pipeline.config import get_store
-    from pipeline.runs import latest_run_with
+    from pipeline.engine.config import get_store
+    from pipeline.storage.runs import latest_run_with
 
     store = get_store()
     run = latest_run_with(store, "Report") or {}
@@ -392,7 +392,7 @@ def _run_task(luigi_args: list[str], args, **build_kw) -> int:
     from luigi.cmdline_parser import CmdlineParser
     from luigi.task_register import TaskClassException
 
-    from pipeline.params import ConfigError, check_value
+    from pipeline.engine.params import ConfigError, check_value
 
     _import_modules(luigi_args)  # `--module M` first: its task classes may be named by --set and the config check
     _setup(args.profile, args.set)
@@ -424,13 +424,13 @@ def _run_task(luigi_args: list[str], args, **build_kw) -> int:
 
 def cmd_status(args) -> int:
     from pipeline import dag
-    from pipeline.config import get_store
+    from pipeline.engine.config import get_store
     from pipeline.status import dag_status
 
     _setup(args.profile, args.set)
     store = get_store()
     rows = dag_status([dag.All()], store)
-    from pipeline.remote import RemoteError, get_remote, mark_remote
+    from pipeline.sharing.remote import RemoteError, get_remote, mark_remote
 
     try:
         remote = get_remote()
@@ -460,8 +460,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pipeline.config import get_store
-    from pipeline.runs import human_bytes
+    from pipeline.engine.config import get_store
+    from pipeline.storage.runs import human_bytes
 
     store = get_store()
     refs = store.find(args.key)
@@ -496,8 +496,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from pipeline.config import get_store
-    from pipeline.runs import apply_gc, human_bytes, plan_gc
+    from pipeline.engine.config import get_store
+    from pipeline.storage.runs import apply_gc, human_bytes, plan_gc
 
     store = get_store()
     try:
@@ -517,8 +517,8 @@ def cmd_gc(args) -> int:
 
 def cmd_query(args) -> int:
     from pipeline import dag
-    from pipeline.catalog import format_table, open_catalog
-    from pipeline.config import get_store
+    from pipeline.storage.catalog import format_table, open_catalog
+    from pipeline.engine.config import get_store
 
     cat = open_catalog(get_store(), task=args.task, preferred_tasks=list(dag.nest().tasks))
     if cat.task is not None and len(cat.tasks) > 1:
@@ -575,7 +575,7 @@ def _read_only_sql(sql: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    from pipeline import config, dag
+    from pipeline.engine import config, dag
 
     if (args.prompt is None) == (args.file is None):
         raise CliError("generate: give one prompt, or --file PROMPTS.txt (one prompt per line), not both")

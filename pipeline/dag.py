@@ -22,11 +22,11 @@ from typing import Callable
 
 import luigi
 
-from pipeline import config as cfg
-from pipeline.base import NestTask
-from pipeline.params import Accepts, accepts, at_least, between, each_one_of
-from pipeline.sharding import Sharded, range_params
-from pipeline.store import Identified
+from pipeline.engine import config as cfg
+from pipeline.engine.task import NestTask
+from pipeline.engine.params import Accepts, accepts, at_least, between, each_one_of
+from pipeline.engine.sharding import Sharded, range_params
+from pipeline.storage.store import Identified
 
 EMBEDDED = "embedded"
 
@@ -61,7 +61,7 @@ _NONNEG = at_least(0)
 
 
 def _shards_param():
-    """``shards``: a resource, not an identity (pipeline/sharding.py): no key moves with it (nor Luigi's task id).
+    """``shards``: a resource, not an identity (pipeline/engine/sharding.py): no key moves with it (nor Luigi's task id).
     Its default (1) is luigi.cfg's, in each sharded stage's section."""
     return accepts(luigi.IntParameter(significant=False, description="split into this many range shards, "
                                       "each its own task (a resource: the merged artifact is the unsharded one)"),
@@ -229,7 +229,7 @@ class BuildBM25Index(RetrieverIndex, NestTask):
 class EncodePassages(Sharded, NestTask):
     """Passages → one embedding per passage with the ``[encoder]`` context encoder (float32 ``.npy`` shards in doc_id
     order). Versioned by ``ENCODE_VERSION`` alone, so a change to the index or the searcher does not re-encode the
-    corpus; ``batch_size`` is not in the key. ``shards``: doc_id ranges (pipeline/sharding.py)."""
+    corpus; ``batch_size`` is not in the key. ``shards``: doc_id ranges (pipeline/engine/sharding.py)."""
 
     stage_module = "stages.retrieval.dense"
     stage_fn = "run_encode"
@@ -475,7 +475,7 @@ def retrieval_description() -> str:
 
 class PreTokenize(Sharded, NestTask):
     """Passages → token ids with the LM's tokenizer, Parquet shards addressable by doc_id. ``shards``: doc_id
-    ranges (pipeline/sharding.py)."""
+    ranges (pipeline/engine/sharding.py)."""
 
     stage_module = "stages.lm.pretokenize"
     key_exclude = ("batch_size",)
@@ -501,7 +501,7 @@ class PreTokenize(Sharded, NestTask):
 # ---- generation, scoring, report (issue 4) ------------------------------------------------------------------------
 
 class decoding(luigi.Config):  # noqa: N801
-    """``[decoding]``: the methods, the decoding config of the profile and the experiment grid (pipeline/experiments.py)."""
+    """``[decoding]``: the methods, the decoding config of the profile and the experiment grid (pipeline/wiring/experiments.py)."""
 
     methods = luigi.ListParameter(default=(), description="a subset of the registered decoding methods (empty: every "
                                   "file of stages/decoding/methods/)")
@@ -617,7 +617,7 @@ def passage_keys_task(task: str, method: str, overrides) -> EncodePassageKeys | 
 
 
 def experiment_runs():
-    from pipeline.experiments import grid
+    from pipeline.wiring.experiments import grid
 
     d = decoding()
     tasks = configured_tasks()

@@ -1,4 +1,4 @@
-"""``nest push`` and ``nest pull``: share artifacts through the remote store (``pipeline.remote``).
+"""``nest push`` and ``nest pull``: share artifacts through the remote store (``pipeline.sharing.remote``).
 
     nest push [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--verify]
         no argument: what the latest recorded run reached; STAGE: every complete local artifact of that stage;
@@ -14,9 +14,9 @@ import sys
 import time
 
 from pipeline.cli import CliError, _setup
-from pipeline.remote import Remote, RemoteError, get_remote, needed_from, transfer
-from pipeline.runs import human_bytes, latest_run
-from pipeline.store import Store
+from pipeline.sharing.remote import Remote, RemoteError, get_remote, needed_from, transfer
+from pipeline.storage.runs import human_bytes, latest_run
+from pipeline.storage.store import Store
 
 _HEX = set("0123456789abcdef")
 
@@ -67,7 +67,7 @@ def pull_targets(remote: Remote, store: Store, names: list[str], everything: boo
         refs = remote.list()
     elif not names:
         from pipeline import dag
-        from pipeline.base import closure
+        from pipeline.engine.task import closure
 
         tasks = closure([dag.All()])
         on_remote = {t.task_id for t in tasks if not store.complete(t.stage, t.key) and remote.has(t.stage, t.key)}
@@ -88,7 +88,7 @@ def pull_targets(remote: Remote, store: Store, names: list[str], everything: boo
 
 
 def cmd_push(args) -> int:
-    from pipeline.config import get_store
+    from pipeline.engine.config import get_store
 
     _setup(None)
     store = get_store()
@@ -113,7 +113,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from pipeline.config import get_store
+    from pipeline.engine.config import get_store
 
     _setup(args.profile, args.set)
     store = get_store()

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.engine.config import PROJECT_ROOT
 
 RECORDS = PROJECT_ROOT / "tests" / "reproduction"
 # metric -> (kind, tolerance): "abs" points, "rel" fraction of the recorded value, "factor" multiplicative band
@@ -163,8 +163,8 @@ def save(name: str, numbers: Mapping[str, float], setting: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import config as cfg
-    from pipeline.runs import latest_run_with
+    from pipeline.engine import config as cfg
+    from pipeline.storage.runs import latest_run_with
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.reproduction", description=__doc__.split("\n\n")[0])
     ap.add_argument("--record", action="store_true", help="write the latest run's numbers as the recorded table")

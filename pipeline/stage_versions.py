@@ -1,4 +1,4 @@
-"""The review guard over declared stage versions (reading them is ``pipeline.stage_code``'s job).
+"""The review guard over declared stage versions (reading them is ``pipeline.engine.stage_code``'s job).
 
 A stage's version is a declared constant (``VERSION = "1"``): a comment or a refactor must not invalidate a large index.
 To catch a forgotten bump, ``tests/stage_versions.json`` records, per stage module, its declared versions and a hash of its
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pipeline.dag  # noqa: F401  (defines the stage tasks)
-from pipeline.base import NestTask
-from pipeline.config import PROJECT_ROOT
-from pipeline.stage_code import code_hash, declared_versions, dependencies, module_files, read_version  # noqa: F401
+from pipeline.engine.task import NestTask
+from pipeline.engine.config import PROJECT_ROOT
+from pipeline.engine.stage_code import code_hash, declared_versions, dependencies, module_files, read_version  # noqa: F401
 
 RECORD = PROJECT_ROOT / "tests" / "stage_versions.json"
 

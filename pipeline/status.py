@@ -13,9 +13,9 @@ from typing import Any, Iterable
 
 import luigi
 
-from pipeline.base import NestTask, closure
-from pipeline.runs import latest_run, load_runs
-from pipeline.store import Store
+from pipeline.engine.task import NestTask, closure
+from pipeline.storage.runs import latest_run, load_runs
+from pipeline.storage.store import Store
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.base import NestTask
+from pipeline.engine.task import NestTask
 
 FAKE_MODULE = "nest_fake_stage"
 

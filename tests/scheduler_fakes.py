@@ -15,7 +15,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.base import NestTask
+from pipeline.engine.task import NestTask
 
 SHARD_MODULE = "nest_shard_stage"
 

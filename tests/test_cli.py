@@ -13,9 +13,9 @@ import pytest
 from luigi.task_register import Register
 
 from pipeline import cli
-from pipeline.config import get_store
+from pipeline.engine.config import get_store
 from pipeline.status import dag_status
-from pipeline.store import Store
+from pipeline.storage.store import Store
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
 
@@ -113,7 +113,7 @@ def test_status_new_then_cached(fake_env):
 
 
 def test_status_names_the_changed_parameter_and_the_upstream(fake_env):
-    from pipeline import config
+    from pipeline.engine import config
 
     assert _build(FkAll()) == 0
     config.apply_overrides({"FkMid": {"scale": "2"}})
@@ -185,7 +185,7 @@ def test_show_and_verify(fake_env, capsys):
 
 
 def test_gc_dry_run_then_yes(fake_env, capsys):
-    from pipeline import config
+    from pipeline.engine import config
 
     assert cli.main(["gc"]) == 2  # no recorded run: nothing says what to keep
     assert _build(FkAll()) == 0
@@ -229,7 +229,7 @@ def _parquet(path: Path, columns: dict) -> None:
 
 def _fake_retrieval_store(root: Path) -> Store:
     """ConvertCorpus → LoadTask(completion, bio) → PreRetrieve, written by hand, plus a run record reaching them."""
-    from pipeline.runs import write_run
+    from pipeline.storage.runs import write_run
 
     store = Store(root)
     titles = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Marie Curie", "Niels Bohr"]
@@ -258,7 +258,7 @@ def _fake_retrieval_store(root: Path) -> Store:
 
 
 def test_query_the_documented_retrievals_example(tmp_path, monkeypatch, capsys):
-    from pipeline.runs import write_run
+    from pipeline.storage.runs import write_run
 
     store = _fake_retrieval_store(tmp_path / "store")
     # a later `nest run ConvertCorpus` reaches one stage only: the views still show the last PreRetrieve outputs

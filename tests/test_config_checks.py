@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import cli, config
-from pipeline.params import ConfigError, check_config
+from pipeline.engine.params import ConfigError, check_config
 
 
 @pytest.fixture
@@ -106,8 +106,8 @@ def query_store(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.runs import write_run
-    from pipeline.store import Store
+    from pipeline.storage.runs import write_run
+    from pipeline.storage.store import Store
 
     store = Store(tmp_path / "store")
     key = "e" * 64
@@ -147,7 +147,7 @@ def test_query_refuses_writes_and_files_outside_the_store(query_store, tmp_path,
 
 
 def test_report_finds_the_latest_run_with_a_report(query_store, capsys):
-    from pipeline.runs import write_run
+    from pipeline.storage.runs import write_run
 
     store = query_store
     rkey = "a" * 64

@@ -10,8 +10,8 @@ from luigi.parameter import _no_value
 from luigi.task_register import Register
 
 import pipeline.dag  # noqa: F401  (defines the tasks and config sections)
-import pipeline.scheduling  # noqa: F401
-from pipeline.config import PROJECT_CFG
+import pipeline.engine.scheduling  # noqa: F401
+from pipeline.engine.config import PROJECT_CFG
 
 LUIGI_OWN = {"core", "worker", "scheduler", "resources", "retcode", "email", "smtp"}
 

@@ -13,9 +13,9 @@ import luigi
 import pytest
 from luigi.task_register import Register
 
-from pipeline.base import RUN_LOG, NestTask, closure
-from pipeline.config import get_store
-from pipeline.runs import latest_run
+from pipeline.engine.task import RUN_LOG, NestTask, closure
+from pipeline.engine.config import get_store
+from pipeline.storage.runs import latest_run
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
 
@@ -53,7 +53,7 @@ def test_changed_parameter_reruns_exactly_its_downstream(fake_env, monkeypatch):
     before = _keys(FkAll())
     fake_env.log.unlink()
     Register.clear_instance_cache()
-    from pipeline import config
+    from pipeline.engine import config
     config.apply_overrides({"FkMid": {"scale": "3"}})
     try:
         after = _keys(FkAll())
@@ -82,7 +82,7 @@ def test_comment_change_keeps_the_keys(fake_env):
 
 
 def test_keys_are_stable_across_processes(fake_env):
-    code = ("import pipeline_fakes as f; from pipeline.base import closure; "
+    code = ("import pipeline_fakes as f; from pipeline.engine.task import closure; "
             "print({t.label: t.key for t in closure([f.FkAll()])})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), str(TESTS), str(fake_env.mods)]),
            "PYTHONHASHSEED": "7"}
@@ -102,7 +102,7 @@ def test_a_failed_stage_publishes_nothing_and_the_rest_still_records(fake_env):
 
 
 def test_identified_file_param_key_follows_the_content(fake_env, tmp_path):
-    from pipeline.config import identified_path
+    from pipeline.engine.config import identified_path
 
     f = tmp_path / "corpus.jsonl"
     f.write_text("one\n")
@@ -155,7 +155,7 @@ def clean_luigi():
 
 @needs_embedded
 def test_real_dag_changing_bm25_k1_moves_only_bm25_pre_retrieve_and_their_downstream(clean_luigi):
-    from pipeline import config, dag
+    from pipeline.engine import config, dag
 
     before = _keys(dag.All())
     assert {"PrepareLM", "ConvertCorpus", "BuildBM25Index", "EncodePassages", "BuildDenseIndex", "PreTokenize",
@@ -236,7 +236,7 @@ def test_every_luigi_cfg_option_is_a_parameter_of_its_task():
 
 
 def test_profile_full_names_every_missing_piece(monkeypatch):
-    from pipeline.config import ProfileError, resolve_profile
+    from pipeline.engine.config import ProfileError, resolve_profile
 
     for name in ("LM", "CORPUS", "QUERY_ENCODER", "CONTEXT_ENCODER"):
         monkeypatch.delenv(f"NEST_FULL_{name}", raising=False)
@@ -249,7 +249,7 @@ def test_profile_full_names_every_missing_piece(monkeypatch):
 
 
 def test_profile_full_applies_the_paper_setting(monkeypatch, tmp_path):
-    from pipeline.config import resolve_profile
+    from pipeline.engine.config import resolve_profile
 
     for name in ("lm", "corpus", "query_encoder", "context_encoder"):
         p = tmp_path / name

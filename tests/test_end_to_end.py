@@ -88,7 +88,7 @@ def test_cold_run_builds_every_stage_and_the_second_does_nothing(built):
 
 
 def test_every_artifact_verifies(built):
-    from pipeline.store import Store
+    from pipeline.storage.store import Store
 
     store = Store(built["store"])
     for r in built["run2"]["reached"]:
@@ -258,7 +258,7 @@ def test_micro_run_reproduces_its_recorded_table(built):
     PPL, attribution, accepted span, the speed-up in forward passes) against tests/reproduction/micro.json. After a deliberate
     change, rerun with NEST_RECORD_REPRODUCTION=1 to record the new table, and commit it."""
     from pipeline import reproduction as rp
-    from pipeline.store import Store
+    from pipeline.storage.store import Store
 
     store = Store(built["store"])
     measured = rp.headline(rp.summary_rows(store, built["run2"]) + rp.pass_rows(store, built["run2"]))

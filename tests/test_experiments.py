@@ -1,6 +1,6 @@
 """The experiment grid: per-task and per-method decoding overrides merge in that order, and only where they apply."""
 
-from pipeline.experiments import grid
+from pipeline.wiring.experiments import grid
 
 
 def _runs(**kw):

@@ -16,7 +16,7 @@ import pytest
 from luigi.task_register import Register
 
 from pipeline import dag
-from pipeline.base import NestTask
+from pipeline.engine.task import NestTask
 from stages.evaluation import load_task, report, score
 from stages.evaluation.generate import SCHEMA as GENERATIONS
 from stages.retrieval import fusion, pre_retrieve, searchers

@@ -25,12 +25,12 @@ import zstandard
 from luigi.task_register import Register
 
 from pipeline import cli
-from pipeline.archive import ArchiveError, unpack
-from pipeline.base import RUN_LOG
-from pipeline.remote import (Remote, RemoteError, _digest, check_remote_manifest, mark_remote, redact,
+from pipeline.storage.archive import ArchiveError, unpack
+from pipeline.engine.task import RUN_LOG
+from pipeline.sharing.remote import (Remote, RemoteError, _digest, check_remote_manifest, mark_remote, redact,
                              remote_manifest)
 from pipeline.status import dag_status
-from pipeline.store import Store
+from pipeline.storage.store import Store
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
 
@@ -80,7 +80,7 @@ def _s3_env(monkeypatch, endpoint: str) -> None:
 @pytest.fixture(params=["folder", "s3"])
 def remote_url(request, tmp_path, monkeypatch):
     """A fresh remote: a local folder, or a new bucket on the moto endpoint. Sets $NEST_REMOTE."""
-    import pipeline.remote as remote_mod
+    import pipeline.sharing.remote as remote_mod
 
     monkeypatch.setattr(remote_mod, "_REMOTES", {})
     if request.param == "folder":
@@ -438,7 +438,7 @@ def test_remote_mode_off_builds_and_push_mode_shares_what_it_builds(fake_env, re
 
     monkeypatch.setenv("NEST_REMOTE_MODE", "sideways")
     _fresh()
-    from pipeline.remote import remote_mode
+    from pipeline.sharing.remote import remote_mode
 
     with pytest.raises(RemoteError, match="remote_mode = 'sideways': expected one of pull, push, both, off"):
         remote_mode()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from luigi.task_register import Register
 
-from pipeline.base import RUN_LOG
+from pipeline.engine.task import RUN_LOG
 from pipeline_conftest_helpers import PROJECT
 from scheduler_fakes import write_shard_stage
 
@@ -212,8 +212,8 @@ def _keys(record: dict) -> dict[str, str]:
 
 def _remote_report(site: Site, key: str) -> bytes:
     """ShReport's out.txt pulled from the remote into a fresh store (checked against its digests on the way)."""
-    from pipeline.remote import Remote
-    from pipeline.store import Store
+    from pipeline.sharing.remote import Remote
+    from pipeline.storage.store import Store
 
     store = Store(site.root / "fresh")
     Remote(str(site.remote)).pull(store, "ShReport", key)
@@ -248,7 +248,7 @@ def test_two_workers_build_every_stage_once_with_the_keys_and_report_of_one_proc
     # the same keys as one process, each on the remote once, and the same report bytes
     keys = _keys(site.record("store-a"))
     assert keys == _keys(reference) == _keys(site.record("store-b"))
-    from pipeline.remote import Remote
+    from pipeline.sharing.remote import Remote
 
     assert sorted(Remote(str(site.remote)).list()) == sorted((r["stage"], r["key"]) for r in reference["reached"])
     report_key = keys["ShReport"]
@@ -399,7 +399,7 @@ def test_a_failure_in_a_worker_process_is_one_line_with_its_type(site):
 # ---- resources ---------------------------------------------------------------------------------------------------------
 
 def test_resources_gpu_lucene_and_site_needs(monkeypatch):
-    from pipeline import config, dag, scheduling
+    from pipeline.engine import config, dag, scheduling
 
     Register.clear_instance_cache()
     monkeypatch.setenv("NEST_GPU", "1")
@@ -427,7 +427,7 @@ def test_resources_gpu_lucene_and_site_needs(monkeypatch):
 
 
 def test_thread_budget(monkeypatch):
-    from pipeline import config, scheduling
+    from pipeline.engine import config, scheduling
 
     monkeypatch.delenv(scheduling.THREADS_ENV, raising=False)
     for mod in ("torch", "faiss"):  # this process's own thread settings stay as they are
@@ -466,8 +466,8 @@ def test_assistant_worker_takes_tasks_another_process_submitted(site, luigid):
 def _verify_everything(site: Site, stores: list[str]) -> tuple[int, list[str]]:
     """Every complete artifact of every store checked against its manifest, every remote artifact pulled (and so
     checked) into a fresh store: (artifacts checked, problems)."""
-    from pipeline.remote import Remote, RemoteError
-    from pipeline.store import Store
+    from pipeline.sharing.remote import Remote, RemoteError
+    from pipeline.storage.store import Store
 
     checked, problems = 0, []
     for name in stores:

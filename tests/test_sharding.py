@@ -1,4 +1,4 @@
-"""Sharded stages (issue 10 §2, pipeline/sharding.py): the shard count is a resource, not an identity.
+"""Sharded stages (issue 10 §2, pipeline/engine/sharding.py): the shard count is a resource, not an identity.
 
 With 1, 3 and 4 shards, PreTokenize, EncodePassages, BuildDenseIndex (an IVF-PQ index string: trained once, added per
 range, merged), PreRetrieve (dense mode), Generate and Perplexity (method base, a tiny random Llama) end with the same
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from luigi.task_register import Register
 
-from pipeline import config, dag
-from pipeline.base import RUN_LOG, closure
-from pipeline.config import get_store
-from pipeline.sharding import artifact_stat, ranges
+from pipeline.engine import config, dag
+from pipeline.engine.task import RUN_LOG, closure
+from pipeline.engine.config import get_store
+from pipeline.engine.sharding import artifact_stat, ranges
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -206,7 +206,7 @@ def test_sharded_stages_keep_the_unsharded_keys_and_files(micro_dag):
         store_keys[k] = {m["key"] for m in store.manifests("PreTokenize")}
         n_shards = 3 * len(ranges(0, 52, k)) + 2 * len(ranges(0, n_ex, k)) + len(ranges(0, n_ex, k, block=2))
         assert sum(r.get("shard", False) for r in record["reached"]) == n_shards + 1  # and the trained index
-        from pipeline.catalog import open_catalog
+        from pipeline.storage.catalog import open_catalog
 
         cat = open_catalog(store)
         con = cat.con

@@ -76,10 +76,10 @@ def test_version_is_read_without_importing_the_module(fake_module):
 
 
 def test_base_does_not_import_the_dag_or_the_guard():
-    """``pipeline.base`` reads versions through ``pipeline.stage_code`` only: no cycle base -> stage_versions -> dag -> base."""
+    """``pipeline.engine.task`` reads versions through ``pipeline.engine.stage_code`` only: no cycle base -> stage_versions -> dag -> base."""
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.base; bad = {'pipeline.dag', 'pipeline.stage_versions'} & set(sys.modules); "
+    code = ("import sys, pipeline.engine.task; bad = {'pipeline.dag', 'pipeline.stage_versions'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=sv.PROJECT_ROOT)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import Identified, Store, canonical_json, content_key, key_form
+from pipeline.storage.store import Identified, Store, canonical_json, content_key, key_form
 
 PROJECT = Path(__file__).resolve().parents[1]
 KEY = "ab" * 32
@@ -64,7 +64,7 @@ def test_paths_never_enter_a_key_only_identities():
 
 def test_key_is_stable_across_processes_and_hash_seeds():
     code = """
-        from pipeline.store import content_key
+        from pipeline.storage.store import content_key
         print(content_key("S", "1", {"z": [1, {"b": 2, "a": 1}], "a": "x", "f": 0.1}, {"in": "k"}))
     """
     keys = {_py(code, {"PYTHONHASHSEED": seed}, check=True).stdout.strip() for seed in ("0", "1", "12345")}
@@ -159,7 +159,7 @@ def test_process_killed_midway_leaves_no_complete_artifact_and_next_run_rebuilds
     proc = _py(f"""
         import os
         from pathlib import Path
-        from pipeline.store import Store
+        from pipeline.storage.store import Store
         def build(out):
             (out / "a.txt").write_text("partial")
             os._exit(9)   # killed: no exception handler, no cleanup
@@ -180,7 +180,7 @@ def test_killed_between_rename_and_manifest_is_not_complete_and_is_rebuilt(tmp_p
     root = tmp_path / "s"
     proc = _py(f"""
         import os
-        import pipeline.store as st
+        import pipeline.storage.store as st
         st._atomic_write_json = lambda path, doc: os._exit(9)   # die right before the manifest
         def build(out):
             (out / "a.txt").write_text("stale")
@@ -201,7 +201,7 @@ def test_lock_makes_a_second_worker_wait_and_reuse_the_artifact(tmp_path):
     worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from pipeline.store import Store
+        from pipeline.storage.store import Store
         def build(out):
             Path({str(started)!r}).write_text("1")
             while not Path({str(release)!r}).exists():

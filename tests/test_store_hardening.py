@@ -13,9 +13,9 @@ import pytest
 from luigi.task_register import Register
 
 from pipeline import cli
-from pipeline.config import get_store
-from pipeline.runs import active_runs, end_run, start_run
-from pipeline.store import Store, StoreError
+from pipeline.engine.config import get_store
+from pipeline.storage.runs import active_runs, end_run, start_run
+from pipeline.storage.store import Store, StoreError
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
 
@@ -113,7 +113,7 @@ def test_gc_ignores_the_record_of_a_killed_run(fake_env):
 
 def test_build_records_the_run_while_it_runs(fake_env, monkeypatch):
     seen = []
-    import pipeline.base as base
+    import pipeline.engine.task as base
 
     real = base.NestTask.run
 
@@ -130,7 +130,7 @@ def test_build_records_the_run_while_it_runs(fake_env, monkeypatch):
 # ---- verify = true repairs ------------------------------------------------------------------------------------------
 
 def test_verify_true_moves_a_corrupt_artifact_aside_and_rebuilds_it(fake_env, monkeypatch, capsys):
-    from pipeline import config
+    from pipeline.engine import config
 
     assert _build(FkMid()) == 0
     store = get_store()
@@ -156,7 +156,7 @@ def test_verify_true_moves_a_corrupt_artifact_aside_and_rebuilds_it(fake_env, mo
 # ---- fsync order ----------------------------------------------------------------------------------------------------
 
 def test_data_files_are_fsynced_before_the_manifest_is_written(tmp_path, monkeypatch):
-    import pipeline.store as st
+    import pipeline.storage.store as st
 
     events = []
     real_fsync, real_write = st.fsync_path, st._atomic_write_json

@@ -2,13 +2,13 @@
 
 An artifact ``(stage, key)`` is two objects under the remote's root:
 
-- ``<Stage>/<key>.tar.zst``: its files as a deterministic tar stream, zstandard-compressed (``pipeline.archive``);
+- ``<Stage>/<key>.tar.zst``: its files as a deterministic tar stream, zstandard-compressed (``pipeline.storage.archive``);
 - ``<Stage>/<key>.manifest.json``: the artifact's manifest plus ``remote.archive`` (the archive's size and sha256) and
   ``manifest_sha256`` (over the rest of the document), uploaded **last**. Object stores cannot rename, so this order is
   the publication step: an archive without its manifest is invisible.
 
 A pull reads the manifest, checks its own digest, streams the archive into a temp folder checking each file's size and
-sha256 (and the archive's), and only then publishes through :meth:`pipeline.store.Store.adopt` (temp folder, rename,
+sha256 (and the archive's), and only then publishes through :meth:`pipeline.storage.store.Store.adopt` (temp folder, rename,
 manifest last). Any mismatch raises :class:`RemoteError` with one line naming the artifact and the file; nothing local
 changes. Uploads go through fsspec's non-autocommit files (a local folder: temp file + rename; S3: one PUT or a
 multipart upload completed at the end), so two machines pushing the same key at once both succeed and leave one whole
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.archive import ArchiveError, pack, safe_name, unpack
-from pipeline.store import KEY_LEN, Store
+from pipeline.storage.archive import ArchiveError, pack, safe_name, unpack
+from pipeline.storage.store import KEY_LEN, Store
 
 REMOTE_FORMAT = 1
 MODES = ("pull", "push", "both", "off")
@@ -59,7 +59,7 @@ def redact(url: str) -> str:
 
 def remote_url() -> str | None:
     """``$NEST_REMOTE``, else ``[nest] remote``; None when neither is set."""
-    from pipeline import config
+    from pipeline.engine import config
 
     value = os.environ.get("NEST_REMOTE")
     if value is None:
@@ -69,7 +69,7 @@ def remote_url() -> str | None:
 
 def remote_mode() -> str:
     """``$NEST_REMOTE_MODE``, else ``[nest] remote_mode`` (default ``pull``)."""
-    from pipeline import config
+    from pipeline.engine import config
 
     value = (os.environ.get("NEST_REMOTE_MODE") or config.config().get("nest", "remote_mode", "pull")).strip().lower()
     if value not in MODES:
@@ -337,10 +337,10 @@ def read_through(task) -> bool:
     ``remote_mode`` is pull or both). False (build it) when it is not there or the pull is refused; the reason is
     printed in one line.
 
-    In distributed mode (``nest worker``, ``--scheduler-url``: :mod:`pipeline.scheduling`) an artifact on the remote
+    In distributed mode (``nest worker``, ``--scheduler-url``: :mod:`pipeline.engine.scheduling`) an artifact on the remote
     counts as done without being pulled: the worker that runs a stage needing it pulls it then (:func:`pull_inputs`).
     """
-    from pipeline.scheduling import distributed
+    from pipeline.engine.scheduling import distributed
 
     if distributed():
         try:
@@ -354,7 +354,7 @@ def read_through(task) -> bool:
 
 def pull_now(task, *, quiet_missing: bool = True) -> bool:
     """Pull ``task``'s artifact into the local store when the remote has it; False (with one line) otherwise."""
-    from pipeline.base import RUN_LOG
+    from pipeline.engine.task import RUN_LOG
 
     try:
         remote = active_remote("pull")

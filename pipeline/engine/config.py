@@ -17,9 +17,9 @@ import luigi
 import luigi.configuration
 from luigi.configuration.cfg_parser import LuigiConfigParser
 
-from pipeline.store import Identified, Store
+from pipeline.storage.store import Identified, Store
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_CFG = PROJECT_ROOT / "luigi.cfg"
 
 

@@ -1,6 +1,6 @@
 """A stage's declared version and the hash of its code, read from the sources without importing them.
 
-Pure functions over files (``ast``): ``pipeline.base`` reads a stage's version here to compute a key, and the review guard
+Pure functions over files (``ast``): ``pipeline.engine.task`` reads a stage's version here to compute a key, and the review guard
 (``pipeline.stage_versions``) hashes a stage's code here. This module imports nothing of the pipeline, so neither side
 imports the other through it.
 """

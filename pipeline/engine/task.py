@@ -2,7 +2,7 @@
 
 A subclass names the stage module and function, its inputs (``requires()`` → ``{input_name: task}``) and its parameters
 (``stage_params()`` → the dict that enters the key *and* the call; a value whose key form must differ from the value given
-to the stage, such as a file path, is an :class:`~pipeline.store.Identified`). Nothing here imports a stage module until
+to the stage, such as a file path, is an :class:`~pipeline.storage.store.Identified`). Nothing here imports a stage module until
 the stage runs: building the DAG and checking it is complete stays fast (no torch import).
 """
 
@@ -18,11 +18,11 @@ from typing import Any, Iterable, Mapping
 
 import luigi
 
-from pipeline import config as _config  # registers the project's luigi.cfg
-from pipeline import scheduling as _scheduling  # noqa: F401  (registers [stage_resources] before config checks)
-from pipeline.runs import new_run_id, write_run
-from pipeline.stage_code import read_version
-from pipeline.store import Identified, Store, content_key, key_form, utc_now
+from pipeline.engine import config as _config  # registers the project's luigi.cfg
+from pipeline.engine import scheduling as _scheduling  # noqa: F401  (registers [stage_resources] before config checks)
+from pipeline.storage.runs import new_run_id, write_run
+from pipeline.engine.stage_code import read_version
+from pipeline.storage.store import Identified, Store, content_key, key_form, utc_now
 
 
 class ArtifactTarget(luigi.Target):
@@ -57,7 +57,7 @@ class NestTask(luigi.Task):
     **Identity inputs and build dependencies.** ``requires()`` names the *identity inputs*: their keys enter this
     task's key and its manifest's ``inputs``, and the stage reads them. ``build_requires()`` names *build
     dependencies*: tasks Luigi must finish before this one runs but which are no part of its identity. A sharded stage
-    (``pipeline/sharding.py``) uses them: its shards are build dependencies, and ``build()`` then calls the stage
+    (``pipeline/engine/sharding.py``) uses them: its shards are build dependencies, and ``build()`` then calls the stage
     module's ``merge_fn`` on the shard artifacts (plus the identity inputs listed in ``merge_inputs``) instead of
     ``stage_fn``. The key, and the files the merge writes, are those of the unsharded stage, so how many shards built
     it changes nothing downstream. Luigi sees both kinds (``deps()``, through its ``_requires`` hook for non-input
@@ -76,7 +76,7 @@ class NestTask(luigi.Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from pipeline.params import check_task
+        from pipeline.engine.params import check_task
 
         check_task(self)  # a value outside what the parameter accepts: one line, before anything builds
 
@@ -164,21 +164,21 @@ class NestTask(luigi.Task):
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]  (Luigi's class attribute, computed here)
-        from pipeline.scheduling import task_resources  # gpu, lucene, [stage_resources], threads
+        from pipeline.engine.scheduling import task_resources  # gpu, lucene, [stage_resources], threads
 
         return task_resources(self)
 
     def complete(self) -> bool:
         RUN_LOG.touch(self)
-        from pipeline.scheduling import distributed
+        from pipeline.engine.scheduling import distributed
 
         if super().complete():
             if distributed():  # other workers must be able to pull it
-                from pipeline.remote import share_local
+                from pipeline.sharing.remote import share_local
 
                 return share_local(self)
             return True
-        from pipeline.remote import read_through  # a missing stage is pulled when the remote has it (distributed: counted)
+        from pipeline.sharing.remote import read_through  # a missing stage is pulled when the remote has it (distributed: counted)
 
         return read_through(self)
 
@@ -213,13 +213,13 @@ class NestTask(luigi.Task):
         return fn(out_dir, **self.call_kwargs())
 
     def run(self) -> None:
-        from pipeline.scheduling import apply_thread_budget, die_with_parent, distributed
+        from pipeline.engine.scheduling import apply_thread_budget, die_with_parent, distributed
 
         ref = (self.stage, self.key)
         die_with_parent()  # a killed worker leaves no orphan building this stage
         apply_thread_budget()  # N worker processes: threads // N each
         if distributed():
-            from pipeline.remote import pull_inputs  # built by other workers: pulled now, just before they are read
+            from pipeline.sharing.remote import pull_inputs  # built by other workers: pulled now, just before they are read
 
             try:
                 pull_inputs(self)
@@ -243,7 +243,7 @@ class NestTask(luigi.Task):
             raise
         seconds = time.perf_counter() - t0
         print(f"[nest] {self.label} {self.key[:12]}: built in {seconds:.1f} s", file=sys.stderr, flush=True)
-        from pipeline.remote import push_built  # remote_mode = push|both: share what was built
+        from pipeline.sharing.remote import push_built  # remote_mode = push|both: share what was built
 
         try:
             push_built(self, strict=distributed())  # distributed: pushed before the scheduler hears it is done
@@ -483,11 +483,11 @@ class RunLog:
 
 def _remote_checker():
     """``(stage, key) -> bool``: on the remote, in distributed mode only (elsewhere a stage is local or missing)."""
-    from pipeline.scheduling import distributed
+    from pipeline.engine.scheduling import distributed
 
     if not distributed():
         return lambda ref: False
-    from pipeline.remote import RemoteError, active_remote
+    from pipeline.sharing.remote import RemoteError, active_remote
 
     try:
         remote = active_remote("pull")

@@ -56,7 +56,7 @@ def artifact_stat(task, name: str) -> int | None:
     m = task.store.manifest(task.stage, task.key) if task.store.complete(task.stage, task.key) else None
     if m is None:
         try:
-            from pipeline.remote import active_remote
+            from pipeline.sharing.remote import active_remote
 
             remote = active_remote("pull")
             m = remote.manifest(task.stage, task.key) if remote is not None else None

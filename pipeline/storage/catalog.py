@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.runs import latest_run, load_runs, walk_upstream
-from pipeline.store import Store
+from pipeline.storage.runs import latest_run, load_runs, walk_upstream
+from pipeline.storage.store import Store
 
 
 @dataclass(frozen=True)

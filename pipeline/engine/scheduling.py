@@ -47,7 +47,7 @@ class stage_resources(luigi.Config):  # noqa: N801  (Luigi names config classes 
 
 def machine_threads() -> int:
     """``[resources] threads`` of this machine's configuration, else its CPU count."""
-    from pipeline.config import config
+    from pipeline.engine.config import config
 
     value = config().getint("resources", "threads", 0)
     return value if value and value > 0 else (os.cpu_count() or 1)
@@ -60,7 +60,7 @@ def thread_budget(workers: int) -> int:
 def set_thread_budget(workers: int) -> int | None:
     """Give every stage of this process and its worker processes ``threads // workers`` threads (``$NEST_THREADS``).
     One worker without ``[resources] threads`` changes nothing (the libraries' own defaults)."""
-    from pipeline.config import config
+    from pipeline.engine.config import config
 
     if workers <= 1 and not config().getint("resources", "threads", 0):
         os.environ.pop(THREADS_ENV, None)
@@ -132,7 +132,7 @@ def _uses_lucene(task) -> bool:
 
 def task_resources(task) -> dict[str, int]:
     """The Luigi resources ``task`` holds while it runs (see the module docstring)."""
-    from pipeline.config import config
+    from pipeline.engine.config import config
 
     out: dict[str, int] = {}
     try:
@@ -158,7 +158,7 @@ def task_resources(task) -> dict[str, int]:
 def unlimited(resources: dict[str, int]) -> list[str]:
     """Resources declared with more than 1 unit and no limit in this machine's ``[resources]``: Luigi would never run
     such a task (an unset limit is 1)."""
-    from pipeline.config import config
+    from pipeline.engine.config import config
 
     limits = config().getintdict("resources") if config().has_section("resources") else {}
     return [name for name, amount in resources.items() if amount > 1 and name not in limits]
@@ -172,7 +172,7 @@ def distributed() -> bool:
 
 def enter_distributed(scheduler_url: str) -> str | None:
     """Switch this process (and its workers) to distributed mode; returns a one-line note, or None."""
-    from pipeline.remote import remote_mode, remote_url
+    from pipeline.sharing.remote import remote_mode, remote_url
 
     os.environ[DISTRIBUTED_ENV] = "1"
     os.environ[SCHEDULER_ENV] = scheduler_url
@@ -209,7 +209,7 @@ def _quiet_rpc() -> None:
 
     from luigi.parameter import UnconsumedParameterWarning
 
-    from pipeline.config import config
+    from pipeline.engine.config import config
 
     warnings.filterwarnings("ignore", message=r".*not consumed by the task 'core'", category=UnconsumedParameterWarning)
     cfg = config()
@@ -236,7 +236,7 @@ def scheduler_kwargs(workers: int, scheduler_url: str | None, *, assistant: bool
 def worker_options(*, keep_alive: bool):
     """``keep_alive``: the worker stays while its DAG has pending tasks (some running elsewhere), for ``nest worker``;
     the configuration's own value is restored afterwards."""
-    from pipeline.config import config
+    from pipeline.engine.config import config
 
     cfg = config()
     if not keep_alive:

@@ -15,7 +15,7 @@ from pathlib import Path
 from collections import deque
 from typing import Iterable, Iterator
 
-from pipeline.store import Store, _atomic_write_json, folder_size, utc_now
+from pipeline.storage.store import Store, _atomic_write_json, folder_size, utc_now
 
 LATEST = "latest.json"
 
