@@ -70,6 +70,30 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from bench import quiet
+from bench import quiet
+from pipeline import dag
+from pipeline import dag
+from pipeline.engine import config
+from pipeline.engine import config
+from pipeline.engine import config
+from pipeline.engine.runner import build
+from pipeline.engine.runner import build
+from stages.corpus.passages import PassageReader
+from stages.decoding import NestConfig, make_decoder
+from stages.decoding import PassageKeyCache
+from stages.decoding.config import config_fields
+from stages.decoding.key_store import PassageKeyStore
+from stages.evaluation.generate import build_requests
+from stages.evaluation.load_task import CorpusView
+from stages.lm.load import load_lm
+from stages.lm.pretokenize import TokenLookup
+from stages.lm.pretokenize import TokenLookup
+from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
+from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
+from tasks.bio import draw_bios
+from tasks.bio import is_person
+from tasks.metrics import attribution_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_STORE = Path.home() / ".cache" / "nest" / "bench-decoding-quick-store"
@@ -125,7 +149,6 @@ def settings(max_new: int, long_new: int, min_new: int | None = None, quick: boo
 
 def min_new_supported() -> bool:
     """Whether this build's NestConfig has ``min_new_tokens`` (the equal-work setting needs it)."""
-    from stages.decoding.config import config_fields
 
     return "min_new_tokens" in config_fields()
 
@@ -138,7 +161,6 @@ def config_overrides(items: list[str]):
     on both sides, so a task made inside (``PreRetrieve(task=bio)``) is not one made before with other inputs."""
     from luigi.task_register import Register
 
-    from pipeline.engine import config
 
     cfg = config.config()
     parsed = config.parse_set(items)
@@ -161,7 +183,6 @@ def bio_people(corpus) -> list[str]:
     """The bio task's people (source ids) in corpus order: the list :func:`tasks.bio.draw_bios` draws from."""
     import json
 
-    from tasks.bio import is_person
 
     people, seen = [], set()
     for batch in corpus.iter_batches(["source_id", "title", "meta"]):
@@ -177,7 +198,7 @@ def bio_people(corpus) -> list[str]:
 def draw_indices(n_people: int, n: int, seed: int) -> list[int]:
     """The indices :func:`tasks.bio.draw_bios` picks for ``n`` examples with ``seed`` (checked against it at run time
     by :func:`excluded_people`)."""
-    import numpy as np
+    import numpy as np  # lazy: start-up time
 
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(n_people, size=min(n, n_people), replace=False).tolist())
@@ -187,7 +208,6 @@ def excluded_people(corpus, people: list[str], profile_n: int, max_size: int = E
     """The people of every seed-0/seed-1 draw of 1..``max_size`` (and of the profile's size) and the two real draws
     (eval: seed 0 × ``profile_n``; dev: seed 1 × 8) as :func:`tasks.bio.draw_bios` makes them: a check that
     :func:`draw_indices` still follows the task's rule."""
-    from tasks.bio import draw_bios
 
     sizes = sorted(set(range(1, max_size + 1)) | {profile_n, DEV_DRAW_SIZE})
     excluded = {people[i] for s in EXCLUDED_SEEDS for n in sizes for i in draw_indices(len(people), n, s)}
@@ -213,7 +233,6 @@ def heldout_size(people: list[str], excluded: set[str], needed: int, seed: int =
 def heldout_plan(passages_dir, lm_dir, needed: int, profile_n: int) -> dict:
     """The held-out bio draw: LoadTask seed ``HELDOUT_SEED`` of ``drawn`` people, of which the first ``needed`` outside
     every excluded draw are used."""
-    from stages.evaluation.load_task import CorpusView
 
     corpus = CorpusView(Path(passages_dir), Path(lm_dir))
     people = bio_people(corpus)
@@ -250,7 +269,6 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
     (its own LoadTask seed and size)."""
     if quick:
         os.environ.setdefault("NEST_STORE", str(QUICK_STORE))
-    from pipeline import cli, config, dag
 
     if quick:
         config.apply_overrides(config.parse_set(["ConvertCorpus.limit=300"]))
@@ -259,14 +277,10 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
     default_sets = [f"LoadTask.n_examples={needed}"] if needed > profile_n or quick else []
     shared = {"lm": dag.PrepareLM(), "passages": dag.ConvertCorpus(), "tokens": dag.PreTokenize()}
     _log(f"building inputs through the pipeline (store {os.environ.get('NEST_STORE', 'artifacts')})")
-    if cli.build(list(shared.values()), profile=None, command=["bench", "decoding"], quiet=True):
+    if build(list(shared.values()), profile=None, command=["bench", "decoding"], quiet=True):
         raise RuntimeError("the pipeline failed to build the benchmark's inputs (LM, corpus, tokens)")
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
-    from stages.corpus.passages import PassageReader
-    from stages.evaluation.generate import build_requests
-    from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
-    from stages.lm.pretokenize import TokenLookup
 
     reader, lookup = PassageReader(shared["passages"].artifact_dir), TokenLookup(shared["tokens"].artifact_dir)
     d = dag.decoding()
@@ -282,11 +296,11 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
             sets = [f"LoadTask.seed={HELDOUT_SEED}", f"LoadTask.n_examples={plan['drawn']}"]
         with config_overrides(sets):
             jobs = {"examples": dag.LoadTask(task=t), "retrievals": dag.PreRetrieve(task=t)}
-            if cli.build(list(jobs.values()), profile=None, command=["bench", "decoding", t], quiet=True):
+            if build(list(jobs.values()), profile=None, command=["bench", "decoding", t], quiet=True):
                 raise RuntimeError(f"the pipeline failed to build the benchmark's inputs for {t}")
             ex_dir, retr_dir = Path(jobs["examples"].artifact_dir), Path(jobs["retrievals"].artifact_dir)
             if key_store is True or (key_store and t in key_store):
-                out["key_store"][t] = build_key_store(cli, dag, t, task_cfg[t])
+                out["key_store"][t] = build_key_store(dag, t, task_cfg[t])
         examples = pq.read_table(ex_dir / "examples.parquet").to_pylist()
         if plan is not None:
             examples, out["draws"][t] = heldout_rows(examples, plan)
@@ -308,7 +322,7 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
     return out
 
 
-def build_key_store(cli, dag, task: str, cfg: dict | None = None) -> dict:
+def build_key_store(dag, task: str, cfg: dict | None = None) -> dict:
     """Build the passage-key store (EncodePassageKeys) of ``task``'s draw (the config overrides in force) BEFORE the
     timed run: ``{'dir', 'build_s', 'queries', 'share_s', 'scope'}`` or ``{'note'}``. ``queries``: the examples of the
     PreRetrieve it encoded (the store holds their passages); ``share_s`` = ``build_s`` ÷ ``queries``."""
@@ -327,7 +341,7 @@ def build_key_store(cli, dag, task: str, cfg: dict | None = None) -> dict:
         if job is None:
             job = cls(scope="retrieved", task=task)
         t0 = time.perf_counter()
-        code = cli.build([job], profile=None, command=["bench", "decoding", "keys", task], quiet=True)
+        code = build([job], profile=None, command=["bench", "decoding", "keys", task], quiet=True)
         wall = time.perf_counter() - t0
         if code:
             return {"note": f"EncodePassageKeys failed (exit {code}): the nest_store rows are skipped"}
@@ -358,11 +372,9 @@ def _hf_tokens(out_ids, prompt_len: int, eos_ids: set[int]) -> list[int]:
 
 def new_key_cache(key_store_dir: str | None):
     """An empty key cache (the on-the-fly rows) or one that reads the prebuilt key store first."""
-    from stages.decoding import PassageKeyCache
 
     if key_store_dir is None:
         return PassageKeyCache()
-    from stages.decoding.key_store import PassageKeyStore
 
     return PassageKeyCache(store=PassageKeyStore.open(key_store_dir))
 
@@ -374,8 +386,6 @@ class Method:
 
     def __init__(self, name: str, model, tok, max_new: int, nest_cfg: dict, key_store_dir: str | None = None,
                  min_new: int = 0):
-        from stages.decoding import NestConfig, make_decoder
-
         self.name, self.model, self.tok, self.max_new, self.min_new = name, model, tok, max_new, int(min_new)
         self.key_store_dir = key_store_dir
         self.uses_passages = name != "base"
@@ -407,7 +417,7 @@ class Method:
         return dataclasses.replace(req, **changes)
 
     def run(self, row: dict) -> dict:
-        import torch
+        import torch  # lazy: start-up time
 
         req = self.request(row)
         t0 = time.perf_counter()
@@ -441,7 +451,6 @@ COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_b
 def summarise(records: list[dict], share_s: float | None = None) -> dict:
     """A method's row: pooled and median speed, quality, attribution, counters, components; ``share_s``: the key
     store's per-query build share, counted in ``*_with_share`` (the row's own figures stay without it)."""
-    from tasks.metrics import attribution_stats
 
     secs = sum(r["seconds"] for r in records)
     toks = sum(r["tokens"] for r in records)
@@ -501,7 +510,7 @@ def pooled_ratio_ci(tok_m, sec_m, tok_b, sec_b, resamples: int = BOOTSTRAP["resa
     resampling of :func:`tasks.metrics.paired_bootstrap` (``resamples`` draws of n examples with replacement from
     ``numpy.random.default_rng(seed)``, the method's and the base's values of an example drawn together; the interval
     is the (1−level)/2 and (1+level)/2 percentiles). ``{ratio, low, high, n}``."""
-    import numpy as np
+    import numpy as np  # lazy: start-up time
 
     n = len(tok_m)
     if n != len(sec_m) or n != len(tok_b) or n != len(sec_b):
@@ -602,15 +611,12 @@ def stream_hit_rate(n: int, quick: bool) -> dict:
     """The key-cache hit rate of a stream of ``n`` bio prompts over the corpus: each prompt's passages (by token-ids
     digest, as the cache keys them) already met by an earlier prompt, over all passages looked up. Exact for an
     unbounded cache; the in-memory LRU (2 GiB ≈ 10k passages) holds such a stream whole."""
-    from pipeline import cli, config, dag
 
     with config_overrides([f"LoadTask.n_examples={n}"]):  # a fresh PreRetrieve task: the timed draws' are cached
         job = dag.PreRetrieve(task="bio")
-        if cli.build([job, dag.PreTokenize()], profile=None, command=["bench", "decoding", "stream"], quiet=True):
+        if build([job, dag.PreTokenize()], profile=None, command=["bench", "decoding", "stream"], quiet=True):
             return {"note": "the stream's retrieval failed to build"}
-        from stages.decoding.passage_keys import passage_digest
-        from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
-        from stages.lm.pretokenize import TokenLookup
+        from stages.decoding.passage_keys import passage_digest  # lazy: start-up time (it imports torch/faiss/pyserini)
 
         retr = read_retrievals(Path(job.artifact_dir))
         lookup = TokenLookup(dag.PreTokenize().artifact_dir)
@@ -773,8 +779,6 @@ def markdown(result: dict) -> str:
 # --- main -------------------------------------------------------------------------------------------------------------
 
 def _refused_result(quick: bool, verdict: dict, before: dict, after: dict | None, threads: int) -> dict:
-    from bench import quiet
-
     res = {"quick": quick, "refused": verdict["refused"], "threads": threads, "load_before": before,
            "load_after": after, "quiet": {**verdict, "line": quiet.describe(verdict, before, after)}, "settings": {}}
     res["markdown"] = markdown(res)
@@ -782,8 +786,6 @@ def _refused_result(quick: bool, verdict: dict, before: dict, after: dict | None
 
 
 def main(argv: list[str] | None = None, quick: bool = False) -> dict:
-    from bench import quiet
-
     monitor = quiet.LoadMonitor()  # this process's own CPU from here on: subtracted from the load average
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -809,7 +811,7 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
                                                                                                 "200")))
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    import torch
+    import torch  # lazy: start-up time
 
     default_threads = torch.get_num_threads()  # torch's default, before the pipeline may apply a thread budget
     start = monitor.sample("at the start")
@@ -819,7 +821,6 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
 
     from rouge_score import rouge_scorer
 
-    from stages.lm.load import load_lm
 
     only = args.only
     notes = []

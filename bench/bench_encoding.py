@@ -16,6 +16,9 @@ import os
 import statistics
 import sys
 import time
+from bench.bench_decoding import load_inputs
+from stages.decoding import NestConfig
+from stages.lm.load import load_lm
 
 SETTINGS = [  # (label, batch size, sort by length, threads: None = torch's default)
     ("batch 16, sorted (default)", 16, True, None),
@@ -30,7 +33,7 @@ TOLERANCE = 1e-4
 
 
 def _encode(model, passages, key_layer, batch, sort):
-    from stages.decoding.passage_keys import encode_passages
+    from stages.decoding.passage_keys import encode_passages  # lazy: start-up time (it imports torch/faiss/pyserini)
 
     if sort:
         return encode_passages(model, passages, key_layer, None, batch)
@@ -61,11 +64,8 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     repeats = 1 if quick else int(os.environ.get("NEST_BENCH_ENCODING_REPEATS", "2"))
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    import torch
+    import torch  # lazy: start-up time
 
-    from bench.bench_decoding import load_inputs
-    from stages.decoding import NestConfig
-    from stages.lm.load import load_lm
 
     task = "completion_excluded" if quick else "bio"  # the quick 300-article corpus holds no people
     inputs = load_inputs([task], n, quick)

@@ -40,6 +40,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from pipeline.sharing.remote import Remote
+from pipeline.sharing.remote import Remote
+from pipeline.storage.store import Store
+from pipeline.storage.store import Store
+from pipeline.storage.store import Store
+from pipeline.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,8 +134,6 @@ def _verify_remote(url: Path, scratch: Path) -> tuple[int, int, list[str]]:
     pulled into a scratch store and verified there."""
     import shutil
 
-    from pipeline.sharing.remote import Remote
-    from pipeline.storage.store import Store
 
     remote = Remote(str(url))
     check = scratch / "verify-store"
@@ -199,8 +203,6 @@ def _flips(n: int, rng: random.Random, scratch: Path, complete_remote: Path) -> 
     """``n`` flipped bytes, alternately in an archive and in a manifest: (refused pulls, pulls that let it in)."""
     import shutil
 
-    from pipeline.sharing.remote import Remote
-    from pipeline.storage.store import Store
 
     refused = accepted = 0
     for i in range(n):
@@ -231,7 +233,6 @@ def _nest_argv(limit: int, seed: int, size: int) -> list[str]:
 
 def _verify_store(root: Path) -> tuple[int, int, list[str]]:
     """(complete artifacts, corrupt-complete ones, their problems) over every manifest of the store."""
-    from pipeline.storage.store import Store
 
     store = Store(root)
     n = bad = 0
@@ -249,7 +250,6 @@ def _verify_store(root: Path) -> tuple[int, int, list[str]]:
 
 def _leftovers(root: Path) -> int:
     """Temp folders and manifest-less key folders (what a kill leaves until the next build of that stage clears it)."""
-    from pipeline.storage.store import Store
 
     store = Store(root)
     tmp = sum(1 for s in store.stages() for _ in store._tmp_folders(s))

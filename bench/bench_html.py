@@ -20,6 +20,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from bench.browser import browser, open_report
+from bench.browser import chromium_path
+from bench.browser import unavailable
+from stages.evaluation import html_report as hr
 
 GOAL_MS = 3000.0
 METHODS = (("base", "Base LM", False), ("ra", "+RA", False), ("knnlm", "+kNN-LM", False), ("nest", "+NEST", True),
@@ -44,7 +48,6 @@ def _ends(tokens: list[str]) -> list[int]:
 def synthetic_page(path: Path, questions: int, tasks: int = 1, seed: int = 0, output_tokens: int = 64,
                    passage_tokens: int = 100) -> dict:
     """Write a synthetic report.html of ``questions`` questions (split over ``tasks`` tasks) × the 5 methods."""
-    from stages.evaluation import html_report as hr
 
     rng = random.Random(seed)
     blob = hr.Blob()
@@ -93,7 +96,6 @@ def synthetic_page(path: Path, questions: int, tasks: int = 1, seed: int = 0, ou
 
 def measure(path: Path, loads: int = 3) -> dict:
     """Load time (median of ``loads`` fresh pages), a task switch and a search, in headless Chromium."""
-    from bench.browser import browser, open_report
 
     ready, switch, search = [], [], []
     with browser() as b:
@@ -119,8 +121,6 @@ def measure(path: Path, loads: int = 3) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.browser import unavailable
-
     ap = argparse.ArgumentParser(prog="bench html")
     ap.add_argument("--quick", action="store_true", help="100 questions")
     ap.add_argument("--questions", type=int, default=None)
@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> dict:
         m = measure(report)
         result.setdefault("reports", {})[str(report)] = m
         rows.append((f"`{report.name}` ({report.parent.name[:12]})", m))
-    from bench.browser import chromium_path
 
     lines = [f"**HTML report in headless Chromium** (`{chromium_path()}`; load = navigation start to the tables and the "
              f"first 20 examples rendered, median of 3 fresh pages; goal < {GOAL_MS / 1000:g} s)", "",

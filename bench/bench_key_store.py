@@ -33,6 +33,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from pipeline import dag
+from pipeline.engine import config
+from pipeline.engine.runner import build
+from stages.corpus.passages import PassageReader
+from stages.decoding import NestConfig, make_decoder
+from stages.decoding.attribution import attribution_ratio
+from stages.decoding.key_store import PassageKeyStore
+from stages.decoding.key_store import PassageKeyStore
+from stages.decoding.key_store import pq_subquantizers
+from stages.evaluation.generate import build_requests
+from stages.evaluation.perplexity import target_nll
+from stages.lm.load import load_lm
+from stages.lm.pretokenize import TokenLookup
+from stages.retrieval.pre_retrieve import read_retrievals
 
 TASKS = ("completion_excluded", "bio")
 SETTINGS = ("exact", "fp16", "pq")
@@ -48,7 +62,6 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
     """Build (or reuse) the inputs and both key stores through the pipeline; return folders, requests and stats."""
     if quick:
         os.environ.setdefault("NEST_STORE", str(QUICK_STORE))
-    from pipeline import cli, config, dag
 
     extra_sets, sets = sets, [f"LoadTask.n_examples={n_examples}"]
     if corpus_limit:
@@ -62,15 +75,11 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
         for c in ("fp16", "pq"):
             roots[f"keys/{t}/{c}"] = dag.EncodePassageKeys(task=t, compression=c)
     _log(f"building inputs and key stores through the pipeline (store {os.environ.get('NEST_STORE', 'artifacts')})")
-    code = cli.build(list(roots.values()), profile=None, command=["bench", "key_store"], quiet=True)
+    code = build(list(roots.values()), profile=None, command=["bench", "key_store"], quiet=True)
     if code:
         raise RuntimeError(f"the pipeline failed to build the benchmark's inputs (exit {code})")
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
-    from stages.evaluation.generate import build_requests
-    from stages.retrieval.pre_retrieve import read_retrievals
-    from stages.corpus.passages import PassageReader
-    from stages.lm.pretokenize import TokenLookup
 
     store = config.get_store()
     nest_cfg = dag._plain(dag.decoding().config)
@@ -94,11 +103,7 @@ def _files_bytes(folder: Path, prefix: str) -> int:
 
 def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) -> dict:
     """NEST/kNN-LM PPL, NEST generations and their quality for one key source (``exact`` = on the fly)."""
-    from stages.decoding import NestConfig, make_decoder
-    from stages.decoding.attribution import attribution_ratio
-    from stages.decoding.key_store import PassageKeyStore
-    from stages.decoding.passage_keys import PassageKeyCache
-    from stages.evaluation.perplexity import target_nll
+    from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (it imports torch/faiss/pyserini)
 
     cfg = {**inputs["config"], "max_new_tokens": max_new}
     out = {"ppl": {}, "generations": {}, "cache": {}}
@@ -132,8 +137,7 @@ def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) ->
 def key_error(inputs: dict, results: dict, reference: str, setting: str) -> float:
     """Σ‖k̂ − k‖² / Σ‖k‖² of the ``setting`` store's keys against the reference keys (``exact``: the fp32 keys the
     exact run encoded, every passage it used; otherwise the reference store's keys of every passage)."""
-    from stages.decoding.key_store import PassageKeyStore
-    from stages.decoding.passage_keys import PassageKeyCache
+    from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (it imports torch/faiss/pyserini)
 
     err = norm = 0.0
     for t in inputs["tasks"]:
@@ -269,10 +273,9 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     quick = quick or args.quick
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    import torch
+    import torch  # lazy: start-up time
     from rouge_score import rouge_scorer
 
-    from stages.lm.load import load_lm
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -296,7 +299,6 @@ def main(argv: list[str] | None = None, quick: bool = False) -> dict:
     for s in settings[1:]:
         results[f"{s}_key_error"] = key_error(inputs, results, settings[0], s)
     rows = summarise(results, inputs, dim, settings)
-    from stages.decoding.key_store import pq_subquantizers
 
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                        f"({torch.get_num_threads()} threads)",

@@ -36,6 +36,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from stages.corpus import convert as corpus
+from stages.corpus import convert as corpus
+from stages.lm import prepare as prepare_lm
+from stages.lm import pretokenize
+from stages.lm import pretokenize
+from stages.lm.load import load_tokenizer
+from stages.retrieval import bm25
+from stages.retrieval import dense
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZE_BATCH = 2_000
@@ -76,7 +84,6 @@ def _fresh(parent: Path, name: str) -> Path:
 
 def ensure_lm(cache: Path) -> Path:
     """PrepareLM on the embedded GGUF, built once into ``cache/lm-<key>/`` (about 20 s) and reused."""
-    from stages.lm import prepare as prepare_lm
 
     source = prepare_lm.embedded_lm_source()
     key = json.dumps({"identity": prepare_lm.source_identity(source), "version": prepare_lm.VERSION}, sort_keys=True)
@@ -96,9 +103,8 @@ def ensure_lm(cache: Path) -> Path:
 
 def base_records(scratch: Path) -> list[dict]:
     """The embedded corpus as passages (ConvertCorpus), one Atlas record per passage."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
-    from stages.corpus import convert as corpus
 
     out = _fresh(scratch, "embedded_passages")
     corpus.run(out, source=corpus.embedded_corpus_path())
@@ -116,7 +122,7 @@ def write_atlas(path: Path, records: list[dict], n: int) -> Path:
 
     Each record is one passage already (≤ max_words words), so ConvertCorpus makes exactly ``n`` passages of it.
     """
-    import zstandard
+    import zstandard  # lazy: start-up time
 
     with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as zw:
         out = io.TextIOWrapper(zw, encoding="utf-8")
@@ -144,12 +150,8 @@ def child_peak_rss(stage: str, **kwargs) -> dict:
 def _child(stage: str, kwargs: dict) -> None:
     t0 = time.perf_counter()
     if stage == "convert":
-        from stages.corpus import convert as corpus
-
         stats = corpus.run(Path(kwargs["out"]), source=Path(kwargs["source"]))
     elif stage == "pretokenize":
-        from stages.lm import pretokenize
-
         stats = pretokenize.run(Path(kwargs["out"]), passages=Path(kwargs["passages"]), lm=Path(kwargs["lm"]))
     else:
         raise SystemExit(f"unknown child stage {stage!r}")
@@ -175,10 +177,8 @@ def _peak_rss_kib() -> int:
 # --- measurements -----------------------------------------------------------------------------------------------------
 
 def bench_pretokenize(scratch: Path, passages: Path, lm: Path, repeats: int) -> dict:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
-    from stages.lm import pretokenize
-    from stages.lm.load import load_tokenizer
 
     texts = []
     for shard in sorted(passages.glob("passages-*.parquet")):
@@ -201,10 +201,9 @@ def bench_pretokenize(scratch: Path, passages: Path, lm: Path, repeats: int) -> 
 
 
 def bench_encode(scratch: Path, passages: Path, repeats: int) -> dict:
-    import pyarrow.parquet as pq
-    from sentence_transformers import SentenceTransformer
+    import pyarrow.parquet as pq  # lazy: start-up time
+    from sentence_transformers import SentenceTransformer  # lazy: start-up time
 
-    from stages.retrieval import dense
 
     spec = dense.embedded_encoder()
     texts = []
@@ -228,8 +227,6 @@ def bench_encode(scratch: Path, passages: Path, repeats: int) -> dict:
 
 
 def bench_bm25(scratch: Path, passages: Path, n: int) -> dict:
-    from stages.retrieval import bm25
-
     t0 = time.perf_counter()
     stats = bm25.run(_fresh(scratch, "bm25_bench"), passages=passages)
     seconds = time.perf_counter() - t0
@@ -239,8 +236,8 @@ def bench_bm25(scratch: Path, passages: Path, n: int) -> dict:
 
 def _limit_passages(src: Path, dst: Path, n: int) -> Path:
     """The first ``n`` passages of ``src`` as a one-shard passages folder (doc_id 0..n-1)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: start-up time
+    import pyarrow.parquet as pq  # lazy: start-up time
 
     tables, have = [], 0
     for shard in sorted(src.glob("passages-*.parquet")):
@@ -334,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    import torch
+    import torch  # lazy: start-up time
 
     res = {
         "name": "pipeline",

@@ -21,6 +21,8 @@ import os
 import sys
 import time
 from pathlib import Path
+from pipeline.engine import config as cfg
+from pipeline.storage.runs import latest_run_with
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_PASSAGES = 33_000_000
@@ -74,8 +76,8 @@ def stage_rates(manifests: list[dict]) -> list[dict]:
 
 def faiss_rates(store, manifests: list[dict], quick: bool) -> dict:
     """Train and add rates of IVF/PQ on the run's passage embeddings (faiss at 1 thread)."""
-    import faiss
-    import numpy as np
+    import faiss  # lazy: start-up time
+    import numpy as np  # lazy: start-up time
 
     enc = next((m for m in manifests if m["stage"] == "EncodePassages"), None)
     if enc is None:
@@ -170,9 +172,6 @@ def extrapolate(rates: list[dict], fa: dict, tokens_per_passage: float) -> list[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.engine import config as cfg
-    from pipeline.storage.runs import latest_run_with
-
     ap = argparse.ArgumentParser(prog="bench rates")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)

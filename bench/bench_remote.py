@@ -39,6 +39,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from pipeline.sharing.remote import Remote
+from pipeline.storage.archive import LEVEL
+from pipeline.storage.store import Store
+from pipeline.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = "BenchArtifact"
@@ -64,9 +68,8 @@ def make_store(scratch: Path, size: int) -> Path:
     """A store holding one artifact of ``size`` bytes in ``N_FILES`` files, alternating 1 MiB blocks of float32
     embeddings (barely compressible, like a dense index) and JSONL passages of the test corpus in random order
     (compressible text): about 0.47 of its size once compressed."""
-    import numpy as np
+    import numpy as np  # lazy: start-up time
 
-    from pipeline.storage.store import Store
 
     root = scratch / f"store-{size}"
     store = Store(root)
@@ -99,11 +102,8 @@ def make_store(scratch: Path, size: int) -> Path:
 
 def _child(op: str, spec: dict) -> None:
     """One measured operation in this fresh process; prints ``{"seconds", "peak_kib"}`` as JSON."""
-    import zstandard
+    import zstandard  # lazy: start-up time
 
-    from pipeline.storage.archive import LEVEL
-    from pipeline.sharing.remote import Remote
-    from pipeline.storage.store import Store
 
     store = Store(spec["store"])
     t0 = time.perf_counter()

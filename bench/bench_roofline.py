@@ -34,6 +34,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from bench.bench_pipeline import ensure_lm
+from stages.corpus.convert import embedded_corpus_path
+from stages.decoding.config import NestConfig
+from stages.lm.load import load_lm
 
 CACHE = Path.home() / ".cache" / "nest" / "bench"
 BATCH = 16
@@ -45,7 +49,6 @@ def _log(msg: str) -> None:
 
 def real_passages(tokenizer, n: int, max_words: int = 100) -> list[list[int]]:
     """Token ids of the first passage (≤ ``max_words`` words) of the first ``n`` articles of the embedded corpus."""
-    from stages.corpus.convert import embedded_corpus_path
 
     records = list(json.loads(Path(embedded_corpus_path()).read_text(encoding="utf-8")).values())[:n]
     texts = [" ".join(f"{r['title']}. {r['extract']}".split()[:max_words]) for r in records]
@@ -89,8 +92,8 @@ def encoding_flops(cfg, passages: list[list[int]], key_layer: str, batch: int = 
 
 def gemm_rates(cfg, tokens: int, dtype, seconds: float) -> dict[str, float]:
     """GFLOP/s of each layer shape (best of a few timed loops of about ``seconds`` each) and of the layer mix."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: start-up time
+    import torch.nn.functional as F  # lazy: start-up time
 
     rates, mix_flops, mix_time = {}, 0.0, 0.0
     gen = torch.Generator().manual_seed(0)
@@ -119,7 +122,7 @@ def gemm_rates(cfg, tokens: int, dtype, seconds: float) -> dict[str, float]:
 
 def variants(model):
     """(label, model, autocast to bf16, roofline dtype) of each encoding setting that can be built here."""
-    import torch
+    import torch  # lazy: start-up time
 
     out = [("fp32 (key_precision=fp32)", model, False, "fp32"),
            ("bf16 autocast (key_precision=bf16)", model, True, "bf16"),
@@ -128,7 +131,7 @@ def variants(model):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
+            from torch.ao.quantization import quantize_dynamic  # lazy: start-up time
 
             q = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
         out.append(("int8 dynamic quantization (Linear)", q, False, None))
@@ -149,12 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     gemm_s = 0.2 if args.quick else 1.0
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, value)
-    import torch
+    import torch  # lazy: start-up time
 
-    from bench.bench_pipeline import ensure_lm
-    from stages.decoding.config import NestConfig
-    from stages.decoding.passage_keys import encode_passages
-    from stages.lm.load import load_lm
+    from stages.decoding.passage_keys import encode_passages  # lazy: start-up time (it imports torch/faiss/pyserini)
 
     model, tok = load_lm(ensure_lm(args.cache))
     cfg, key_layer = model.config, NestConfig().key_layer

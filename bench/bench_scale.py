@@ -35,6 +35,7 @@ from pathlib import Path
 import luigi
 
 from pipeline.engine.task import NestTask
+from pipeline import dag
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_MODULE = "nest_bench_scale_stage"
@@ -110,8 +111,6 @@ class GenerateShards(luigi.WrapperTask):
     shards = luigi.IntParameter(default=4)
 
     def requires(self):
-        from pipeline import dag
-
         config = next((r.config for r in dag.experiment_runs()
                        if r.task == self.task and r.method == self.method and r.variant == "main"), {})
         step = math.ceil(self.examples / self.shards)
@@ -195,7 +194,7 @@ def _digests(store: Path, stage: str) -> dict[str, dict]:
     measured columns, which differ between any two runs, left out)."""
     import hashlib
 
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
     out = {}
     for m in sorted((store / stage).glob("*/manifest.json")):

@@ -26,6 +26,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from pipeline import dag
+from pipeline.engine import config
+from pipeline.engine.runner import build
+from stages.corpus.passages import PassageReader
+from stages.decoding import NestConfig, PassageKeyCache, make_decoder
+from stages.evaluation.generate import build_requests
+from stages.lm.load import load_lm
+from stages.lm.pretokenize import TokenLookup
+from stages.retrieval.pre_retrieve import read_retrievals
+from tasks.metrics import rouge
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -36,22 +46,16 @@ def _log(msg: str) -> None:
 
 
 def load_dev(tasks, n: int, seed: int, b_max: int) -> dict:
-    from pipeline import cli, config, dag
-
     config.apply_overrides(config.parse_set([f"LoadTask.seed={seed}", f"LoadTask.n_examples={n}"]))
     roots = {"lm": dag.PrepareLM(), "passages": dag.ConvertCorpus(), "tokens": dag.PreTokenize()}
     for t in tasks:
         roots[f"examples/{t}"] = dag.LoadTask(task=t)
         roots[f"retrievals/{t}"] = dag.PreRetrieve(task=t)
-    code = cli.build(list(roots.values()), profile=None, command=["tune"], quiet=True)
+    code = build(list(roots.values()), profile=None, command=["tune"], quiet=True)
     if code:
         raise SystemExit(f"the pipeline failed to build the dev inputs (exit {code})")
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
-    from stages.evaluation.generate import build_requests
-    from stages.retrieval.pre_retrieve import read_retrievals
-    from stages.corpus.passages import PassageReader
-    from stages.lm.pretokenize import TokenLookup
 
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     out = {"lm_dir": roots["lm"].artifact_dir, "tasks": {}, "titles": {}}
@@ -80,8 +84,6 @@ def title_runs(sources, titles) -> list[list]:
 
 
 def score_task(task: str, gens, examples, titles) -> dict:
-    from tasks.metrics import rouge
-
     copied = on_topic = tokens = passes = 0
     clean, rouges, offtopic, detail = 0, [], {}, []
     for g, ex in zip(gens, examples):
@@ -126,10 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-base", action="store_true", help="leave the base LM out (it does not depend on the grid)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    import torch  # lazy: start-up time
 
-    from stages.decoding import NestConfig, PassageKeyCache, make_decoder
-    from stages.lm.load import load_lm
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     data = load_dev(args.tasks, args.n, args.seed, max(args.passages))

@@ -27,6 +27,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from pipeline import dag
+from pipeline.engine import config
+from pipeline.engine.runner import build
+from stages.corpus.passages import PassageReader
+from stages.decoding import NestConfig, PassageKeyCache, make_decoder
+from stages.evaluation.generate import build_requests
+from stages.lm.load import load_lm
+from stages.lm.pretokenize import TokenLookup
+from stages.retrieval.pre_retrieve import read_retrievals
+from tasks.metrics import alr, alr_first_sentence, chimera_counts, rouge
+from tasks.stopping import rule_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -51,12 +62,7 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
     """Build one draw's examples and retrievals through the pipeline; its requests, examples and passage titles."""
     from luigi.task_register import Register
 
-    from pipeline import cli, config, dag
-    from stages.corpus.passages import PassageReader
-    from stages.evaluation.generate import build_requests
-    from stages.retrieval.pre_retrieve import read_retrievals
-    from stages.lm.pretokenize import TokenLookup
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
     sets = [f"LoadTask.seed={seed}", f"LoadTask.n_examples={n}"]
     if paper_file is not None:
@@ -65,13 +71,12 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
     Register.clear_instance_cache()
     roots = {"lm": dag.PrepareLM(), "passages": dag.ConvertCorpus(), "tokens": dag.PreTokenize(),
              "examples": dag.LoadTask(task=task), "retrievals": dag.PreRetrieve(task=task)}
-    code = cli.build(list(roots.values()), profile=None, command=["tune_topical"], quiet=True)
+    code = build(list(roots.values()), profile=None, command=["tune_topical"], quiet=True)
     if code:
         raise SystemExit(f"the pipeline failed to build {task} seed {seed} (exit {code})")
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     examples = pq.read_table(Path(roots["examples"].artifact_dir) / "examples.parquet").to_pylist()
     retr = read_retrievals(Path(roots["retrievals"].artifact_dir))
-    from tasks.stopping import rule_for
 
     d = dag.decoding()
     stopping = rule_for(task, lengths=dag._plain(d.lengths), stops=dag._plain(d.stops)).to_dict()
@@ -83,8 +88,7 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
 
 
 def score(task: str, gens, examples, titles, tok) -> dict:
-    from bench.tune_generation import title_runs
-    from tasks.metrics import alr, alr_first_sentence, chimera_counts, rouge
+    from bench.tune_generation import title_runs  # lazy: start-up time (it imports torch/faiss/pyserini)
 
     copied = on_topic = tokens = passes = sentences = chimeras = 0
     clean, rouges, alrs, firsts, detail = 0, [], [], [], []
@@ -155,10 +159,8 @@ def main(argv=None) -> int:
                 draws[task] = build_draw(task, 0, args.qa, path)
             else:
                 _log(f"{task}: {path} absent, skipped")
-    import torch
+    import torch  # lazy: start-up time
 
-    from stages.decoding import NestConfig, PassageKeyCache, make_decoder
-    from stages.lm.load import load_lm
 
     first = next(iter(draws.values()))
     model, tok = load_lm(first["lm_dir"])

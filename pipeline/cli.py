@@ -21,235 +21,39 @@ Bad input (``stages.errors.InputError``) prints one line ``path:line: message`` 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import logging
+import re
 import sys
-import time
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Sequence
 
-_EXIT_INPUT = 2
+from luigi.cmdline_parser import CmdlineParser
+from luigi.task_register import TaskClassException
 
+from pipeline import dag
+from pipeline.engine import config
+from pipeline.engine.config import get_store
+from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError  # noqa: F401  (CliError: cli.CliError)
+from pipeline.engine.params import ConfigError, check_value
+from pipeline import remote_cli
+from pipeline.engine.runner import build
+from pipeline.session import setup
+from pipeline.sharing.remote import RemoteError, get_remote, mark_remote, pull_now
+from pipeline.status import dag_status
+from pipeline.storage.archive import ArchiveError
+from pipeline.storage.catalog import format_table, open_catalog
+from pipeline.storage.runs import apply_gc, human_bytes, latest_run_with, plan_gc
+from stages.decoding.registry import method_info, method_names  # torch-free: the methods' files are read
+from stages.evaluation.html_report import demo_page
 
-class CliError(Exception):
-    """A one-line user-facing error (exit status 2)."""
-
-
-def _input_error_types() -> tuple[type, ...]:
-    from pipeline.engine.config import ProfileError
-    from pipeline.engine.params import ConfigError
-    from pipeline.storage.store import StoreError
-    from stages.errors import InputError
-    from tasks.errors import TaskInputError
-
-    return InputError, TaskInputError, ProfileError, ConfigError, StoreError, CliError, FileNotFoundError
-
-
-def _remote_error_types() -> tuple[type, ...]:
-    from pipeline.storage.archive import ArchiveError
-    from pipeline.sharing.remote import RemoteError
-
-    return RemoteError, ArchiveError
-
-
-# ---- building ----------------------------------------------------------------------------------------------------------
-
-class _DropInputErrors(logging.Filter):
-    """Luigi logs a traceback for every failed task; for bad input the CLI prints one line instead. A scheduler that
-    stopped answering is one line too (printed by :func:`build`), not a warning per ping."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(record.msg, str) and record.msg.startswith("Failed pinging scheduler"):
-            return False
-        if exc is not None and type(exc).__name__ == "RPCError":
-            return False
-        return not (exc is not None and isinstance(exc, _input_error_types()))
-
-
-def _configure_logging() -> None:
-    logger = logging.getLogger("luigi-interface")
-    if not any(isinstance(f, _DropInputErrors) for f in logger.filters):
-        logger.addFilter(_DropInputErrors())
-
-
-def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
-    """Apply the profile and ``--set`` overrides, then check the whole configuration (names and values) before any
-    task is built: a misspelt section/option or a bad value is one line (exit 2)."""
-    from pipeline.engine import config, dag  # noqa: F401  (dag registers the task and config classes)
-    from pipeline.engine.params import check_config
-
-    if profile:
-        config.apply_profile(profile)
-    if sets:
-        config.apply_overrides(config.parse_set(list(sets)))
-    check_config(extra_sections=config.PROFILES)
-    config.get_store().check_root()
-
-
-def _precompute_keys(roots: Iterable) -> list:
-    """Compute every key before Luigi runs: a bad source path then fails here, in one line, not inside Luigi's
-    scheduler (which would log a traceback and skip the task)."""
-    from pipeline.engine.task import closure
-
-    tasks = closure(roots)
-    for t in tasks:
-        _ = t.key
-    return tasks
-
-
-def _force(tasks: list, stages: Sequence[str]) -> list:
-    """Move aside the artifacts of the tasks of ``stages`` and of every task downstream of them (their keys would not
-    change, so they would stay cached); the run then rebuilds them. Returns the tasks moved aside."""
-    from pipeline.engine.config import get_store
-
-    if not stages:
-        return []
-    names = {t.stage for t in tasks}
-    unknown = [s for s in stages if s not in names]
-    if unknown:
-        raise CliError(f"--force {unknown[0]}: not a stage of this run (its stages: {', '.join(sorted(names))})")
-    store = get_store()
-    hit: set[str] = set()
-    for t in tasks:  # dependencies first: a task is hit when forced or when an input was hit
-        if t.stage in stages or any(i.task_id in hit for i in t.deps()):  # inputs and shards
-            hit.add(t.task_id)
-    moved = []
-    for t in tasks:
-        if t.task_id in hit and store.complete(t.stage, t.key):
-            with store.lock(t.stage, t.key):
-                if store.complete(t.stage, t.key):
-                    aside = store.quarantine(t.stage, t.key, reason="replaced")
-                    print(f"[nest] {t.label} {t.key[:12]}: --force, moved aside to {aside.name}", file=sys.stderr)
-                    moved.append(t)
-    return moved
-
-
-def build(roots: list, *, profile: str | None, command: list[str], quiet: bool = False,
-          force: Sequence[str] = (), workers: int = 1, scheduler_url: str | None = None, keep_alive: bool = False,
-          assistant: bool = False) -> int:
-    """Build ``roots`` with Luigi (local scheduler, or the ``luigid`` at ``scheduler_url``) and ``workers`` worker
-    processes; record the run; print one line per stage (``pipeline/engine/scheduling.py``).
-
-    The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read.
-    With a ``luigid`` the process stays until its DAG is done (Luigi's ``keep_alive``), also while other workers run its
-    tasks: otherwise a submitter whose every task was taken by a faster worker would stop at once and report them
-    missing."""
-    import luigi
-    import luigi.rpc
-
-    from pipeline.engine import scheduling
-    from pipeline.engine.task import RUN_LOG
-    from pipeline.engine.config import get_store
-    from pipeline.storage.runs import end_run, new_run_id, start_run
-
-    keep_alive = keep_alive or bool(scheduler_url)
-    if workers < 1:
-        raise CliError(f"--workers {workers}: give at least 1")
-    if force and scheduler_url:
-        raise CliError("--force with --scheduler-url: not supported (the remote and the other workers would still "
-                       "count the old artifacts as done)")
-    if scheduler_url:
-        note = scheduling.enter_distributed(scheduler_url)
-        if note and not quiet:
-            print(f"[nest] {note}", file=sys.stderr)
-    else:
-        scheduling.enter_local()
-    scheduling.set_thread_budget(workers)
-    _configure_logging()
-    RUN_LOG.reset()
-    if workers > 1 or scheduler_url:
-        RUN_LOG.open_journal()  # stages run in Luigi's worker processes: they tell this one through the journal
-    kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
-    t0 = time.perf_counter()
-    try:
-        if not _build_size_sources(roots, kwargs, quiet=quiet):
-            print(f"nest: the scheduler at {scheduler_url} stopped answering; what was built is kept: run the same "
-                  f"command again to finish", file=sys.stderr)
-            RUN_LOG.close_journal()
-            return 1
-        tasks = _precompute_keys(roots)
-        for t in tasks if not scheduler_url else ():  # luigid's limits are in its own luigi.cfg
-            missing = scheduling.unlimited(t.resources)
-            if missing:
-                raise CliError(f"{t.label}: resource {missing[0]} = {t.resources[missing[0]]} has no limit in "
-                               f"[resources] (Luigi would never run it); set one, e.g. [resources] {missing[0]} = 64")
-        _force(tasks, force)
-    except BaseException:
-        RUN_LOG.close_journal()
-        raise
-    active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
-    try:
-        try:
-            with scheduling.worker_options(keep_alive=keep_alive):
-                luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
-        except luigi.rpc.RPCError as e:
-            RUN_LOG.reset()
-            attempts = str(e).splitlines()[0].split(" when ")[0].removeprefix("Errors ").strip("()")
-            print(f"nest: the scheduler at {scheduler_url} stopped answering ({attempts}); what was built is kept: "
-                  f"run the same command again to finish", file=sys.stderr)
-            return 1
-        RUN_LOG.merge_journal()
-        failed = dict(RUN_LOG.failed)
-        record = RUN_LOG.flush(roots, command=command, profile=profile)
-    finally:
-        RUN_LOG.close_journal()  # (flush closed it already, unless interrupted)
-        end_run(active)
-    total = time.perf_counter() - t0
-    if not quiet and record and record["reached"]:
-        width = max(len(r["label"]) for r in record["reached"])
-        for r in record["reached"]:
-            secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""
-            print(f"{r['label']:<{width}}  {r['key'][:12]}  {r['status']}{secs}")
-        where = "not recorded" if record.get("not_recorded") else f"recorded as runs/{record['id']}.json"
-        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run {where}")
-    for _ref, exc in failed.items():
-        if isinstance(exc, _input_error_types()) or getattr(exc, "input_error", False):
-            print(f"nest: {exc}", file=sys.stderr)
-            return _EXIT_INPUT
-    if failed or (record and not record["ok"]):
-        for (stage, key), exc in failed.items():
-            name = getattr(exc, "type_name", type(exc).__name__)
-            print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
-    """Sharded stages (``shards > 1``, pipeline/engine/sharding.py) split by the number of passages or examples: build the
-    artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
-    holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
-    them. False when the scheduler stopped answering."""
-    import luigi
-    import luigi.rpc
-
-    from pipeline.engine.sharding import size_sources
-
-    sources = size_sources(roots)
-    if not sources:
-        return True
-    if not quiet:
-        print(f"[nest] sharded stages: building what sizes them first ({', '.join(t.label for t in sources)})",
-              file=sys.stderr)
-    try:
-        with _scheduling().worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
-            luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
-    except luigi.rpc.RPCError:
-        return False
-    return True
-
-
-def _scheduling():
-    from pipeline.engine import scheduling
-
-    return scheduling
+REMOTE_ERRORS = (RemoteError, ArchiveError)  # an unreachable remote, a refused pull: one line, exit 1
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------------
 
 def cmd_all(args) -> int:
-    from pipeline import dag
-
-    _setup(args.profile, args.set)
+    setup(args.profile, args.set)
     rc = build([dag.All()], profile=args.profile, command=["nest", *sys.argv[1:]], force=args.force,
                workers=args.workers, scheduler_url=args.scheduler_url)
     if rc == 0 and args.scheduler_url:
@@ -261,8 +65,6 @@ def cmd_all(args) -> int:
 
 
 def _pull_report(task) -> None:
-    from pipeline.sharing.remote import pull_now
-
     if not task.store.complete(task.stage, task.key):
         pull_now(task)
 
@@ -271,12 +73,11 @@ def cmd_worker(args) -> int:
     """``nest worker``: connect to a running ``luigid`` and run whatever part of the DAG it hands out (the DAG of
     ``nest all``, or the stage named after the options), until all of it is done. Every worker must see the same
     configuration (luigi.cfg, ``--profile``, ``--set``): the same tasks then have the same keys."""
-    from pipeline import dag
 
     luigi_args = _split_run_args(list(args.luigi_args), args)
     if luigi_args:
         return _run_task(luigi_args, args, keep_alive=True, assistant=args.assistant)
-    _setup(args.profile, args.set)
+    setup(args.profile, args.set)
     roots = [] if args.assistant else [dag.All()]
     return build(roots, profile=args.profile, command=["nest", *sys.argv[1:]], workers=args.workers,
                  scheduler_url=args.scheduler_url, keep_alive=True, assistant=args.assistant)
@@ -285,8 +86,6 @@ def cmd_worker(args) -> int:
 def latest_report_path():
     """``report.md`` of the newest Report artifact of the latest recorded run that reached one (a later ``nest generate``
     or ``nest run`` does not hide it), or None."""
-    from pipeline.engine.config import get_store
-    from pipeline.storage.runs import latest_run_with
 
     store = get_store()
     run = latest_run_with(store, "Report") or {}
@@ -299,8 +98,6 @@ def latest_report_path():
 
 
 def _shown_path(path) -> str:
-    from pathlib import Path
-
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -308,7 +105,7 @@ def _shown_path(path) -> str:
 
 
 def cmd_report(args) -> int:
-    _setup(args.profile)
+    setup(args.profile)
     path = latest_report_path()
     if path is None:
         raise CliError("report: no report yet; run `make all` (or `nest all`) first")
@@ -359,7 +156,6 @@ def _split_run_args(luigi_args: Sequence[str], args) -> list[str]:
 def _task_parser(luigi_args: list[str]):
     """Luigi's command-line parser without argparse's prefix matching: ``--b 20`` is PreRetrieve's ``b``, not an
     ambiguous prefix of the many ``--batch-email-...`` options Luigi registers."""
-    from luigi.cmdline_parser import CmdlineParser
 
     class _Exact(CmdlineParser):
         @staticmethod
@@ -372,8 +168,6 @@ def _task_parser(luigi_args: list[str]):
 
 
 def _import_modules(luigi_args: Sequence[str]) -> None:
-    import importlib
-
     for i, a in enumerate(luigi_args):
         name = a.partition("=")[2] if a.startswith("--module=") else (
             luigi_args[i + 1] if a == "--module" and i + 1 < len(luigi_args) else None)
@@ -389,13 +183,8 @@ def cmd_run(args) -> int:
 
 
 def _run_task(luigi_args: list[str], args, **build_kw) -> int:
-    from luigi.cmdline_parser import CmdlineParser
-    from luigi.task_register import TaskClassException
-
-    from pipeline.engine.params import ConfigError, check_value
-
     _import_modules(luigi_args)  # `--module M` first: its task classes may be named by --set and the config check
-    _setup(args.profile, args.set)
+    setup(args.profile, args.set)
     if not luigi_args:
         raise CliError("run: name a stage, e.g. `nest run BuildBM25Index --k1 1.2`")
     try:
@@ -423,14 +212,9 @@ def _run_task(luigi_args: list[str], args, **build_kw) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline import dag
-    from pipeline.engine.config import get_store
-    from pipeline.status import dag_status
-
-    _setup(args.profile, args.set)
+    setup(args.profile, args.set)
     store = get_store()
     rows = dag_status([dag.All()], store)
-    from pipeline.sharing.remote import RemoteError, get_remote, mark_remote
 
     try:
         remote = get_remote()
@@ -460,9 +244,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pipeline.engine.config import get_store
-    from pipeline.storage.runs import human_bytes
-
     store = get_store()
     refs = store.find(args.key)
     if not refs:
@@ -496,9 +277,6 @@ def cmd_show(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from pipeline.engine.config import get_store
-    from pipeline.storage.runs import apply_gc, human_bytes, plan_gc
-
     store = get_store()
     try:
         plan = plan_gc(store, args.keep)
@@ -516,10 +294,6 @@ def cmd_gc(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from pipeline import dag
-    from pipeline.storage.catalog import format_table, open_catalog
-    from pipeline.engine.config import get_store
-
     cat = open_catalog(get_store(), task=args.task, preferred_tasks=list(dag.nest().tasks))
     if cat.task is not None and len(cat.tasks) > 1:
         print(f"(views examples, retrievals show task {cat.task!r}; --task all or --task NAME for others: "
@@ -544,7 +318,6 @@ def cmd_query(args) -> int:
 def _named_view_columns(cat, sql: str) -> list[tuple[str, list[str]]]:
     """``(view, its column names)`` for each view the query names: a query that names a missing column, or a reserved
     word such as ``references`` (the examples view calls it ``refs``), is told which columns exist."""
-    import re
 
     words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
     out = []
@@ -561,7 +334,7 @@ def _named_view_columns(cat, sql: str) -> list[tuple[str, list[str]]]:
 def _read_only_sql(sql: str) -> None:
     """Refuse, in one line, anything but queries (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN): ``nest query`` reads the
     store, it never writes into it (``COPY … TO`` a file inside the store would pass DuckDB's directory allowance)."""
-    import duckdb
+    import duckdb  # lazy: start-up time
 
     try:
         statements = duckdb.extract_statements(sql)
@@ -575,13 +348,11 @@ def _read_only_sql(sql: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    from pipeline.engine import config, dag
-
     if (args.prompt is None) == (args.file is None):
         raise CliError("generate: give one prompt, or --file PROMPTS.txt (one prompt per line), not both")
-    _setup(args.profile, args.set)
+    setup(args.profile, args.set)
     try:
-        from pipeline.demo import DemoSession, read_prompts, run_demo, run_stream
+        from pipeline.demo import DemoSession, read_prompts, run_demo, run_stream  # lazy: optional, with the decoding demo
     except ImportError as e:
         raise CliError(f"generate: the decoding demo is not available ({e})") from None
     prompts = read_prompts(args.file) if args.file is not None else None  # a bad file fails before any build
@@ -608,9 +379,6 @@ def cmd_generate(args) -> int:
     run_stream(session, prompts if prompts is not None else [args.prompt], as_json=args.json,
                on_answer=(lambda *a: answers.append(a)) if args.html else None)
     if args.html:
-        from stages.decoding.registry import method_info
-        from stages.evaluation.html_report import demo_page
-
         provenance = {"profile": args.profile or "embedded", "inputs": {n: t.key for n, t in tasks.items()},
                       "decoding": json.dumps(options, sort_keys=True, default=str)}
         path = demo_page(args.html, answers, session.tokenizer, args.method, method_info(args.method).label,
@@ -622,8 +390,6 @@ def cmd_generate(args) -> int:
 # ---- parser ------------------------------------------------------------------------------------------------------------
 
 def make_parser() -> argparse.ArgumentParser:
-    from stages.decoding.registry import method_names  # torch-free: the methods' files are read, not imported
-
     ap = argparse.ArgumentParser(prog="nest", description="NEST reproduction pipeline (content-addressed Luigi stages).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -725,9 +491,7 @@ def make_parser() -> argparse.ArgumentParser:
     profile_opts(p)
     p.set_defaults(fn=cmd_generate)
 
-    from pipeline.remote_cli import add_parsers
-
-    add_parsers(sub, profile_opts)
+    remote_cli.add_parsers(sub, profile_opts)
     return ap
 
 
@@ -735,10 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except _input_error_types() as e:
+    except INPUT_ERRORS as e:
         print(f"nest: {e}", file=sys.stderr)
-        return _EXIT_INPUT
-    except _remote_error_types() as e:  # unreachable remote, refused pull: one line, exit 1
+        return EXIT_INPUT
+    except REMOTE_ERRORS as e:  # unreachable remote, refused pull: one line, exit 1
         print(f"nest: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -27,6 +27,21 @@ from stages.decoding.config import NestConfig
 from stages.decoding.registry import method_info
 from tasks.metrics import attribution_ratio, attribution_runs
 from stages.decoding.types import DecodeRequest, Generation, Passage
+import json
+import sys
+from stages.corpus.passages import PassageReader
+from stages.decoding import make_decoder
+from stages.decoding import make_decoder
+from stages.errors import InputError
+from stages.errors import InputError
+from stages.errors import InputError
+from stages.evaluation.generate import ends_document
+from stages.lm.load import load_lm
+from stages.lm.pretokenize import TokenLookup
+from stages.retrieval.pre_retrieve import HybridRetriever
+from tasks import registry
+from tasks.stopping import DEFAULT_STOPS, STOP_RULES
+from tasks.stopping import family_of
 
 DEMO_DEFAULTS = {"max_new_tokens": 128, "passages": 40}
 SNIPPET_CHARS = 160
@@ -128,10 +143,6 @@ class PassageRetriever:
 
     def __init__(self, *, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, b: int, mode: str = "hybrid",
                  candidates: int = 4000):
-        from stages.corpus.passages import PassageReader
-        from stages.retrieval.pre_retrieve import HybridRetriever
-        from stages.lm.pretokenize import TokenLookup
-
         self.retriever = HybridRetriever(bm25=Path(bm25_dir) if bm25_dir else None,
                                          dense=Path(dense_dir) if dense_dir else None, encoder=encoder, mode=mode, b=b,
                                          candidates=candidates)
@@ -142,7 +153,6 @@ class PassageRetriever:
         doc_ids = [int(r[0]) for r in rows]
         if not doc_ids:
             return []
-        from stages.evaluation.generate import ends_document
 
         meta = self.reader.get(doc_ids)
         toks = self.lookup.get(doc_ids)
@@ -162,8 +172,7 @@ class DemoSession:
     def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
                  min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None,
                  stops: dict | None = None, stop: str | None = None):
-        from stages.decoding import make_decoder
-        from stages.decoding.passage_keys import PassageKeyCache
+        from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (it imports torch/faiss/pyserini)
 
         self.tokenizer, self.method, self.kind = tokenizer, method, kind
         self.retrieve = retrieve if method_info(method).retrieves else None
@@ -181,7 +190,6 @@ class DemoSession:
     def load(cls, *, lm_dir, passages_dir, tokens_dir, bm25_dir, dense_dir, encoder, method: str = "nest",
              options: dict | None = None) -> "DemoSession":
         """Open the artifacts (see :func:`run_demo` for ``options``); the time it takes is ``startup_s``."""
-        from stages.lm.load import load_lm
 
         t0 = time.perf_counter()
         cfg_fields, extra = split_options(options)
@@ -204,7 +212,6 @@ class DemoSession:
         """The stop rule of a prompt: ``--stop`` if given, else its family's (``[decoding] stops`` over the defaults of
         tasks/stopping.py): a bio request is ``longform`` (it ends with the article, ``document_end``), any other
         question ``qa`` (it ends with its first sentence), a completion prompt ``completion`` (the length only)."""
-        from tasks.stopping import DEFAULT_STOPS, STOP_RULES
 
         if self.stop is not None:
             if self.stop not in STOP_RULES:
@@ -221,8 +228,6 @@ class DemoSession:
             return dict(self.task_config.get(task) or {})
         if self.kind != "qa":
             return {}
-        from tasks import registry
-        from tasks.stopping import family_of
 
         qa = [t for t in self.task_config if t in registry.names() and family_of(t) == "qa"]
         common = dict(self.task_config[qa[0]]) if qa else {}
@@ -233,8 +238,6 @@ class DemoSession:
     def decoder_for(self, task: str | None):
         """The decoder of a prompt's task: the session's config with :meth:`overrides_for` the task."""
         if task not in self._decoders:
-            from stages.decoding import make_decoder
-
             overrides = self.overrides_for(task)
             self._decoders[task] = self.decoder if not overrides else make_decoder(
                 self.method, self.decoder.model, self.tokenizer, self.decoder.config.replace(**overrides),
@@ -243,8 +246,7 @@ class DemoSession:
 
     def answer(self, prompt: str) -> tuple[Generation, list[Passage]]:
         """Retrieve and decode one prompt; ``generation.timings`` holds its components and ``total`` (seconds)."""
-        from stages.decoding.base import settle_other
-        from stages.errors import InputError
+        from stages.decoding.base import settle_other  # lazy: start-up time (it imports torch/faiss/pyserini)
 
         if not prompt.strip():
             raise InputError(None, None, "the prompt is empty")
@@ -313,7 +315,6 @@ TIMING_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_
 def read_prompts(path) -> list[str]:
     """One prompt per line of a UTF-8 text file; blank lines are skipped. Raises InputError (file, line) on a file
     that cannot be read or holds no prompt."""
-    from stages.errors import InputError
 
     path = Path(path)
     try:
@@ -336,8 +337,6 @@ def run_stream(session: DemoSession, prompts: Sequence[str], *, as_json: bool = 
     summary (``{"summary": ...}``, after the last) as JSON lines on ``err``; otherwise the attributed texts, one
     block per prompt, and a summary line. ``on_answer(prompt, generation, passages)``: called after each prompt
     (``nest generate --html`` collects the answers). Returns the summary."""
-    import json
-    import sys
 
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
@@ -370,7 +369,6 @@ def run_demo(prompt: str, *, lm_dir, passages_dir, tokens_dir, bm25_dir, dense_d
     :func:`format_attributed`). ``options``: NestConfig fields (gamma, alpha, tau, delta, span_length, passages,
     max_new_tokens, ...) plus ``kind`` (``qa``: the prompt is the question, default; ``completion``: the prompt is the
     article's start), ``retrieval_mode``, ``candidates``, ``device``, ``dtype``, ``min_span_tokens``."""
-    from stages.errors import InputError
 
     if not prompt.strip():
         raise InputError(None, None, "the prompt is empty")

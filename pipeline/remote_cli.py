@@ -13,7 +13,11 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline.cli import CliError, _setup
+from pipeline import dag
+from pipeline.engine.config import get_store
+from pipeline.engine.errors import CliError
+from pipeline.engine.runlog import closure
+from pipeline.session import setup
 from pipeline.sharing.remote import Remote, RemoteError, get_remote, needed_from, transfer
 from pipeline.storage.runs import human_bytes, latest_run
 from pipeline.storage.store import Store
@@ -66,9 +70,6 @@ def pull_targets(remote: Remote, store: Store, names: list[str], everything: boo
     if everything:
         refs = remote.list()
     elif not names:
-        from pipeline import dag
-        from pipeline.engine.task import closure
-
         tasks = closure([dag.All()])
         on_remote = {t.task_id for t in tasks if not store.complete(t.stage, t.key) and remote.has(t.stage, t.key)}
         pull, _build = needed_from(tasks, lambda t: store.complete(t.stage, t.key), lambda t: t.task_id in on_remote)
@@ -88,9 +89,7 @@ def pull_targets(remote: Remote, store: Store, names: list[str], everything: boo
 
 
 def cmd_push(args) -> int:
-    from pipeline.engine.config import get_store
-
-    _setup(None)
+    setup(None)
     store = get_store()
     remote = _remote(args)
     refs = push_targets(store, args.targets, args.all)
@@ -113,9 +112,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from pipeline.engine.config import get_store
-
-    _setup(args.profile, args.set)
+    setup(args.profile, args.set)
     store = get_store()
     remote = _remote(args)
     try:

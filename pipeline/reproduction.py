@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from pipeline.engine.config import PROJECT_ROOT
+from pipeline.engine import config as cfg
+from pipeline.storage.runs import latest_run_with
+from stages.common import atomic_write_text
 
 RECORDS = PROJECT_ROOT / "tests" / "reproduction"
 # metric -> (kind, tolerance): "abs" points, "rel" fraction of the recorded value, "factor" multiplicative band
@@ -112,7 +115,7 @@ def render(checks: list[Check]) -> str:
 
 def summary_rows(store, run: dict) -> list[dict]:
     """Every summary row of the Score stages that ``run`` reached."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
     rows: list[dict] = []
     for r in run.get("reached", []):
@@ -126,7 +129,7 @@ def summary_rows(store, run: dict) -> list[dict]:
 def pass_rows(store, run: dict) -> list[dict]:
     """``tokens_per_pass`` rows (Σ generated tokens ÷ Σ LM forward passes) of the Generate artifact each main-grid Score
     of ``run`` read."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
     out = []
     for r in run.get("reached", []):
@@ -153,8 +156,6 @@ def load(name: str) -> dict[str, float]:
 
 
 def save(name: str, numbers: Mapping[str, float], setting: str) -> Path:
-    from stages.common import atomic_write_text
-
     RECORDS.mkdir(parents=True, exist_ok=True)
     path = RECORDS / f"{name}.json"
     doc = {"setting": setting, "tolerance": {k: list(v) for k, v in TOLERANCE.items()}, "numbers": dict(numbers)}
@@ -163,9 +164,6 @@ def save(name: str, numbers: Mapping[str, float], setting: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.engine import config as cfg
-    from pipeline.storage.runs import latest_run_with
-
     ap = argparse.ArgumentParser(prog="python -m pipeline.reproduction", description=__doc__.split("\n\n")[0])
     ap.add_argument("--record", action="store_true", help="write the latest run's numbers as the recorded table")
     ap.add_argument("--name", default="embedded", help="the recorded table (tests/reproduction/<name>.json)")

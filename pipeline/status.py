@@ -13,7 +13,8 @@ from typing import Any, Iterable
 
 import luigi
 
-from pipeline.engine.task import NestTask, closure
+from pipeline.engine.runlog import closure
+from pipeline.engine.task import NestTask
 from pipeline.storage.runs import latest_run, load_runs
 from pipeline.storage.store import Store
 

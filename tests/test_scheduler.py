@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from luigi.task_register import Register
 
-from pipeline.engine.task import RUN_LOG
+from pipeline.engine.runlog import RUN_LOG
 from pipeline_conftest_helpers import PROJECT
 from scheduler_fakes import write_shard_stage
 
@@ -399,7 +399,8 @@ def test_a_failure_in_a_worker_process_is_one_line_with_its_type(site):
 # ---- resources ---------------------------------------------------------------------------------------------------------
 
 def test_resources_gpu_lucene_and_site_needs(monkeypatch):
-    from pipeline.engine import config, dag, scheduling
+    from pipeline import dag
+    from pipeline.engine import config, scheduling
 
     Register.clear_instance_cache()
     monkeypatch.setenv("NEST_GPU", "1")

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from luigi.task_register import Register
 
-from pipeline.engine import config, dag
-from pipeline.engine.task import RUN_LOG, closure
+from pipeline import dag
+from pipeline.engine import config
+from pipeline.engine.runlog import RUN_LOG, closure
 from pipeline.engine.config import get_store
 from pipeline.engine.sharding import artifact_stat, ranges
 

@@ -288,7 +288,8 @@ def test_generate_key_holds_its_family_rule_and_only_that_family_reruns():
     pytest.importorskip("luigi")
     from luigi.task_register import Register
 
-    from pipeline.engine import config, dag
+    from pipeline import dag
+    from pipeline.engine import config
 
     Register.clear_instance_cache()
     cfg = config.config()

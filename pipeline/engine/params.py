@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import luigi
+from luigi.task_register import Register
 
 
 class ConfigError(ValueError):
@@ -147,7 +148,6 @@ LUIGI_SECTIONS = {"core", "worker", "scheduler", "retcode", "logging", "email", 
 
 def _registered() -> dict[str, dict[str, luigi.Parameter]]:
     """{section: {option: parameter}} of every registered task and config class (Luigi's names)."""
-    from luigi.task_register import Register
 
     out: dict[str, dict[str, luigi.Parameter]] = {}
     for cls in Register._get_reg().values():

@@ -30,8 +30,13 @@ from typing import Any
 
 import luigi
 
+from pipeline.engine.config import DISTRIBUTED_ENV, config
+from pipeline.sharing.remote import remote_mode, remote_url
+from luigi.parameter import UnconsumedParameterWarning
+import multiprocessing
+import warnings
+
 THREADS_ENV = "NEST_THREADS"          # this worker process's thread budget
-DISTRIBUTED_ENV = "NEST_DISTRIBUTED"  # "1": complete() counts the remote, stages pull inputs and push outputs
 SCHEDULER_ENV = "NEST_SCHEDULER"      # "local" or the luigid URL (for resources that only the local scheduler limits)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
@@ -47,8 +52,6 @@ class stage_resources(luigi.Config):  # noqa: N801  (Luigi names config classes 
 
 def machine_threads() -> int:
     """``[resources] threads`` of this machine's configuration, else its CPU count."""
-    from pipeline.engine.config import config
-
     value = config().getint("resources", "threads", 0)
     return value if value and value > 0 else (os.cpu_count() or 1)
 
@@ -60,8 +63,6 @@ def thread_budget(workers: int) -> int:
 def set_thread_budget(workers: int) -> int | None:
     """Give every stage of this process and its worker processes ``threads // workers`` threads (``$NEST_THREADS``).
     One worker without ``[resources] threads`` changes nothing (the libraries' own defaults)."""
-    from pipeline.engine.config import config
-
     if workers <= 1 and not config().getint("resources", "threads", 0):
         os.environ.pop(THREADS_ENV, None)
         return None
@@ -91,7 +92,6 @@ def apply_thread_budget() -> int | None:
 def die_with_parent() -> None:
     """In a Luigi worker's forked task process: die when the worker dies (``kill -9`` of a worker must not leave an
     orphan that keeps building a stage the scheduler hands to another worker). Linux only; a no-op elsewhere."""
-    import multiprocessing
 
     if multiprocessing.parent_process() is None or not sys.platform.startswith("linux"):
         return
@@ -132,8 +132,6 @@ def _uses_lucene(task) -> bool:
 
 def task_resources(task) -> dict[str, int]:
     """The Luigi resources ``task`` holds while it runs (see the module docstring)."""
-    from pipeline.engine.config import config
-
     out: dict[str, int] = {}
     try:
         merging = bool(task.build_requires())  # a sharded stage's merge reads its shards' files: no GPU, no Lucene
@@ -158,22 +156,14 @@ def task_resources(task) -> dict[str, int]:
 def unlimited(resources: dict[str, int]) -> list[str]:
     """Resources declared with more than 1 unit and no limit in this machine's ``[resources]``: Luigi would never run
     such a task (an unset limit is 1)."""
-    from pipeline.engine.config import config
-
     limits = config().getintdict("resources") if config().has_section("resources") else {}
     return [name for name, amount in resources.items() if amount > 1 and name not in limits]
 
 
 # ---- distributed mode ------------------------------------------------------------------------------------------------
 
-def distributed() -> bool:
-    return os.environ.get(DISTRIBUTED_ENV) == "1"
-
-
 def enter_distributed(scheduler_url: str) -> str | None:
     """Switch this process (and its workers) to distributed mode; returns a one-line note, or None."""
-    from pipeline.sharing.remote import remote_mode, remote_url
-
     os.environ[DISTRIBUTED_ENV] = "1"
     os.environ[SCHEDULER_ENV] = scheduler_url
     _quiet_rpc()
@@ -205,11 +195,7 @@ def enter_local() -> None:
 def _quiet_rpc() -> None:
     """A lost scheduler is one line from the CLI, not Luigi's traceback per retry (nor a warning that [core]'s rpc
     options belong to no task: the RPC client reads them directly)."""
-    import warnings
 
-    from luigi.parameter import UnconsumedParameterWarning
-
-    from pipeline.engine.config import config
 
     warnings.filterwarnings("ignore", message=r".*not consumed by the task 'core'", category=UnconsumedParameterWarning)
     cfg = config()
@@ -236,8 +222,6 @@ def scheduler_kwargs(workers: int, scheduler_url: str | None, *, assistant: bool
 def worker_options(*, keep_alive: bool):
     """``keep_alive``: the worker stays while its DAG has pending tasks (some running elsewhere), for ``nest worker``;
     the configuration's own value is restored afterwards."""
-    from pipeline.engine.config import config
-
     cfg = config()
     if not keep_alive:
         yield

@@ -26,6 +26,8 @@ from typing import Iterable
 
 import luigi
 
+from pipeline.sharing.remote import active_remote
+
 
 def ranges(start: int, end: int, shards: int, block: int = 1) -> list[tuple[int, int]]:
     """``[start, end)`` split into at most ``shards`` contiguous, non-empty ranges of nearly equal size, every boundary
@@ -56,8 +58,6 @@ def artifact_stat(task, name: str) -> int | None:
     m = task.store.manifest(task.stage, task.key) if task.store.complete(task.stage, task.key) else None
     if m is None:
         try:
-            from pipeline.sharing.remote import active_remote
-
             remote = active_remote("pull")
             m = remote.manifest(task.stage, task.key) if remote is not None else None
         except Exception:  # no remote, or it does not answer: the stage is built as one task

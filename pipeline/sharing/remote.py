@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.engine import config
+from pipeline.engine.config import distributed
 from pipeline.storage.archive import ArchiveError, pack, safe_name, unpack
 from pipeline.storage.store import KEY_LEN, Store
 
@@ -59,8 +61,6 @@ def redact(url: str) -> str:
 
 def remote_url() -> str | None:
     """``$NEST_REMOTE``, else ``[nest] remote``; None when neither is set."""
-    from pipeline.engine import config
-
     value = os.environ.get("NEST_REMOTE")
     if value is None:
         value = config.config().get("nest", "remote", "")
@@ -69,8 +69,6 @@ def remote_url() -> str | None:
 
 def remote_mode() -> str:
     """``$NEST_REMOTE_MODE``, else ``[nest] remote_mode`` (default ``pull``)."""
-    from pipeline.engine import config
-
     value = (os.environ.get("NEST_REMOTE_MODE") or config.config().get("nest", "remote_mode", "pull")).strip().lower()
     if value not in MODES:
         raise RemoteError(f"[nest] remote_mode = {value!r}: expected one of {', '.join(MODES)}")
@@ -157,7 +155,7 @@ class Remote:
         self.url = url
         self.shown = redact(url)
         try:
-            import fsspec
+            import fsspec  # lazy: start-up time
 
             self.fs, root = fsspec.core.url_to_fs(url)
         except ImportError as e:
@@ -323,7 +321,7 @@ class Remote:
 @contextlib.contextmanager
 def byte_bar(desc: str, total: int | None):
     """A tqdm bar in bytes (stderr); yields its ``update``."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: start-up time
 
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
               mininterval=0.5, file=sys.stderr) as bar:
@@ -332,16 +330,15 @@ def byte_bar(desc: str, total: int | None):
 
 # ---- runs: read-through and push-after-build -----------------------------------------------------------------------
 
-def read_through(task) -> bool:
+def read_through(task) -> bool | float:
     """Called by ``NestTask.complete()`` for a stage missing locally: pull it when the remote has it (and
-    ``remote_mode`` is pull or both). False (build it) when it is not there or the pull is refused; the reason is
-    printed in one line.
+    ``remote_mode`` is pull or both). Returns the seconds the pull took (the task records them), or False (build it)
+    when it is not there or the pull is refused; the reason is printed in one line.
 
     In distributed mode (``nest worker``, ``--scheduler-url``: :mod:`pipeline.engine.scheduling`) an artifact on the remote
-    counts as done without being pulled: the worker that runs a stage needing it pulls it then (:func:`pull_inputs`).
+    counts as done without being pulled (True): the worker that runs a stage needing it pulls it then
+    (:func:`pull_inputs`).
     """
-    from pipeline.engine.scheduling import distributed
-
     if distributed():
         try:
             remote = active_remote("pull")
@@ -349,44 +346,45 @@ def read_through(task) -> bool:
         except RemoteError as e:
             print(f"[nest] {task.label} {task.key[:12]}: remote not checked ({e})", file=sys.stderr, flush=True)
             return False
-    return pull_now(task)
+    seconds = pull_now(task)
+    return False if seconds is None else seconds
 
 
-def pull_now(task, *, quiet_missing: bool = True) -> bool:
-    """Pull ``task``'s artifact into the local store when the remote has it; False (with one line) otherwise."""
-    from pipeline.engine.task import RUN_LOG
-
+def pull_now(task, *, quiet_missing: bool = True) -> float | None:
+    """Pull ``task``'s artifact into the local store when the remote has it: the seconds it took, or None (with one
+    line) when it was not pulled."""
     try:
         remote = active_remote("pull")
         if remote is None:
-            return False
+            return None
         store = task.store
         doc = remote.manifest(task.stage, task.key)
         if doc is None:
-            return False
+            return None
         print(f"[nest] {task.label} {task.key[:12]}: pulling from {remote.shown}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         with byte_bar(f"pull {task.stage}", doc["remote"]["archive"]["size"]) as update:
             remote.pull(store, task.stage, task.key, progress=update, doc=doc)
     except (RemoteError, ArchiveError) as e:
         print(f"[nest] {task.label} {task.key[:12]}: not pulled ({e}); building it", file=sys.stderr, flush=True)
-        return False
+        return None
     seconds = time.perf_counter() - t0
-    RUN_LOG.note("pulled", (task.stage, task.key), seconds)
     print(f"[nest] {task.label} {task.key[:12]}: pulled in {seconds:.1f} s", file=sys.stderr, flush=True)
-    return True
+    return seconds
 
 
-def pull_inputs(task) -> None:
+def pull_inputs(task, pulled: Callable[[tuple[str, str], float], Any]) -> None:
     """Distributed mode, before a stage runs: pull every input that is not in the local store (another worker built
-    it and pushed it; a sharded stage's merge: its shards). Raises :class:`RemoteError` naming an input that is neither
-    local nor on the remote."""
+    it and pushed it; a sharded stage's merge: its shards), telling ``pulled((stage, key), seconds)`` of each. Raises
+    :class:`RemoteError` naming an input that is neither local nor on the remote."""
     for name, dep in task.run_inputs().items():
         if dep.store.complete(dep.stage, dep.key):
             continue
-        if not pull_now(dep):
+        seconds = pull_now(dep)
+        if seconds is None:
             raise RemoteError(f"{task.label}: input {name} ({dep.label} {dep.key[:12]}) is neither in the local store "
                               f"nor on the remote")
+        pulled((dep.stage, dep.key), seconds)
 
 
 def push_built(task, *, strict: bool = False) -> None:
@@ -466,7 +464,7 @@ def mark_remote(rows: list, remote: "Remote") -> None:
 def transfer(items: Iterable[tuple[str, str]], fn: Callable[[str, str, Callable[[int], Any]], Any],
              sizes: Callable[[str, str], int | None], verb: str) -> tuple[list, list[str]]:
     """Run ``fn(stage, key, progress)`` over ``items`` with an artifact bar and a byte bar; (results, error lines)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: start-up time
 
     items = list(items)
     results, errors = [], []

@@ -59,7 +59,7 @@ def _others(path: Path, named: tuple[str, ...]) -> str:
     """``r."a", r."b", `` for the columns of a Parquet file not in ``named`` (empty without ``named``)."""
     if not named:
         return ""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: start-up time
 
     cols = [c for c in pq.read_schema(path).names if c not in named]
     return "".join(f'r."{c.replace(chr(34), chr(34) * 2)}", ' for c in cols)
@@ -99,7 +99,7 @@ def _latest_per_stage(store: Store, stages: set[str]) -> list[tuple[str, str]]:
 
 
 def _artifacts_table(store: Store, latest: set[tuple[str, str]]):
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: start-up time
 
     rows = {k: [] for k in ("stage", "key", "stage_version", "params", "inputs", "created_at", "size", "n_files",
                             "build_s", "in_latest_run", "path")}
@@ -144,7 +144,7 @@ def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterabl
                  locked: bool = True) -> Catalog:
     """An in-memory DuckDB connection with the views, then locked down (:func:`lock_down`). ``task``: ``None`` picks the
     first of ``preferred_tasks`` present (else the first present), ``"all"`` shows every task."""
-    import duckdb
+    import duckdb  # lazy: start-up time
 
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})

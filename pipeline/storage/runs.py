@@ -16,6 +16,9 @@ from collections import deque
 from typing import Iterable, Iterator
 
 from pipeline.storage.store import Store, _atomic_write_json, folder_size, utc_now
+import shutil
+import socket
+import socket
 
 LATEST = "latest.json"
 
@@ -39,7 +42,6 @@ ACTIVE = "active"
 def start_run(store: Store, run_id: str, planned: Iterable[tuple[str, str]], command: list[str] | None = None) -> Path | None:
     """Record a run as it starts (``runs/active/<id>.json``: host, pid and every artifact it may read or build), so
     that ``nest gc`` never removes an input of a run in progress. Best effort: None when the store is read-only."""
-    import socket
 
     doc = {"id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now(),
            "command": command or [], "planned": [{"stage": s, "key": k} for s, k in dict.fromkeys(planned)]}
@@ -63,7 +65,6 @@ def end_run(path: Path | None) -> None:
 
 def _alive(doc: dict) -> bool:
     """Whether the process of an active-run record still runs (a record from another host counts as alive)."""
-    import socket
 
     if doc.get("host") != socket.gethostname():
         return True
@@ -181,8 +182,6 @@ def plan_gc(store: Store, keep_runs: int | None = None) -> GcPlan:
 
 
 def apply_gc(store: Store, plan: GcPlan) -> None:
-    import shutil
-
     for stage, key, path, _size in plan.remove:
         if path.is_symlink():
             continue

@@ -1,0 +1,177 @@
+"""``build()``: the programmatic entry point of a run, called by ``nest all``/``run``/``worker``/``generate`` and by the
+benches.
+
+It builds the targets with Luigi (local scheduler, or a ``luigid``) and N worker processes, records the run (as it starts,
+``runs/active/``, and when it ends, ``runs/<id>.json``), and prints one line per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Iterable, Sequence
+
+import luigi
+import luigi.rpc
+
+from pipeline.engine import scheduling
+from pipeline.engine.config import get_store
+from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError, is_input_error
+from pipeline.engine.runlog import RUN_LOG, closure
+from pipeline.engine.sharding import size_sources
+from pipeline.storage.runs import end_run, new_run_id, start_run
+
+
+class _DropInputErrors(logging.Filter):
+    """Luigi logs a traceback for every failed task; for bad input the CLI prints one line instead. A scheduler that
+    stopped answering is one line too (printed by :func:`build`), not a warning per ping."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(record.msg, str) and record.msg.startswith("Failed pinging scheduler"):
+            return False
+        if exc is not None and type(exc).__name__ == "RPCError":
+            return False
+        return not (exc is not None and isinstance(exc, INPUT_ERRORS))
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("luigi-interface")
+    if not any(isinstance(f, _DropInputErrors) for f in logger.filters):
+        logger.addFilter(_DropInputErrors())
+
+
+def _precompute_keys(roots: Iterable) -> list:
+    """Compute every key before Luigi runs: a bad source path then fails here, in one line, not inside Luigi's
+    scheduler (which would log a traceback and skip the task)."""
+    tasks = closure(roots)
+    for t in tasks:
+        _ = t.key
+    return tasks
+
+
+def _force(tasks: list, stages: Sequence[str]) -> list:
+    """Move aside the artifacts of the tasks of ``stages`` and of every task downstream of them (their keys would not
+    change, so they would stay cached); the run then rebuilds them. Returns the tasks moved aside."""
+    if not stages:
+        return []
+    names = {t.stage for t in tasks}
+    unknown = [s for s in stages if s not in names]
+    if unknown:
+        raise CliError(f"--force {unknown[0]}: not a stage of this run (its stages: {', '.join(sorted(names))})")
+    store = get_store()
+    hit: set[str] = set()
+    for t in tasks:  # dependencies first: a task is hit when forced or when an input was hit
+        if t.stage in stages or any(i.task_id in hit for i in t.deps()):  # inputs and shards
+            hit.add(t.task_id)
+    moved = []
+    for t in tasks:
+        if t.task_id in hit and store.complete(t.stage, t.key):
+            with store.lock(t.stage, t.key):
+                if store.complete(t.stage, t.key):
+                    aside = store.quarantine(t.stage, t.key, reason="replaced")
+                    print(f"[nest] {t.label} {t.key[:12]}: --force, moved aside to {aside.name}", file=sys.stderr)
+                    moved.append(t)
+    return moved
+
+
+def build(roots: list, *, profile: str | None, command: list[str], quiet: bool = False,
+          force: Sequence[str] = (), workers: int = 1, scheduler_url: str | None = None, keep_alive: bool = False,
+          assistant: bool = False) -> int:
+    """Build ``roots`` with Luigi (local scheduler, or the ``luigid`` at ``scheduler_url``) and ``workers`` worker
+    processes; record the run; print one line per stage (``pipeline/engine/scheduling.py``).
+
+    The run is recorded as it starts (``runs/active/``), so that ``nest gc`` meanwhile keeps everything it may read.
+    With a ``luigid`` the process stays until its DAG is done (Luigi's ``keep_alive``), also while other workers run its
+    tasks: otherwise a submitter whose every task was taken by a faster worker would stop at once and report them
+    missing."""
+    keep_alive = keep_alive or bool(scheduler_url)
+    if workers < 1:
+        raise CliError(f"--workers {workers}: give at least 1")
+    if force and scheduler_url:
+        raise CliError("--force with --scheduler-url: not supported (the remote and the other workers would still "
+                       "count the old artifacts as done)")
+    if scheduler_url:
+        note = scheduling.enter_distributed(scheduler_url)
+        if note and not quiet:
+            print(f"[nest] {note}", file=sys.stderr)
+    else:
+        scheduling.enter_local()
+    scheduling.set_thread_budget(workers)
+    _configure_logging()
+    RUN_LOG.reset()
+    if workers > 1 or scheduler_url:
+        RUN_LOG.open_journal()  # stages run in Luigi's worker processes: they tell this one through the journal
+    kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
+    t0 = time.perf_counter()
+    try:
+        if not _build_size_sources(roots, kwargs, quiet=quiet):
+            print(f"nest: the scheduler at {scheduler_url} stopped answering; what was built is kept: run the same "
+                  f"command again to finish", file=sys.stderr)
+            RUN_LOG.close_journal()
+            return 1
+        tasks = _precompute_keys(roots)
+        for t in tasks if not scheduler_url else ():  # luigid's limits are in its own luigi.cfg
+            missing = scheduling.unlimited(t.resources)
+            if missing:
+                raise CliError(f"{t.label}: resource {missing[0]} = {t.resources[missing[0]]} has no limit in "
+                               f"[resources] (Luigi would never run it); set one, e.g. [resources] {missing[0]} = 64")
+        _force(tasks, force)
+    except BaseException:
+        RUN_LOG.close_journal()
+        raise
+    active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
+    try:
+        try:
+            with scheduling.worker_options(keep_alive=keep_alive):
+                luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+        except luigi.rpc.RPCError as e:
+            RUN_LOG.reset()
+            attempts = str(e).splitlines()[0].split(" when ")[0].removeprefix("Errors ").strip("()")
+            print(f"nest: the scheduler at {scheduler_url} stopped answering ({attempts}); what was built is kept: "
+                  f"run the same command again to finish", file=sys.stderr)
+            return 1
+        RUN_LOG.merge_journal()
+        failed = dict(RUN_LOG.failed)
+        record = RUN_LOG.flush(roots, command=command, profile=profile)
+    finally:
+        RUN_LOG.close_journal()  # (flush closed it already, unless interrupted)
+        end_run(active)
+    total = time.perf_counter() - t0
+    if not quiet and record and record["reached"]:
+        width = max(len(r["label"]) for r in record["reached"])
+        for r in record["reached"]:
+            secs = f" {r['seconds']:.1f} s" if r["seconds"] is not None else ""
+            print(f"{r['label']:<{width}}  {r['key'][:12]}  {r['status']}{secs}")
+        where = "not recorded" if record.get("not_recorded") else f"recorded as runs/{record['id']}.json"
+        print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run {where}")
+    for _ref, exc in failed.items():
+        if isinstance(exc, INPUT_ERRORS) or getattr(exc, "input_error", False):
+            print(f"nest: {exc}", file=sys.stderr)
+            return EXIT_INPUT
+    if failed or (record and not record["ok"]):
+        for (stage, key), exc in failed.items():
+            name = getattr(exc, "type_name", type(exc).__name__)
+            print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
+    """Sharded stages (``shards > 1``, pipeline/engine/sharding.py) split by the number of passages or examples: build the
+    artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
+    holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
+    them. False when the scheduler stopped answering."""
+    sources = size_sources(roots)
+    if not sources:
+        return True
+    if not quiet:
+        print(f"[nest] sharded stages: building what sizes them first ({', '.join(t.label for t in sources)})",
+              file=sys.stderr)
+    try:
+        with scheduling.worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
+            luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
+    except luigi.rpc.RPCError:
+        return False
+    return True
