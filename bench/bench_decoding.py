@@ -75,6 +75,7 @@ from bench import quiet
 from pipeline import dag
 from pipeline import dag
 from pipeline.engine import config
+from pipeline.engine.params import plain
 from pipeline.engine import config
 from pipeline.engine import config
 from pipeline.engine.runner import build
@@ -284,9 +285,9 @@ def load_inputs(tasks, n_examples: int, quick: bool, key_store=True) -> dict:
 
     reader, lookup = PassageReader(shared["passages"].artifact_dir), TokenLookup(shared["tokens"].artifact_dir)
     d = dag.decoding()
-    nest_cfg = {**dag._plain(d.config), **dag._plain(d.method_config).get("nest", {})}
-    task_cfg = {t: {**dag._plain(d.config), **dag._plain(d.task_config).get(t, {}),
-                    **dag._plain(d.method_config).get("nest", {})} for t in tasks}
+    nest_cfg = {**plain(d.config), **plain(d.method_config).get("nest", {})}
+    task_cfg = {t: {**plain(d.config), **plain(d.task_config).get(t, {}),
+                    **plain(d.method_config).get("nest", {})} for t in tasks}
     out = {"lm_dir": shared["lm"].artifact_dir, "tasks": {}, "nest_config": nest_cfg, "task_nest_config": task_cfg,
            "key_store": {}, "draws": {}}
     for t in tasks:

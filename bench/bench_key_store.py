@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from pipeline import dag
 from pipeline.engine import config
+from pipeline.engine.params import plain
 from pipeline.engine.runner import build
 from stages.corpus.passages import PassageReader
 from stages.decoding import NestConfig, make_decoder
@@ -82,7 +83,7 @@ def build_inputs(n_examples: int, corpus_limit: int, quick: bool, sets: list[str
 
 
     store = config.get_store()
-    nest_cfg = dag._plain(dag.decoding().config)
+    nest_cfg = plain(dag.decoding().config)
     reader, lookup = PassageReader(roots["passages"].artifact_dir), TokenLookup(roots["tokens"].artifact_dir)
     out = {"lm_dir": roots["lm"].artifact_dir, "config": nest_cfg, "tasks": {}, "stores": {}}
     for t in tasks:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from pipeline import dag
 from pipeline.engine import config
+from pipeline.engine.params import plain
 from pipeline.engine.runner import build
 from stages.corpus.passages import PassageReader
 from stages.decoding import NestConfig, PassageKeyCache, make_decoder
@@ -79,12 +80,12 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
     retr = read_retrievals(Path(roots["retrievals"].artifact_dir))
 
     d = dag.decoding()
-    stopping = rule_for(task, lengths=dag._plain(d.lengths), stops=dag._plain(d.stops)).to_dict()
+    stopping = rule_for(task, lengths=plain(d.lengths), stops=plain(d.stops)).to_dict()
     reqs = build_requests(examples, retr, reader, lookup, n_passages=40, stopping=stopping)
     titles = {p.doc_id: p.title for r in reqs for p in r.passages}
     return {"lm_dir": roots["lm"].artifact_dir, "requests": reqs, "examples": examples, "titles": titles,
-            "profile": {**dag._plain(d.config), **dag._plain(d.task_config).get(task, {}),
-                        **dag._plain(d.method_config).get("nest", {})}}
+            "profile": {**plain(d.config), **plain(d.task_config).get(task, {}),
+                        **plain(d.method_config).get("nest", {})}}
 
 
 def score(task: str, gens, examples, titles, tok) -> dict:

@@ -33,6 +33,7 @@ from luigi.task_register import TaskClassException
 
 from pipeline import dag
 from pipeline.engine import config
+from pipeline.engine.params import plain
 from pipeline.engine.config import get_store
 from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError  # noqa: F401  (CliError: cli.CliError)
 from pipeline.engine.params import ConfigError, check_value
@@ -45,7 +46,6 @@ from pipeline.storage.archive import ArchiveError
 from pipeline.storage.catalog import format_table, open_catalog
 from pipeline.storage.runs import apply_gc, human_bytes, latest_run_with, plan_gc
 from stages.decoding.registry import method_info, method_names  # torch-free: the methods' files are read
-from stages.evaluation.html_report import demo_page
 
 REMOTE_ERRORS = (RemoteError, ArchiveError)  # an unreachable remote, a refused pull: one line, exit 1
 
@@ -363,8 +363,8 @@ def cmd_generate(args) -> int:
         return code
     # the profile's decoding settings ([decoding] config and the method's overrides), then the command line's
     d = dag.decoding()
-    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {}),
-               "task_config": dag._plain(d.task_config), "stops": dag._plain(d.stops)}
+    options = {**plain(d.config), **plain(d.method_config).get(args.method, {}),
+               "task_config": plain(d.task_config), "stops": plain(d.stops)}
     options.update({k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
                                                   "min_new_tokens", "passages", "stop") if getattr(args, k) is not None})
     where = dict(lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
@@ -381,6 +381,8 @@ def cmd_generate(args) -> int:
     if args.html:
         provenance = {"profile": args.profile or "embedded", "inputs": {n: t.key for n, t in tasks.items()},
                       "decoding": json.dumps(options, sort_keys=True, default=str)}
+        from stages.evaluation.html_report import demo_page  # lazy: start-up time (pyarrow)
+
         path = demo_page(args.html, answers, session.tokenizer, args.method, method_info(args.method).label,
                          provenance)
         print(f"(viewer: {_shown_path(path)})", file=sys.stderr)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pipeline.dag  # noqa: F401  (defines the stage tasks)
-from pipeline.engine.task import NestTask
+from pipeline.engine.task import NestTask, subclasses
 from pipeline.engine.config import PROJECT_ROOT
 from pipeline.engine.stage_code import code_hash, declared_versions, dependencies, module_files, read_version  # noqa: F401
 
@@ -28,7 +28,7 @@ RECORD = PROJECT_ROOT / "tests" / "stage_versions.json"
 def stage_modules() -> dict[str, tuple[str, ...]]:
     """``{module: version attrs}`` of every stage the DAG wires (modules not written yet are skipped)."""
     out: dict[str, set[str]] = {}
-    for cls in _subclasses(NestTask):
+    for cls in subclasses(NestTask):
         if cls.stage_module.startswith("stages."):  # the project's stages (test doubles live elsewhere)
             out.setdefault(cls.stage_module, set()).add(cls.version_attr)
     present = {}
@@ -40,12 +40,6 @@ def stage_modules() -> dict[str, tuple[str, ...]]:
         if importlib.util.find_spec(module) is not None:
             present[module] = tuple(sorted(attrs))
     return present
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
 
 
 def current(modules: dict[str, tuple[str, ...]]) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from luigi.configuration.cfg_parser import LuigiConfigParser
 
 from pipeline.storage.store import Identified, Store
 from stages.common import file_digest, tree_digest
-from stages.corpus.convert import embedded_corpus_path as resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_CFG = PROJECT_ROOT / "luigi.cfg"
@@ -91,7 +90,9 @@ def identified_path(path: str | Path) -> Identified:
 
 
 def embedded_corpus_path() -> Path:
-    return Path(resolve())
+    from stages.corpus.convert import embedded_corpus_path  # lazy: start-up time (numpy)
+
+    return Path(embedded_corpus_path())
 
 
 def embedded_encoder_path() -> Path:

@@ -114,17 +114,18 @@ def check_value(section: str, name: str, param: luigi.Parameter, value: Any, *, 
                 and getattr(param, "_nest_accepts", None) is None:
             raise ConfigError(f"{section}.{name} = {shown!r}: expected a finite number")
     check = getattr(param, "_nest_accepts", None)
-    if check is not None and not check(_plain(value)):
+    if check is not None and not check(plain(value)):
         raise ConfigError(f"{section}.{name} = {shown!r}: expected {check.what}")
     return value
 
 
-def _plain(v):
-    if hasattr(v, "items"):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
+def plain(obj):
+    """Luigi's frozen dicts/tuples → plain JSON values (dict keys as strings)."""
+    if hasattr(obj, "items"):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
 
 
 def check_task(task: luigi.Task) -> None:
@@ -134,7 +135,7 @@ def check_task(task: luigi.Task) -> None:
         value = getattr(task, name, None)
         if isinstance(param, luigi.FloatParameter) and isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{task.get_task_family()}.{name} = {value!r}: expected {_what(param)}")
-        if check is not None and not check(_plain(value)):
+        if check is not None and not check(plain(value)):
             raise ConfigError(f"{task.get_task_family()}.{name} = {value!r}: expected {check.what}")
 
 

@@ -26,6 +26,7 @@ from typing import Iterable
 
 import luigi
 
+from pipeline.engine.params import accepts, at_least
 from pipeline.sharing.remote import active_remote
 
 
@@ -69,24 +70,47 @@ def artifact_stat(task, name: str) -> int | None:
     return int(value)
 
 
-class Sharded:
-    """Mixin of a NestTask that can split into range shards. Subclasses declare:
+def shards_param():
+    """``shards``: a resource, not an identity: no key moves with it (nor Luigi's task id). Its default (1) is
+    luigi.cfg's, in each sharded stage's section."""
+    return accepts(luigi.IntParameter(significant=False, description="split into this many range shards, "
+                                      "each its own task (a resource: the merged artifact is the unsharded one)"),
+                   at_least(1))
 
-    - ``shards`` (a Luigi parameter; the class attribute below is its default);
-    - :meth:`size_source` → ``(task, stats field)`` giving the number of items;
-    - :meth:`shard_task` → the task of one range (the same stage with ``start``/``end`` and ``shards=1``);
+
+def range_pair():
+    """``start``/``end``: the range of a shard (doc_ids or example_ids; ``end`` -1: to the last); only shards set them."""
+    return (accepts(luigi.IntParameter(default=0, description="a shard's first item"), at_least(0)),
+            accepts(luigi.IntParameter(default=-1, description="a shard's end (exclusive; -1: the last item)"),
+                    at_least(-1)))
+
+
+class Sharded:
+    """Mixin of a NestTask that can split into range shards. A sharded stage declares, as data:
+
+    - ``shards = shards_param()`` and ``start, end = range_pair()`` (the range this task covers; ``end`` -1: to the last
+      item; only a shard sets them);
+    - ``size_source = (input path, stats field)``: where the number of items is read, e.g. ``("passages",
+      "num_passages")`` (the manifest stats of its ``passages`` input) or ``("embeddings.passages", "num_passages")``
+      (the ``passages`` input of its ``embeddings`` input);
     - ``shard_block`` (or :meth:`block`): boundaries on its multiples.
 
-    ``start``/``end`` (``end`` -1: to the last item) are the range this task covers; only a shard sets them.
+    A shard is the same stage over its range with ``shards=1`` (:meth:`shard_task`; BuildDenseIndex overrides it).
     """
 
+    size_source: tuple[str, str] = ("", "")
     shard_block: int = 1
 
-    def size_source(self):
-        raise NotImplementedError
+    def size_task(self):
+        """``(task, stats field)`` giving the number of items, from the declared :attr:`size_source`."""
+        path, field = self.size_source
+        task = self
+        for name in path.split("."):
+            task = task.requires()[name]
+        return task, field
 
     def shard_task(self, start: int, end: int):
-        raise NotImplementedError
+        return self.clone(start=start, end=end, shards=1)
 
     def block(self) -> int:
         return self.shard_block
@@ -102,7 +126,7 @@ class Sharded:
             return memo
         plan = None
         if self.sharding_enabled():
-            task, field = self.size_source()
+            task, field = self.size_task()
             n = artifact_stat(task, field)
             if n is not None:
                 start = int(getattr(self, "start", 0))
@@ -150,7 +174,7 @@ def size_sources(roots: Iterable[luigi.Task]) -> list:
     out, seen = [], set()
     for t in _identity_walk(roots):
         if isinstance(t, Sharded) and t.sharding_enabled():
-            src, field = t.size_source()
+            src, field = t.size_task()
             if src.task_id not in seen and artifact_stat(src, field) is None:
                 seen.add(src.task_id)
                 out.append(src)

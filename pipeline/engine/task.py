@@ -239,3 +239,11 @@ class NestTask(luigi.Task):
             RUN_LOG.note("failed", ref, e)
             raise
         RUN_LOG.note("built", ref, seconds)
+
+
+def subclasses(cls: type):
+    """Every subclass of ``cls``, depth first (the stage classes under ``NestTask``, the index stages of the
+    retrievers)."""
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from subclasses(sub)
