@@ -70,15 +70,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
 from bench import quiet
-from bench import quiet
-from pipeline import dag
 from pipeline import dag
 from pipeline.engine import config
 from pipeline.engine.params import plain
-from pipeline.engine import config
-from pipeline.engine import config
-from pipeline.engine.runner import build
 from pipeline.engine.runner import build
 from stages.corpus.passages import PassageReader
 from stages.decoding import NestConfig, make_decoder
@@ -89,8 +85,6 @@ from stages.evaluation.generate import build_requests
 from stages.evaluation.load_task import CorpusView
 from stages.lm.load import load_lm
 from stages.lm.pretokenize import TokenLookup
-from stages.lm.pretokenize import TokenLookup
-from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
 from stages.retrieval.pre_retrieve import read_retrievals, read_search_seconds
 from tasks.bio import draw_bios
 from tasks.bio import is_person

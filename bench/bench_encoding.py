@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+
 from bench.bench_decoding import load_inputs
 from stages.decoding import NestConfig
 from stages.lm.load import load_lm

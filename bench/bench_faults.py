@@ -40,11 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from pipeline.sharing.remote import Remote
-from pipeline.sharing.remote import Remote
-from pipeline.storage.store import Store
-from pipeline.storage.store import Store
-from pipeline.storage.store import Store
 from pipeline.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
 from bench.browser import browser, open_report
 from bench.browser import chromium_path
 from bench.browser import unavailable

@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
 from pipeline import dag
 from pipeline.engine import config
 from pipeline.engine.params import plain
@@ -40,7 +41,6 @@ from pipeline.engine.runner import build
 from stages.corpus.passages import PassageReader
 from stages.decoding import NestConfig, make_decoder
 from stages.decoding.attribution import attribution_ratio
-from stages.decoding.key_store import PassageKeyStore
 from stages.decoding.key_store import PassageKeyStore
 from stages.decoding.key_store import pq_subquantizers
 from stages.evaluation.generate import build_requests

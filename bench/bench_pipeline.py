@@ -36,10 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from stages.corpus import convert as corpus
+
 from stages.corpus import convert as corpus
 from stages.lm import prepare as prepare_lm
-from stages.lm import pretokenize
 from stages.lm import pretokenize
 from stages.lm.load import load_tokenizer
 from stages.retrieval import bm25

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+
 from pipeline.engine import config as cfg
 from pipeline.storage.runs import latest_run_with
 

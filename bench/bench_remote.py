@@ -39,9 +39,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from pipeline.sharing.remote import Remote
 from pipeline.storage.archive import LEVEL
-from pipeline.storage.store import Store
 from pipeline.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

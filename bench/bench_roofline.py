@@ -34,6 +34,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
 from bench.bench_pipeline import ensure_lm
 from stages.corpus.convert import embedded_corpus_path
 from stages.decoding.config import NestConfig

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.engine.task import NestTask
 from pipeline import dag
+from pipeline.engine.task import NestTask
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_MODULE = "nest_bench_scale_stage"

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+
 from pipeline import dag
 from pipeline.engine import config
 from pipeline.engine.params import plain

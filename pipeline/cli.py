@@ -32,12 +32,12 @@ from luigi.cmdline_parser import CmdlineParser
 from luigi.task_register import TaskClassException
 
 from pipeline import dag
+from pipeline import remote_cli
 from pipeline.engine import config
-from pipeline.engine.params import plain
 from pipeline.engine.config import get_store
 from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError  # noqa: F401  (CliError: cli.CliError)
+from pipeline.engine.params import plain
 from pipeline.engine.params import ConfigError, check_value
-from pipeline import remote_cli
 from pipeline.engine.runner import build
 from pipeline.session import setup
 from pipeline.sharing.remote import RemoteError, get_remote, mark_remote, pull_now

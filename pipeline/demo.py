@@ -17,29 +17,26 @@ module only reads them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from stages.corpus.passages import PassageReader
+from stages.decoding import make_decoder
 from stages.decoding.attribution import token_char_ends
 from stages.decoding.config import NestConfig
 from stages.decoding.registry import method_info
-from tasks.metrics import attribution_ratio, attribution_runs
 from stages.decoding.types import DecodeRequest, Generation, Passage
-import json
-import sys
-from stages.corpus.passages import PassageReader
-from stages.decoding import make_decoder
-from stages.decoding import make_decoder
-from stages.errors import InputError
-from stages.errors import InputError
 from stages.errors import InputError
 from stages.evaluation.generate import ends_document
 from stages.lm.load import load_lm
 from stages.lm.pretokenize import TokenLookup
 from stages.retrieval.pre_retrieve import HybridRetriever
 from tasks import registry
+from tasks.metrics import attribution_ratio, attribution_runs
 from tasks.stopping import DEFAULT_STOPS, STOP_RULES
 from tasks.stopping import family_of
 
@@ -172,7 +169,7 @@ class DemoSession:
     def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
                  min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None,
                  stops: dict | None = None, stop: str | None = None):
-        from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (it imports torch/faiss/pyserini)
+        from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (torch)
 
         self.tokenizer, self.method, self.kind = tokenizer, method, kind
         self.retrieve = retrieve if method_info(method).retrieves else None
@@ -246,7 +243,7 @@ class DemoSession:
 
     def answer(self, prompt: str) -> tuple[Generation, list[Passage]]:
         """Retrieve and decode one prompt; ``generation.timings`` holds its components and ``total`` (seconds)."""
-        from stages.decoding.base import settle_other  # lazy: start-up time (it imports torch/faiss/pyserini)
+        from stages.decoding.base import settle_other  # lazy: start-up time (torch)
 
         if not prompt.strip():
             raise InputError(None, None, "the prompt is empty")

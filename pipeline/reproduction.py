@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pipeline.engine.config import PROJECT_ROOT
 from pipeline.engine import config as cfg
+from pipeline.engine.config import PROJECT_ROOT
 from pipeline.storage.runs import latest_run_with
 from stages.common import atomic_write_text
 

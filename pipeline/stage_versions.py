@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pipeline.dag  # noqa: F401  (defines the stage tasks)
-from pipeline.engine.task import NestTask, subclasses
 from pipeline.engine.config import PROJECT_ROOT
 from pipeline.engine.stage_code import code_hash, declared_versions, dependencies, module_files, read_version  # noqa: F401
+from pipeline.engine.task import NestTask, subclasses
 
 RECORD = PROJECT_ROOT / "tests" / "stage_versions.json"
 

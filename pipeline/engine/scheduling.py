@@ -24,17 +24,19 @@ hands it. Luigi guarantees that one task runs in one worker at a time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import os
+import signal
 import sys
+import warnings
 from typing import Any
 
 import luigi
+from luigi.parameter import UnconsumedParameterWarning
 
 from pipeline.engine.config import DISTRIBUTED_ENV, config
 from pipeline.sharing.remote import remote_mode, remote_url
-from luigi.parameter import UnconsumedParameterWarning
-import multiprocessing
-import warnings
 
 THREADS_ENV = "NEST_THREADS"          # this worker process's thread budget
 SCHEDULER_ENV = "NEST_SCHEDULER"      # "local" or the luigid URL (for resources that only the local scheduler limits)
@@ -96,9 +98,6 @@ def die_with_parent() -> None:
     if multiprocessing.parent_process() is None or not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-        import signal
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before prctl

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import sys
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections import deque
 from typing import Iterable, Iterator
 
 from pipeline.storage.store import Store, _atomic_write_json, folder_size, utc_now
-import shutil
-import socket
-import socket
 
 LATEST = "latest.json"
 
