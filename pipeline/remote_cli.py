@@ -18,7 +18,8 @@ from pipeline.engine.config import get_store
 from pipeline.engine.errors import CliError
 from pipeline.engine.runlog import closure
 from pipeline.session import setup
-from pipeline.sharing.remote import Remote, RemoteError, get_remote, needed_from, transfer
+from pipeline.sharing.planning import needed_from, transfer
+from pipeline.sharing.remote import Remote, RemoteError, get_remote
 from pipeline.storage.runs import human_bytes, latest_run
 from pipeline.storage.store import Store
 

@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 import zstandard
 from luigi.task_register import Register
-
-from pipeline import cli
-from pipeline.storage.archive import ArchiveError, unpack
-from pipeline.engine.runlog import RUN_LOG
-from pipeline.sharing.remote import (Remote, RemoteError, _digest, check_remote_manifest, mark_remote, redact,
-                             remote_manifest)
-from pipeline.status import dag_status
-from pipeline.storage.store import Store
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
+
+from pipeline import cli
+from pipeline.engine.runlog import RUN_LOG
+from pipeline.sharing.planning import mark_remote
+from pipeline.sharing.remote import Remote, RemoteError, _digest, check_remote_manifest, redact, remote_manifest
+from pipeline.status import dag_status
+from pipeline.storage.archive import ArchiveError, unpack
+from pipeline.storage.store import Store
 
 TESTS = Path(__file__).resolve().parent
 

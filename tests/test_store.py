@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage.store import Identified, Store, canonical_json, content_key, key_form
+from pipeline.storage.keys import Identified, canonical_json, content_key, key_form
+from pipeline.storage.store import Store
 
 PROJECT = Path(__file__).resolve().parents[1]
 KEY = "ab" * 32
@@ -64,7 +65,7 @@ def test_paths_never_enter_a_key_only_identities():
 
 def test_key_is_stable_across_processes_and_hash_seeds():
     code = """
-        from pipeline.storage.store import content_key
+        from pipeline.storage.keys import content_key
         print(content_key("S", "1", {"z": [1, {"b": 2, "a": 1}], "a": "x", "f": 0.1}, {"in": "k"}))
     """
     keys = {_py(code, {"PYTHONHASHSEED": seed}, check=True).stdout.strip() for seed in ("0", "1", "12345")}

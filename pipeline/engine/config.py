@@ -17,7 +17,8 @@ import luigi
 import luigi.configuration
 from luigi.configuration.cfg_parser import LuigiConfigParser
 
-from pipeline.storage.store import Identified, Store
+from pipeline.storage.keys import Identified
+from pipeline.storage.store import Store
 from stages.common import file_digest, tree_digest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -147,7 +147,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         where = "not recorded" if record.get("not_recorded") else f"recorded as runs/{record['id']}.json"
         print(f"{'ok' if record['ok'] else 'FAILED'} in {total:.1f} s; run {where}")
     for _ref, exc in failed.items():
-        if isinstance(exc, INPUT_ERRORS) or getattr(exc, "input_error", False):
+        if is_input_error(exc):
             print(f"nest: {exc}", file=sys.stderr)
             return EXIT_INPUT
     if failed or (record and not record["ok"]):

@@ -2,7 +2,7 @@
 
 A subclass names the stage module and function, its inputs (``requires()`` → ``{input_name: task}``) and its parameters
 (``stage_params()`` → the dict that enters the key *and* the call; a value whose key form must differ from the value given
-to the stage, such as a file path, is an :class:`~pipeline.storage.store.Identified`). Nothing here imports a stage module until
+to the stage, such as a file path, is an :class:`~pipeline.storage.keys.Identified`). Nothing here imports a stage module until
 the stage runs: building the DAG and checking it is complete stays fast (no torch import).
 """
 
@@ -22,7 +22,8 @@ from pipeline.engine.runlog import RUN_LOG
 from pipeline.engine.scheduling import apply_thread_budget, die_with_parent, task_resources  # + [stage_resources]
 from pipeline.engine.stage_code import read_version
 from pipeline.sharing.remote import pull_inputs, push_built, read_through, share_local
-from pipeline.storage.store import Identified, Store, content_key, key_form
+from pipeline.storage.keys import Identified, content_key, key_form
+from pipeline.storage.store import Store
 
 
 class ArtifactTarget(luigi.Target):

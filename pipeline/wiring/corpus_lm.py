@@ -9,7 +9,7 @@ from pipeline.engine import config as cfg
 from pipeline.engine.params import Accepts, accepts, plain
 from pipeline.engine.sharding import Sharded, range_pair, range_params, shards_param
 from pipeline.engine.task import NestTask
-from pipeline.storage.store import Identified
+from pipeline.storage.keys import Identified
 from pipeline.wiring.sections import (EMBEDDED, NON_NEGATIVE, ONE_TASK, POSITIVE, corpus_formats,
                                       paper_task_paths)
 from stages.lm.prepare import embedded_lm_source, source_identity

@@ -11,7 +11,7 @@ import luigi
 
 from pipeline.engine import config as cfg
 from pipeline.engine.params import Accepts, accepts, at_least, each_one_of, plain
-from pipeline.storage.store import Identified
+from pipeline.storage.keys import Identified
 from stages.corpus.formats import FORMATS
 from stages.decoding.config import NestConfig  # torch-free
 from stages.decoding.registry import method_info as registry_method_info, method_names  # torch-free
