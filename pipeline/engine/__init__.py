@@ -1,0 +1,1 @@
+"""The Luigi engine: configuration, parameter checks, the stage task base, the run log, scheduling, sharding, build()."""
