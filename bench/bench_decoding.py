@@ -71,6 +71,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.decoding.types import MEASURED_COMPONENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_STORE = Path.home() / ".cache" / "nest" / "bench-decoding-quick-store"
 UPPER_BOUND = "completion"
@@ -435,7 +437,6 @@ class Method:
 
 # --- aggregation ------------------------------------------------------------------------------------------------------
 
-COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification")
 
 
 def summarise(records: list[dict], share_s: float | None = None) -> dict:
@@ -479,7 +480,7 @@ def summarise(records: list[dict], share_s: float | None = None) -> dict:
     if any(stops.values()):
         out["stops"] = stops
     if any(r["timings"] for r in records):
-        comp = {c: sum(r["timings"].get(c, 0.0) for r in records) / n for c in COMPONENTS}
+        comp = {c: sum(r["timings"].get(c, 0.0) for r in records) / n for c in MEASURED_COMPONENTS}
         comp["other"] = max(secs / n - sum(comp.values()), 0.0)
         out["components_s_per_query"] = {k: round(v, 4) for k, v in comp.items()}
         lm = sum(r["timings"].get("lm_forward", 0.0) for r in records)

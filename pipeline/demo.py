@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from stages.corpus.passages import ends_document
 from stages.decoding.attribution import token_char_ends
 from stages.decoding.config import NestConfig
 from stages.decoding.registry import method_info
 from tasks.metrics import attribution_ratio, attribution_runs
-from stages.decoding.types import DecodeRequest, Generation, Passage
+from stages.decoding.types import LATENCY_COMPONENTS, DecodeRequest, Generation, Passage
 
 DEMO_DEFAULTS = {"max_new_tokens": 128, "passages": 40}
 SNIPPET_CHARS = 160
@@ -142,8 +143,6 @@ class PassageRetriever:
         doc_ids = [int(r[0]) for r in rows]
         if not doc_ids:
             return []
-        from stages.evaluation.generate import ends_document
-
         meta = self.reader.get(doc_ids)
         toks = self.lookup.get(doc_ids)
         ends = ends_document(self.reader, doc_ids, meta)
@@ -163,12 +162,12 @@ class DemoSession:
                  min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None,
                  stops: dict | None = None, stop: str | None = None):
         from stages.decoding import make_decoder
-        from stages.decoding.passage_keys import PassageKeyCache
+        from stages.decoding.passage_keys import open_key_cache
 
         self.tokenizer, self.method, self.kind = tokenizer, method, kind
         self.retrieve = retrieve if method_info(method).retrieves else None
         self.min_span_tokens = int(min_span_tokens)
-        self.key_cache = PassageKeyCache(max_bytes=config.key_cache_max_bytes)  # memory only: this stream's keys
+        self.key_cache = open_key_cache(config, on_disk=False)  # memory only: this stream's keys
         self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
         self.task_config = dict(task_config or {})
         self.stops, self.stop = dict(stops or {}), stop
@@ -285,7 +284,7 @@ class DemoSession:
         return {
             "prompt": prompt, "method": self.method, "tokens": n, "seconds": round(t["total"], 6),
             "tokens_per_s": round(n / t["total"], 3) if t["total"] > 0 else None,
-            "components": {k: round(float(t.get(k, 0.0)), 6) for k in TIMING_COMPONENTS},
+            "components": {k: round(float(t.get(k, 0.0)), 6) for k in LATENCY_COMPONENTS},
             "text": generation.text,
             "attribution_ratio": (None if attribution_ratio(generation.sources) is None
                                   else round(attribution_ratio(generation.sources), 4)),
@@ -306,8 +305,6 @@ class DemoSession:
                 "key_hit_rate": None if rate is None else round(rate, 4), "startup_s": round(self.startup_s, 3)}
 
 
-TIMING_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
-                     "verification", "other")
 
 
 def read_prompts(path) -> list[str]:

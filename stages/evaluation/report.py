@@ -25,6 +25,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.decoding.types import LATENCY_COMPONENTS
 from tasks.base import Column
 
 VERSION = "7"
@@ -37,9 +38,6 @@ ABLATION_STEPS = (
     ("span", "+ Dynamic span selection"),
     ("nest", "+ Relaxed speculative decoding (= NEST)"),
 )
-# Score's time_<component> (stages.decoding.base.TIMING_KEYS without "total"), in the paper's Fig. 2a order
-LATENCY_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
-                      "verification", "other")
 NOT_COMPUTED = "not computed"
 
 BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
