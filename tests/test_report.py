@@ -7,6 +7,7 @@ import pytest
 import pyarrow.parquet as pq
 
 from stages.evaluation import report
+from stages.evaluation.experiments import ABLATION_STEPS
 
 
 def _rows():
@@ -32,8 +33,8 @@ def _rows():
         add("completion", "nest", "attribution_ratio", ratio, f"gamma={g}", config)
         add("completion", "nest", "mean_accepted_span", span, f"gamma={g}", config)
         add("completion", "nest", "tokens_per_s", tps, f"gamma={g}", config)
-    for step, v in (("knnlm", 20.0), ("rrc", 25.0), ("span", 24.0), ("nest", 27.0)):
-        add("completion", report.ABLATION_METHOD[step], "rouge1", v, f"ablation:{step}")
+    for step, v in zip(ABLATION_STEPS, (20.0, 25.0, 24.0, 27.0)):
+        add("completion", step.method, "rouge1", v, step.variant)
     return rows
 
 

@@ -26,18 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.decoding.types import LATENCY_COMPONENTS
+from stages.evaluation.experiments import ABLATION_STEPS, FULL_ABLATION, SWEEP_METHOD, is_sweep
 from tasks.base import Column
 
 VERSION = "7"
 
 BASE = "base"  # the reference of the speed-ups and of the paired differences
-ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
-ABLATION_STEPS = (
-    ("knnlm", "kNN-LM (two-stage, fixed λ)"),
-    ("rrc", "+ Relative Retrieval Confidence"),
-    ("span", "+ Dynamic span selection"),
-    ("nest", "+ Relaxed speculative decoding (= NEST)"),
-)
 NOT_COMPUTED = "not computed"
 
 BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
@@ -104,10 +98,10 @@ class Summary:
     def methods(self) -> list[str]:
         return method_order(r["method"] for r in self.rows)
 
-    def sweep_variants(self, task: str, method: str = "nest") -> list[str]:
+    def sweep_variants(self, task: str, method: str = SWEEP_METHOD) -> list[str]:
         """The γ-sweep variants with rows for ``task``/``method``."""
         return sorted({r["variant"] for r in self.rows if r["task"] == task and r["method"] == method
-                       and r["variant"].startswith("gamma=")})
+                       and is_sweep(r["variant"])})
 
     def gamma(self, task: str, method: str, variant: str) -> float:
         """γ of a run, from its decoding config (NestConfig's default when the config leaves it)."""
@@ -207,7 +201,7 @@ def table2(s: Summary, cells: list[dict]) -> str:
 
 def table3(s: Summary, cells: list[dict]) -> str:
     """Ablation (the paper's Table 3): kNN-LM → +RRC → +dynamic span selection → +relaxed speculative decoding."""
-    tasks = [t for t in s.tasks("ablation:nest")]
+    tasks = [t for t in s.tasks(FULL_ABLATION)]
     if not tasks:
         return ""
     header = ["variant"]
@@ -217,13 +211,13 @@ def table3(s: Summary, cells: list[dict]) -> str:
         metric_of[t] = (col.metric, col.scale, col.decimals)
         header.append(f"{t} {col.label}")
     rows = []
-    for step, label in ABLATION_STEPS:
-        row = [label]
+    for step in ABLATION_STEPS:
+        row = [step.label]
         for t in tasks:
             key, scale, dec = metric_of[t]
-            v = s.get(t, ABLATION_METHOD[step], key, f"ablation:{step}")
+            v = s.get(t, step.method, key, step.variant)
             row.append(fmt(v, scale, dec))
-            cells.append({"table": "3", "task": t, "row": step, "column": key, "value": v})
+            cells.append({"table": "3", "task": t, "row": step.name, "column": key, "value": v})
         rows.append(row)
     return _md_table(header, rows)
 
@@ -231,18 +225,18 @@ def table3(s: Summary, cells: list[dict]) -> str:
 def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
     """Speedup over the base LM and mean accepted span length against γ (the paper's Fig. 2b)."""
     rows, series = [], {}
-    for task in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
+    for task in {r["task"] for r in s.rows if is_sweep(r["variant"])}:
         pts = []
         for v in s.sweep_variants(task):
-            g = s.gamma(task, "nest", v)
-            speed = s.get(task, "nest", "tokens_per_s", v)
+            g = s.gamma(task, SWEEP_METHOD, v)
+            speed = s.get(task, SWEEP_METHOD, "tokens_per_s", v)
             base = s.get(task, BASE, "tokens_per_s")
             speedup = speed / base if speed and base else None
-            span = s.get(task, "nest", "mean_accepted_span", v)
-            proposed = s.get(task, "nest", "mean_proposed_span", v)
-            ratio = s.get(task, "nest", "attribution_ratio", v)
+            span = s.get(task, SWEEP_METHOD, "mean_accepted_span", v)
+            proposed = s.get(task, SWEEP_METHOD, "mean_proposed_span", v)
+            ratio = s.get(task, SWEEP_METHOD, "attribution_ratio", v)
             quality = task_spec(task).quality_metric
-            rouge = s.get(task, "nest", quality, v)
+            rouge = s.get(task, SWEEP_METHOD, quality, v)
             pts.append((g, speedup, span))
             rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(proposed, 1, 1), fmt(span, 1, 1),
                          fmt(ratio, 1, 1),
@@ -338,16 +332,16 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
         if all(v is not None for v in ppl):
             ok = ppl[0] > ppl[1] > ppl[2] > ppl[3]
             checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
-    for t in s.tasks("ablation:nest"):
+    for t in s.tasks(FULL_ABLATION):
         key = task_spec(t).quality_metric
-        vals = [s.get(t, ABLATION_METHOD[st], key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
+        vals = [s.get(t, step.method, key, step.variant) for step in ABLATION_STEPS]
         if all(v is not None for v in vals):
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]
             checks.append((f"{t}: ablation, RRC and relaxed speculative decoding each help ({key})", ok,
                            " → ".join(f"{v:.3f}" for v in vals)))
-    for t in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
-        pts = sorted((s.gamma(t, "nest", v), s.get(t, "nest", "attribution_ratio", v),
-                      s.get(t, "nest", "mean_accepted_span", v)) for v in s.sweep_variants(t))
+    for t in {r["task"] for r in s.rows if is_sweep(r["variant"])}:
+        pts = sorted((s.gamma(t, SWEEP_METHOD, v), s.get(t, SWEEP_METHOD, "attribution_ratio", v),
+                      s.get(t, SWEEP_METHOD, "mean_accepted_span", v)) for v in s.sweep_variants(t))
         ratios = [p[1] for p in pts if p[1] is not None]
         spans = [p[2] for p in pts if p[2] is not None]
         if len(ratios) >= 2:
