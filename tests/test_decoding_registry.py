@@ -1,4 +1,4 @@
-"""Decoding methods as a registry (issue 8): a method is one file, and the grid, the keys, the DAG, perplexity and the
+"""Decoding methods as a registry: a method is one file, and the grid, the keys, the DAG, perplexity and the
 report find it; options a method cannot honour raise; kNN-LM and NEST share a component, not an inheritance line."""
 
 import subprocess

@@ -1,4 +1,4 @@
-"""Latency components (issue 7 §1): each method books its time under the component that names it, the parts add up to
+"""Latency components: each method books its time under the component that names it, the parts add up to
 the total, and a prompt stream (``nest generate --file --json``) reports everything a prompt cost."""
 
 import io

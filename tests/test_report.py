@@ -68,7 +68,7 @@ def test_trend_reported_as_failing_when_order_breaks():
     assert checks["completion: PPL base > kNN-LM > NEST > RA-NEST"] is False
 
 
-# -- issue 7 §4/§4b: paired bootstrap, off-topic copies, answer length beside ALR, empty sections left out ------------
+# -- paired bootstrap, off-topic copies, answer length beside ALR, empty sections left out ------------
 def _score_dir(folder, summary_rows, score_rows, copied_rows=None):
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(summary_rows), folder / "summary.parquet")
@@ -126,7 +126,7 @@ def test_bootstrap_off_topic_and_no_empty_sections(tmp_path):
 
 
 def test_gamma_is_read_from_the_run_config_not_the_variant_name(tmp_path):
-    """γ is data (issue 8): the sweep's γ column and its trend check come from each run's config, which the DAG hands
+    """γ is data: the sweep's γ column and its trend check come from each run's config, which the DAG hands
     in beside the summaries; the variant name only groups the sweep."""
     def summary(folder, variant, ratio):
         folder.mkdir()
@@ -150,7 +150,7 @@ def test_gamma_is_read_from_the_run_config_not_the_variant_name(tmp_path):
 
 
 def test_key_store_cost_beside_nest_speed(tmp_path):
-    """Issue 14: the key store NEST read was built for these very queries; its build seconds, their per-query share
+    """The key store NEST read was built for these very queries; its build seconds, their per-query share
     and NEST's speed with that share counted stand beside the speed without (read from the store's manifest)."""
     folder = tmp_path / "bio_nest"
     folder.mkdir()

@@ -119,7 +119,7 @@ def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
     assert math.isclose(s["factscore"], 50.0) and s["num_facts"] == 12
 
 
-# -- attribution: copied vs supported, topical precision, answer in a copied span (issue 7 §4) -------------------------
+# -- attribution: copied vs supported, topical precision, answer in a copied span -------------------------
 def _passages(folder, rows):
     """A ConvertCorpus-style passages folder: (title, source_id) per doc_id 0..n-1."""
     folder.mkdir()

@@ -324,7 +324,7 @@ def _plot_latency(bars: list, path: Path) -> None:
 
 
 def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
-    """The paper's trends that should survive shrinking the setup (digest §6.5), each judged on this run's numbers."""
+    """The paper's trends that should survive shrinking the setup, each judged on this run's numbers."""
     checks = []
     comp = [t for t in s.tasks() if task_spec(t).perplexity]
     for t in comp:
@@ -435,7 +435,7 @@ def _rows_n(s: Summary, task: str, method: str, metric: str, variant: str = "mai
 
 
 def key_store_costs(s: Summary, key_stores: dict[str, dict] | None, cells: list[dict], method: str = "nest") -> str:
-    """What each task's passage-key store cost (issue 14): its build seconds, its per-query share (build seconds ÷ the
+    """What each task's passage-key store cost: its build seconds, its per-query share (build seconds ÷ the
     queries that read it: the task's examples) and NEST's tokens/s with that share counted beside the tokens/s
     without. ``key_stores``: ``{task: {"build_s", "scope", "passages", "readers"}}`` (:func:`read_key_stores`). The
     latency table's seconds hold no part of the store's build: the keys were encoded before the first query."""

@@ -1,4 +1,4 @@
-"""EncodePassageKeys: the LM's keys of passages, computed offline into a passage-key store (issue 7 §2).
+"""EncodePassageKeys: the LM's keys of passages, computed offline into a passage-key store.
 
 Keys depend only on a passage's tokens and the LM, so they are an artifact like the token shards. Each passage is
 encoded alone, exactly as the decoders do on the fly (:func:`stages.decoding.passage_keys.encode_passages` with the
