@@ -609,7 +609,7 @@ def stream_hit_rate(n: int, quick: bool) -> dict:
         job = dag.PreRetrieve(task="bio")
         if build([job, dag.PreTokenize()], profile=None, command=["bench", "decoding", "stream"], quiet=True):
             return {"note": "the stream's retrieval failed to build"}
-        from stages.decoding.passage_keys import passage_digest  # lazy: start-up time (it imports torch/faiss/pyserini)
+        from stages.decoding.passage_keys import passage_digest  # lazy: start-up time (torch)
 
         retr = read_retrievals(Path(job.artifact_dir))
         lookup = TokenLookup(dag.PreTokenize().artifact_dir)

@@ -34,7 +34,7 @@ TOLERANCE = 1e-4
 
 
 def _encode(model, passages, key_layer, batch, sort):
-    from stages.decoding.passage_keys import encode_passages  # lazy: start-up time (it imports torch/faiss/pyserini)
+    from stages.decoding.passage_keys import encode_passages  # lazy: start-up time (torch)
 
     if sort:
         return encode_passages(model, passages, key_layer, None, batch)

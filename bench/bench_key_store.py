@@ -104,7 +104,7 @@ def _files_bytes(folder: Path, prefix: str) -> int:
 
 def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) -> dict:
     """NEST/kNN-LM PPL, NEST generations and their quality for one key source (``exact`` = on the fly)."""
-    from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (it imports torch/faiss/pyserini)
+    from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (torch)
 
     cfg = {**inputs["config"], "max_new_tokens": max_new}
     out = {"ppl": {}, "generations": {}, "cache": {}}
@@ -138,7 +138,7 @@ def run_setting(model, tok, inputs: dict, setting: str, max_new: int, scorer) ->
 def key_error(inputs: dict, results: dict, reference: str, setting: str) -> float:
     """Σ‖k̂ − k‖² / Σ‖k‖² of the ``setting`` store's keys against the reference keys (``exact``: the fp32 keys the
     exact run encoded, every passage it used; otherwise the reference store's keys of every passage)."""
-    from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (it imports torch/faiss/pyserini)
+    from stages.decoding.passage_keys import PassageKeyCache  # lazy: start-up time (torch)
 
     err = norm = 0.0
     for t in inputs["tasks"]:

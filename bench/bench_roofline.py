@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault(var, value)
     import torch  # lazy: start-up time
 
-    from stages.decoding.passage_keys import encode_passages  # lazy: start-up time (it imports torch/faiss/pyserini)
+    from stages.decoding.passage_keys import encode_passages  # lazy: start-up time (torch)
 
     model, tok = load_lm(ensure_lm(args.cache))
     cfg, key_layer = model.config, NestConfig().key_layer

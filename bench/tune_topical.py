@@ -90,7 +90,7 @@ def build_draw(task: str, seed: int, n: int, paper_file: Path | None = None) -> 
 
 
 def score(task: str, gens, examples, titles, tok) -> dict:
-    from bench.tune_generation import title_runs  # lazy: start-up time (it imports torch/faiss/pyserini)
+    from bench.tune_generation import title_runs  # lazy: start-up time (torch)
 
     copied = on_topic = tokens = passes = sentences = chimeras = 0
     clean, rouges, alrs, firsts, detail = 0, [], [], [], []
