@@ -181,6 +181,19 @@ def test_real_dag_changing_bm25_k1_moves_only_bm25_pre_retrieve_and_their_downst
 
 
 @needs_embedded
+def test_real_dag_labels_tell_every_stage_apart(clean_luigi):
+    """`nest status` and the build log name each stage by its label: two artifacts never share one (the grid's variant,
+    γ of the sweep or an ablation step, is in the label of its Generate)."""
+    from pipeline import dag
+
+    keys_of: dict[str, set] = {}
+    for t in closure([dag.All()]):
+        keys_of.setdefault(t.label, set()).add(t.key)
+    assert {label: keys for label, keys in keys_of.items() if len(keys) > 1} == {}
+    assert any(label.startswith("Generate(") and "gamma=" in label for label in keys_of)
+
+
+@needs_embedded
 def test_real_dag_resource_params_stay_out_of_the_key(clean_luigi):
     from pipeline import dag
 
