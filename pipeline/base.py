@@ -178,6 +178,11 @@ class NestTask(luigi.Task):
 
                 return share_local(self)
             return True
+        bad = self.store.set_aside_if_bad(self.stage, self.key, verify=_config.verify_on_complete())
+        if bad is not None:  # so that the pull below (or the build) replaces it: a pull never overwrites a local artifact
+            aside, problems = bad
+            print(f"[nest] {self.label} {self.key[:12]}: corrupt ({problems[0]}; {len(problems)} problem(s)); moved "
+                  f"aside to {aside.name}, pulling or rebuilding it", file=sys.stderr, flush=True)
         from pipeline.remote import read_through  # a missing stage is pulled when the remote has it (distributed: counted)
 
         return read_through(self)

@@ -466,6 +466,10 @@ def cmd_show(args) -> int:
     store = get_store()
     refs = store.find(args.key)
     if not refs:
+        bad = [d for d in store.damaged() if d[1].startswith(args.key.lower())]
+        if bad:
+            stage, key, why = bad[0]
+            raise CliError(f"show: {stage}/{key[:16]}: {why}: not complete (a build of it moves it aside and rebuilds)")
         raise CliError(f"show: no complete artifact with a key starting {args.key!r} in {store.root}")
     if len(refs) > 1:
         listing = ", ".join(f"{r.stage}/{r.key[:16]}" for r in refs[:10])
@@ -475,12 +479,13 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(m, indent=1, sort_keys=True))
     else:
-        print(f"stage      {m['stage']} (version {m['stage_version']})")
+        timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
+        print(f"stage      {m['stage']} (version {m.get('stage_version')})")
         print(f"key        {m['key']}")
         print(f"path       {ref.path}")
-        print(f"created    {m['created_at']}  (built in {m['timings'].get('build_s')} s)")
+        print(f"created    {m.get('created_at')}  (built in {timings.get('build_s')} s)")
         print(f"size       {human_bytes(m.get('size', 0))} in {len(m['files'])} files")
-        print(f"params     {json.dumps(m['params'], sort_keys=True, ensure_ascii=False)}")
+        print(f"params     {json.dumps(m.get('params'), sort_keys=True, ensure_ascii=False)}")
         for name, i in sorted(m.get("inputs", {}).items()):
             print(f"input      {name}: {i['stage']}/{i['key']}")
         print(f"stats      {json.dumps(m.get('stats', {}), sort_keys=True, ensure_ascii=False)}")
@@ -731,9 +736,30 @@ def make_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_NOTE_DAMAGED = ("gc", "query", "push")  # show names the damaged artifact itself
+
+
+def note_damaged(command: str) -> None:
+    """One line on stderr when artifacts of the store have a damaged ``manifest.json``: they count as absent (a build
+    moves them aside and rebuilds them), so gc, show, query and push skip them instead of failing on them."""
+    from pipeline.config import get_store
+
+    try:
+        bad = get_store().damaged()
+    except OSError:
+        return
+    if bad:
+        stage, key, why = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        print(f"nest {command}: skipping {stage}/{key[:12]}{more}: {why}; not complete (`nest run` moves it aside and "
+              f"rebuilds it)", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        if args.command in _NOTE_DAMAGED:
+            note_damaged(args.command)
         return args.fn(args)
     except _input_error_types() as e:
         print(f"nest: {e}", file=sys.stderr)
