@@ -522,7 +522,7 @@ def cmd_gc(args) -> int:
 
 def cmd_query(args) -> int:
     from pipeline import dag
-    from pipeline.catalog import format_table, open_catalog
+    from pipeline.catalog import format_table, open_catalog, safe_text
     from pipeline.config import get_store
 
     cat = open_catalog(get_store(), task=args.task, preferred_tasks=list(dag.nest().tasks))
@@ -539,7 +539,7 @@ def cmd_query(args) -> int:
     except Exception as e:  # duckdb errors: one line, with the views that exist and the columns of those it names
         views = ", ".join(sorted(cat.views))
         columns = "".join(f"; columns of {v}: {', '.join(cols)}" for v, cols in _named_view_columns(cat, args.sql))
-        raise CliError(f"query: {str(e).splitlines()[0]} (views: {views}{columns})") from None
+        raise CliError(safe_text(f"query: {str(e).splitlines()[0]} (views: {views}{columns})")) from None
     print(format_table(columns, rows[: args.max_rows]))
     if len(rows) > args.max_rows:
         print(f"... (first {args.max_rows} rows; --max-rows N for more)")
@@ -577,6 +577,27 @@ def _read_only_sql(sql: str) -> None:
         if st.type not in allowed:
             raise CliError(f"query: read-only: {st.type.name} statements are refused (SELECT, DESCRIBE, SHOW, "
                            f"SUMMARIZE and EXPLAIN are allowed)")
+        if st.type == duckdb.StatementType.EXPLAIN and _explained_type(st.query) != duckdb.StatementType.SELECT:
+            # EXPLAIN ANALYZE runs its statement: EXPLAIN ANALYZE COPY … TO would write (the catalog also allows
+            # no file access at all; this says why in one line)
+            raise CliError("query: read-only: EXPLAIN is allowed of a query only (SELECT, DESCRIBE, SHOW, SUMMARIZE)")
+
+
+def _explained_type(sql: str):
+    """The statement type that an ``EXPLAIN [ANALYZE | (options)]`` statement explains; None when it cannot be told
+    (then the statement is refused)."""
+    import re
+
+    import duckdb
+
+    m = re.match(r"\s*EXPLAIN\s+(?:ANALYZE\s+|\([^()]*\)\s*)?", sql, flags=re.IGNORECASE)
+    if not m:
+        return None
+    try:
+        inner = duckdb.extract_statements(sql[m.end():])
+    except duckdb.Error:
+        return None
+    return inner[0].type if len(inner) == 1 else None
 
 
 def cmd_generate(args) -> int:
