@@ -1,4 +1,4 @@
-"""Stop rounds of the faults benchmark (issue 16 items 9 and 10): SIGTERM, SIGINT and ``kill -9`` at random moments.
+"""Stop rounds of the faults benchmark: SIGTERM, SIGINT and ``kill -9`` at random moments.
 
     python -m bench.faults_stop --rounds 8        # a few minutes on 2 cores
     python -m bench.faults_stop --rounds 3 --json

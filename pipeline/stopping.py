@@ -1,4 +1,4 @@
-"""Clean stops of a build (issue 16 item 10): SIGINT or SIGTERM ends ``nest run``/``nest all`` at once and cleanly.
+"""Clean stops of a build: SIGINT or SIGTERM ends ``nest run``/``nest all`` at once and cleanly.
 
 A batch scheduler's time limit, ``timeout`` or Ctrl-C must not leave Luigi scheduling stage after stage in a
 half-torn-down process (each failing with a traceback), nor orphans (Luigi's forked workers, the Lucene indexer's JVM)

@@ -1,4 +1,4 @@
-"""``nest query`` writes nothing and drives no terminal (issue 16 item 7): EXPLAIN ANALYZE COPY, COPY … TO inside the
+"""``nest query`` writes nothing and drives no terminal: EXPLAIN ANALYZE COPY, COPY … TO inside the
 store and over ``runs/latest.json`` are refused in one line; corpus control characters are printed escaped."""
 
 from __future__ import annotations

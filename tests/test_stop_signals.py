@@ -1,4 +1,4 @@
-"""Clean stops (issue 16 items 9 and 10): SIGINT/SIGTERM end a build at once with one line and 130/143, no temp
+"""Clean stops: SIGINT/SIGTERM end a build at once with one line and 130/143, no temp
 folder and no process left, and a rerun finishes; a dead forked worker names its stage; the BM25 indexer dies with
 the process that started it. Each test waits for a line the build prints, never for a time."""
 

@@ -1,4 +1,4 @@
-"""Damaged local artifacts end absent or right (issue 16 items 3 and 8): a truncated manifest is "not complete" and
+"""Damaged local artifacts end absent or right: a truncated manifest is "not complete" and
 every command reports it in one line; ``verify = true`` with a remote re-pulls a corrupt file instead of saying ``ok``."""
 
 from __future__ import annotations
