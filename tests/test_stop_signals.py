@@ -164,3 +164,18 @@ def test_the_bm25_indexer_dies_with_the_process_that_started_it(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+def test_a_stop_removes_only_the_temp_folders_of_its_own_processes(tmp_path):
+    from pipeline.stopping import remove_temp_folders
+
+    mine, other = os.getpid(), os.getpid() + 1
+    stage = tmp_path / "StSlow"
+    (stage / f".tmp-{'a' * 64}-{mine}-0badcafe").mkdir(parents=True)
+    (stage / f".tmp-{'b' * 64}-{other}-0badcafe").mkdir()  # another run's build: left alone
+    (stage / f".tmp-{'c' * 64}-{mine}-0badcafe-x").mkdir()  # not a name the store gives: left alone
+    (stage / ("d" * 64)).mkdir()
+    removed = remove_temp_folders(tmp_path, {mine})
+    assert [p.name for p in removed] == [f".tmp-{'a' * 64}-{mine}-0badcafe"]
+    assert sorted(p.name for p in stage.iterdir()) == sorted([f".tmp-{'b' * 64}-{other}-0badcafe",
+                                                              f".tmp-{'c' * 64}-{mine}-0badcafe-x", "d" * 64])
