@@ -36,6 +36,7 @@ from pipeline.engine.config import get_store
 from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError  # noqa: F401  (CliError: cli.CliError)
 from pipeline.engine.params import ConfigError, check_value, plain
 from pipeline.engine.runner import build
+from pipeline.engine.stopping import become_subreaper
 from pipeline.session import setup
 from pipeline.sharing.planning import mark_remote
 from pipeline.sharing.remote import RemoteError, get_remote, pull_now
@@ -387,9 +388,30 @@ def _add_generate_parser(sub) -> None:
     p.set_defaults(fn=cmd_generate)
 
 
+_NOTE_DAMAGED = ("gc", "query", "push")  # show names the damaged artifact itself
+
+
+def note_damaged(command: str) -> None:
+    """One line on stderr when artifacts of the store have a damaged ``manifest.json``: they count as absent (a build
+    moves them aside and rebuilds them), so gc, show, query and push skip them instead of failing on them."""
+    try:
+        bad = get_store().damaged()
+    except OSError:
+        return
+    if bad:
+        stage, key, why = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        print(f"nest {command}: skipping {stage}/{key[:12]}{more}: {why}; not complete (`nest run` moves it aside and "
+              f"rebuilds it)", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if argv is None and args.command in ("all", "run", "worker"):  # the `nest` process owns its subtree
+        become_subreaper()
     try:
+        if args.command in _NOTE_DAMAGED:
+            note_damaged(args.command)
         return args.fn(args)
     except INPUT_ERRORS as e:
         print(f"nest: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ import sys
 from pipeline import dag
 from pipeline.engine.config import get_store
 from pipeline.engine.errors import CliError
-from pipeline.storage.catalog import format_table, open_catalog
+from pipeline.storage.catalog import format_table, open_catalog, safe_text
 from pipeline.storage.runs import apply_gc, human_bytes, plan_gc
 
 
@@ -37,6 +37,10 @@ def cmd_show(args) -> int:
     store = get_store()
     refs = store.find(args.key)
     if not refs:
+        bad = [d for d in store.damaged() if d[1].startswith(args.key.lower())]
+        if bad:
+            stage, key, why = bad[0]
+            raise CliError(f"show: {stage}/{key[:16]}: {why}: not complete (a build of it moves it aside and rebuilds)")
         raise CliError(f"show: no complete artifact with a key starting {args.key!r} in {store.root}")
     if len(refs) > 1:
         listing = ", ".join(f"{r.stage}/{r.key[:16]}" for r in refs[:10])
@@ -46,12 +50,13 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(m, indent=1, sort_keys=True))
     else:
-        print(f"stage      {m['stage']} (version {m['stage_version']})")
+        timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
+        print(f"stage      {m['stage']} (version {m.get('stage_version')})")
         print(f"key        {m['key']}")
         print(f"path       {ref.path}")
-        print(f"created    {m['created_at']}  (built in {m['timings'].get('build_s')} s)")
+        print(f"created    {m.get('created_at')}  (built in {timings.get('build_s')} s)")
         print(f"size       {human_bytes(m.get('size', 0))} in {len(m['files'])} files")
-        print(f"params     {json.dumps(m['params'], sort_keys=True, ensure_ascii=False)}")
+        print(f"params     {json.dumps(m.get('params'), sort_keys=True, ensure_ascii=False)}")
         for name, i in sorted(m.get("inputs", {}).items()):
             print(f"input      {name}: {i['stage']}/{i['key']}")
         print(f"stats      {json.dumps(m.get('stats', {}), sort_keys=True, ensure_ascii=False)}")
@@ -98,7 +103,7 @@ def cmd_query(args) -> int:
     except Exception as e:  # duckdb errors: one line, with the views that exist and the columns of those it names
         views = ", ".join(sorted(cat.views))
         columns = "".join(f"; columns of {v}: {', '.join(cols)}" for v, cols in _named_view_columns(cat, args.sql))
-        raise CliError(f"query: {str(e).splitlines()[0]} (views: {views}{columns})") from None
+        raise CliError(safe_text(f"query: {str(e).splitlines()[0]} (views: {views}{columns})")) from None
     print(format_table(columns, rows[: args.max_rows]))
     if len(rows) > args.max_rows:
         print(f"... (first {args.max_rows} rows; --max-rows N for more)")
@@ -135,3 +140,22 @@ def _read_only_sql(sql: str) -> None:
         if st.type not in allowed:
             raise CliError(f"query: read-only: {st.type.name} statements are refused (SELECT, DESCRIBE, SHOW, "
                            f"SUMMARIZE and EXPLAIN are allowed)")
+        if st.type == duckdb.StatementType.EXPLAIN and _explained_type(st.query) != duckdb.StatementType.SELECT:
+            # EXPLAIN ANALYZE runs its statement: EXPLAIN ANALYZE COPY … TO would write (the catalog also allows
+            # no file access at all; this says why in one line)
+            raise CliError("query: read-only: EXPLAIN is allowed of a query only (SELECT, DESCRIBE, SHOW, SUMMARIZE)")
+
+
+def _explained_type(sql: str):
+    """The statement type that an ``EXPLAIN [ANALYZE | (options)]`` statement explains; None when it cannot be told
+    (then the statement is refused)."""
+    import duckdb  # lazy: start-up time
+
+    m = re.match(r"\s*EXPLAIN\s+(?:ANALYZE\s+|\([^()]*\)\s*)?", sql, flags=re.IGNORECASE)
+    if not m:
+        return None
+    try:
+        inner = duckdb.extract_statements(sql[m.end():])
+    except duckdb.Error:
+        return None
+    return inner[0].type if len(inner) == 1 else None

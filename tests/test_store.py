@@ -182,7 +182,7 @@ def test_killed_between_rename_and_manifest_is_not_complete_and_is_rebuilt(tmp_p
     proc = _py(f"""
         import os
         import pipeline.storage.store as st
-        st._atomic_write_json = lambda path, doc: os._exit(9)   # die right before the manifest
+        st.atomic_write_json = lambda path, doc: os._exit(9)   # die right before the manifest
         def build(out):
             (out / "a.txt").write_text("stale")
         st.Store({str(root)!r}).publish("Stage", {KEY!r}, build, version="1", params={{}}, inputs={{}})

@@ -159,9 +159,9 @@ def test_data_files_are_fsynced_before_the_manifest_is_written(tmp_path, monkeyp
     import pipeline.storage.store as st
 
     events = []
-    real_fsync, real_write = st.fsync_path, st._atomic_write_json
+    real_fsync, real_write = st.fsync_path, st.atomic_write_json
     monkeypatch.setattr(st, "fsync_path", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
-    monkeypatch.setattr(st, "_atomic_write_json", lambda p, d: (events.append(("manifest", p.name)), real_write(p, d)))
+    monkeypatch.setattr(st, "atomic_write_json", lambda p, d: (events.append(("manifest", p.name)), real_write(p, d)))
 
     def build(d: Path):
         (d / "a.bin").write_bytes(b"x" * 1000)

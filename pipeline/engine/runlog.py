@@ -95,6 +95,7 @@ class RunLog:
         self.built: dict[tuple[str, str], float] = {}
         self.failed: dict[tuple[str, str], BaseException] = {}
         self.pulled: dict[tuple[str, str], float] = {}  # read-through: pulled from the remote, not built
+        self.started: dict[tuple[str, str], str] = {}  # stages whose build began (label), here or in a worker
         self.started_at = utc_now()
         self.store: Store | None = None
         self.close_journal()
@@ -120,13 +121,15 @@ class RunLog:
 
     def note(self, event: str, ref: tuple[str, str], value) -> None:
         """Record a stage's outcome (``built``/``pulled``: seconds; ``failed``: the exception) here and in the journal."""
-        {"built": self.built, "pulled": self.pulled, "failed": self.failed}[event][ref] = value
+        {"built": self.built, "pulled": self.pulled, "failed": self.failed, "started": self.started}[event][ref] = value
         path = os.environ.get("NEST_RUN_JOURNAL")
         if not path:
             return
         doc = {"event": event, "stage": ref[0], "key": ref[1]}
         if event == "failed":
             doc.update(type=type(value).__name__, message=str(value), input_error=is_input_error(value))
+        elif event == "started":
+            doc["label"] = value
         else:
             doc["seconds"] = value
         try:
@@ -161,6 +164,13 @@ class RunLog:
                 self.built.setdefault(ref, doc["seconds"])
             elif doc["event"] == "pulled":
                 self.pulled.setdefault(ref, doc["seconds"])
+            elif doc["event"] == "started":
+                self.started.setdefault(ref, doc["label"])
+
+    def abandoned(self) -> list[str]:
+        """Labels of the stages whose build began but neither finished nor failed (what a stop abandons)."""
+        self.merge_journal()
+        return [label for ref, label in self.started.items() if ref not in self.built and ref not in self.failed]
 
     def _add(self, roots: Iterable[luigi.Task]) -> None:
         for task, deps in _walk(roots):

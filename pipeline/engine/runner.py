@@ -20,6 +20,7 @@ from pipeline.engine.config import get_store
 from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError, is_input_error
 from pipeline.engine.runlog import RUN_LOG, closure
 from pipeline.engine.sharding import size_sources
+from pipeline.engine.stopping import stop_on_signals
 from pipeline.storage.runs import end_run, new_run_id, start_run
 
 
@@ -105,6 +106,39 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         RUN_LOG.open_journal()  # stages run in Luigi's worker processes: they tell this one through the journal
     kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
     t0 = time.perf_counter()
+    run: dict = {}  # the active-run record, once started (a stop ends it)
+    stop = stop_on_signals(get_store().root, lambda name, removed: _stopped(name, removed, roots, run, command, profile))
+    with stop:
+        return _build_locked(roots, run, kwargs, t0, profile=profile, command=command, quiet=quiet, force=force,
+                             scheduler_url=scheduler_url, keep_alive=keep_alive)
+
+
+def _stopped(signame: str, removed: list, roots: list, run: dict, command: list[str], profile: str | None) -> str:
+    """A SIGINT/SIGTERM stopped the run (:mod:`pipeline.engine.stopping`): record it and say, in one line, what was
+    built and what a rerun does."""
+    abandoned = RUN_LOG.abandoned()
+    record = None
+    try:
+        record = RUN_LOG.flush(roots, command=command, profile=profile) if roots else None
+    finally:
+        RUN_LOG.close_journal()
+        if run.get("active") is not None:
+            end_run(run["active"])
+    reached = (record or {}).get("reached", [])
+    built = [r["label"] for r in reached if r["status"] == "built"]
+    left = [r for r in reached if r["status"] in ("missing", "failed")]
+    what = f"built {len(built)} stage(s)" + (f" ({', '.join(built[:4])}{', …' if len(built) > 4 else ''})" if built
+                                             else "")
+    gone = (f"; abandoned {', '.join(abandoned)} (its processes killed, {len(removed)} temp folder(s) removed)"
+            if abandoned else "")
+    rerun = (f"run the same command again to build the {len(left)} stage(s) left (what was built stays cached)"
+             if left else "run the same command again to finish")
+    return f"nest: stopped by {signame}: {what}{gone}; {rerun}"
+
+
+def _build_locked(roots: list, run: dict, kwargs: dict, t0: float, *, profile, command, quiet, force, scheduler_url,
+                  keep_alive) -> int:
+    """The body of :func:`build`, under :func:`pipeline.engine.stopping.stop_on_signals`."""
     try:
         if not _build_size_sources(roots, kwargs, quiet=quiet):
             print(f"nest: the scheduler at {scheduler_url} stopped answering; what was built is kept: run the same "
@@ -121,7 +155,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     except BaseException:
         RUN_LOG.close_journal()
         raise
-    active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
+    active = run["active"] = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
     try:
         try:
             with scheduling.worker_options(keep_alive=keep_alive):

@@ -9,6 +9,7 @@ the stage runs: building the DAG and checking it is complete stays fast (no torc
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import time
 from typing import Any, Mapping
@@ -171,6 +172,11 @@ class NestTask(luigi.Task):
             if distributed():  # other workers must be able to pull it
                 return share_local(self)
             return True
+        bad = self.store.set_aside_if_bad(self.stage, self.key, verify=_config.verify_on_complete())
+        if bad is not None:  # so that the pull below (or the build) replaces it: a pull never overwrites a local artifact
+            aside, problems = bad
+            print(f"[nest] {self.label} {self.key[:12]}: corrupt ({problems[0]}; {len(problems)} problem(s)); moved "
+                  f"aside to {aside.name}, pulling or rebuilding it", file=sys.stderr, flush=True)
         pulled = read_through(self)  # a missing stage is pulled when the remote has it (distributed: counted)
         if isinstance(pulled, bool):
             return pulled
@@ -218,6 +224,7 @@ class NestTask(luigi.Task):
                 RUN_LOG.note("failed", ref, e)
                 raise
         print(f"[nest] {self.label} {self.key[:12]}: building", file=sys.stderr, flush=True)
+        RUN_LOG.note("started", ref, self.label)  # a stop, or this worker's death, names what was being built
         t0 = time.perf_counter()
         def corrupt(aside, problems):
             print(f"[nest] {self.label} {self.key[:12]}: corrupt ({problems[0]}; {len(problems)} problem(s)); moved "
@@ -240,6 +247,23 @@ class NestTask(luigi.Task):
             RUN_LOG.note("failed", ref, e)
             raise
         RUN_LOG.note("built", ref, seconds)
+
+
+class WorkerDied(Exception):
+    """A Luigi worker process that died while it built a stage (``kill -9``, the OOM killer): Luigi only logs it."""
+
+
+@NestTask.event_handler(luigi.Event.PROCESS_FAILURE)
+def _worker_died(task: NestTask, error_msg: str) -> None:
+    """In the process that runs Luigi: a forked worker died without reporting; say which stage it was building."""
+    code = error_msg.rsplit(" ", 1)[-1]
+    try:
+        how = f"killed by {signal.Signals(-int(code)).name}" if code.startswith("-") else f"exit code {code}"
+    except ValueError:
+        how = f"exit code {code}"
+    RUN_LOG.note("failed", (task.stage, task.key), WorkerDied(
+        f"its worker process died ({how}) while building {task.label}; what was built is kept: run the same command "
+        f"again to build it"))
 
 
 def subclasses(cls: type):

