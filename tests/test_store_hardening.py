@@ -156,11 +156,14 @@ def test_verify_true_moves_a_corrupt_artifact_aside_and_rebuilds_it(fake_env, mo
 # ---- fsync order ----------------------------------------------------------------------------------------------------
 
 def test_data_files_are_fsynced_before_the_manifest_is_written(tmp_path, monkeypatch):
+    import pipeline.storage.files as files
     import pipeline.storage.store as st
 
     events = []
     real_fsync, real_write = st.fsync_path, st.atomic_write_json
-    monkeypatch.setattr(st, "fsync_path", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    spy = lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p))  # noqa: E731
+    monkeypatch.setattr(st, "fsync_path", spy)
+    monkeypatch.setattr(files, "fsync_path", spy)  # fsync_tree's, over the data files
     monkeypatch.setattr(st, "atomic_write_json", lambda p, d: (events.append(("manifest", p.name)), real_write(p, d)))
 
     def build(d: Path):

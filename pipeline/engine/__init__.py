@@ -1,1 +1,2 @@
-"""The Luigi engine: configuration, parameter checks, the stage task base, the run log, scheduling, sharding, build()."""
+"""The Luigi engine: configuration, parameter checks, the stage task base, the run log, scheduling, sharding, clean
+stops, build()."""
