@@ -1,8 +1,11 @@
 """``nest push`` and ``nest pull``: share artifacts through the remote store (``pipeline.remote``).
 
-    nest push [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--verify]
+    nest push [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--verify] [--force] [--clean-stale HOURS]
         no argument: what the latest recorded run reached; STAGE: every complete local artifact of that stage;
         KEY-PREFIX: the artifacts whose key starts with it; --all: every complete artifact of the store.
+        A remote copy whose manifest is unreadable or whose archive is missing or of the wrong size is replaced;
+        --verify also reads every remote copy whole and reports damage (exit 1); --force replaces the remote copies
+        (with --verify: the damaged ones); --clean-stale removes what killed pushes left, older than HOURS.
     nest pull [STAGE|KEY-PREFIX ...] [--all] [--remote URL] [--profile P] [--set ...]
         no argument: what `nest all` would otherwise build (a stage on the remote stops the walk: what it was built
         from is not fetched); STAGE / KEY-PREFIX: those artifacts of the remote; --all: the whole remote.
@@ -93,14 +96,27 @@ def cmd_push(args) -> int:
     _setup(None)
     store = get_store()
     remote = _remote(args)
-    refs = push_targets(store, args.targets, args.all)
+    only_clean = args.clean_stale is not None and not args.targets and not args.all
+    refs = [] if only_clean else push_targets(store, args.targets, args.all)
     t0 = time.perf_counter()
 
     def sizes(stage, key):
         return (store.manifest(stage, key) or {}).get("size")
 
-    results, errors = transfer(refs, lambda s, k, p: remote.push(store, s, k, verify=args.verify, progress=p),
-                               sizes, "push")
+    if args.clean_stale is not None:
+        try:
+            gone = remote.clean_stale(args.clean_stale)
+        except RemoteError as e:
+            raise CliError(str(e)) from None
+        print(f"removed {len(gone)} stale upload(s) older than {args.clean_stale:g} h from {remote.shown}"
+              + (f": {', '.join(gone[:5])}" + (" …" if len(gone) > 5 else "") if gone else ""))
+        if not refs:
+            return 0
+    results, errors = transfer(refs, lambda s, k, p: remote.push(store, s, k, verify=args.verify, force=args.force,
+                                                                 progress=p), sizes, "push")
+    for stage, key, r in results:
+        if r is not None and r.get("replaced") and r["replaced"] != "forced":
+            print(f"nest: replaced a damaged remote copy: {r['replaced']}", file=sys.stderr)
     sent = [r for r in results if r[2] is not None]
     raw = sum(r[2]["bytes"] for r in sent)
     packed = sum(r[2]["size"] for r in sent)
@@ -119,9 +135,12 @@ def cmd_pull(args) -> int:
     store = get_store()
     remote = _remote(args)
     try:
+        remote.check_exists()
         refs = pull_targets(remote, store, args.targets, args.all)
     except RemoteError as e:
         raise CliError(str(e)) from None
+    for line in remote.refused:  # crafted names in the listing: left out, told once each
+        print(f"nest: {line}", file=sys.stderr)
     t0 = time.perf_counter()
     docs: dict = {}
 
@@ -136,7 +155,7 @@ def cmd_pull(args) -> int:
     print(f"pulled {len(results)} artifact(s) ({human_bytes(raw)}) from {remote.shown} in {secs:.1f} s")
     for line in errors:
         print(f"nest: {line}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors or remote.refused else 0
 
 
 def _safe_size(sizes, stage, key):
@@ -153,7 +172,13 @@ def add_parsers(sub, profile_opts) -> None:
     p.add_argument("--all", action="store_true", help="every complete artifact of the store")
     p.add_argument("--remote", default=None, metavar="URL", help="this remote instead of [nest] remote / $NEST_REMOTE")
     p.add_argument("--verify", action="store_true",
-                   help="re-hash every file against its manifest while packing; refuse to send a corrupt one")
+                   help="re-hash every file against its manifest while packing (refuse to send a corrupt one), and "
+                        "read every copy already on the remote whole, reporting damage")
+    p.add_argument("--force", action="store_true",
+                   help="replace the remote copies (with --verify: only the damaged ones)")
+    p.add_argument("--clean-stale", type=float, default=None, metavar="HOURS",
+                   help="first remove temp files (folder remote) or incomplete multipart uploads (S3) that killed "
+                        "pushes left, older than HOURS")
     p.set_defaults(fn=cmd_push)
 
     p = sub.add_parser("pull", help="fetch artifacts from the remote store (default: what `nest all` needs)")
