@@ -10,7 +10,7 @@ same bytes.
 Extraction accepts only regular files (each named in the manifest, once) and folders, under the destination. It runs
 tarfile's ``data`` filter on every member and refuses, in one line, absolute names, ``..``, links, device files and
 anything else; every file's size and sha256 is checked while it is written, the archive's size and zstd frame checksum
-at its end (and its sha256 when the manifest records one: remote format 1).
+at its end (and its sha256 when the manifest records one, as every remote manifest does).
 """
 
 from __future__ import annotations
@@ -297,8 +297,8 @@ def _unpack(src: "_HashingReader", dest: Path | None, files: Mapping[str, Mappin
     if archive is not None:
         if src.size != archive.get("size"):
             raise ArchiveError(f"{label}: archive has {src.size} bytes, the manifest says {archive.get('size')}")
-        if archive.get("sha256") and src.digest() != archive["sha256"]:  # remote format 1 (format 2 relies on
-            # zstd's frame checksum, checked above, and every file's sha256)
+        if archive.get("sha256") and src.digest() != archive["sha256"]:  # a table without one (dest None,
+            # a check only) relies on zstd's frame checksum, checked above, and every file's sha256
             raise ArchiveError(f"{label}: archive sha256 differs from the manifest")
 
 

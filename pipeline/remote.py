@@ -3,16 +3,22 @@
 An artifact ``(stage, key)`` is two objects under the remote's root:
 
 - ``<Stage>/<key>.tar.zst``: its files as a deterministic tar stream, zstandard-compressed (``pipeline.archive``);
-- ``<Stage>/<key>.manifest.json``: the artifact's manifest plus ``remote.archive`` (the archive's size and sha256) and
-  ``manifest_sha256`` (over the rest of the document), uploaded **last**. Object stores cannot rename, so this order is
-  the publication step: an archive without its manifest is invisible.
+- ``<Stage>/<key>.manifest.json``: the artifact's manifest plus ``remote.archive`` (the archive's size, sha256 and last
+  bytes) and ``manifest_sha256`` (over the rest of the document: it detects damage, not tampering; anyone who can write
+  to the remote can recompute it), uploaded **last**, only after the archive's size and last bytes (zstd's content
+  checksum) were read back. Object stores cannot rename, so this order is the publication step: an archive without
+  its manifest is invisible.
+
+A folder remote gets each object under a temp name in its own folder, renamed into place (nothing is staged in
+``$TMPDIR``, and a final name never shows a partial file); S3 a multipart upload completed at the end (aborted on
+failure; ``nest push --clean-stale`` aborts those killed pushes left). A remote artifact counts (:meth:`Remote.has`)
+only when its manifest is well formed and its archive has the recorded size; a push replaces a copy that does not.
 
 A pull reads the manifest, checks its own digest, streams the archive into a temp folder checking each file's size and
 sha256 (and the archive's), and only then publishes through :meth:`pipeline.store.Store.adopt` (temp folder, rename,
 manifest last). Any mismatch raises :class:`RemoteError` with one line naming the artifact and the file; nothing local
-changes. Uploads go through fsspec's non-autocommit files (a local folder: temp file + rename; S3: one PUT or a
-multipart upload completed at the end), so two machines pushing the same key at once both succeed and leave one whole
-artifact. Credentials come from each library's own configuration (AWS/botocore environment and files, gcloud ...); a
+changes. Every stage name and key from a listing or a manifest is checked (:func:`check_names`) before a path is made
+of it. Credentials come from each library's own configuration (AWS/botocore environment and files, gcloud ...); a
 URL's user/password part is never printed (:func:`redact`).
 
 Configuration: ``[nest] remote`` (or ``$NEST_REMOTE``) and ``[nest] remote_mode`` (or ``$NEST_REMOTE_MODE``):
