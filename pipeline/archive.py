@@ -29,6 +29,7 @@ import zstandard
 CHUNK = 1 << 20
 LEVEL = 3
 TAIL = 8  # bytes of an archive's end read back after an upload (the last 4: zstd's content checksum)
+HEAD = 32  # bytes of an archive's start recorded in its manifest (zstd's frame header: at most 18)
 
 
 class ArchiveError(Exception):
@@ -44,6 +45,7 @@ class _HashingWriter(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.size = 0
         self.tail = b""
+        self.head = b""
         self._q: queue.Queue | None = queue.Queue(maxsize=16) if digest else None
         if digest:
             self._thread = threading.Thread(target=self._hash, daemon=True)
@@ -64,6 +66,8 @@ class _HashingWriter(io.RawIOBase):
         self.out.write(b)
         self.size += n
         self.tail = (self.tail + b[-TAIL:])[-TAIL:]
+        if len(self.head) < HEAD:
+            self.head = (self.head + b[:HEAD])[:HEAD]
         if self.progress:
             self.progress(n)
         return n
@@ -83,14 +87,16 @@ class _HashingWriter(io.RawIOBase):
         super().close()
 
 
-class _HashingReader(io.RawIOBase):
-    """Read-through wrapper counting the archive's bytes as they arrive from the remote and hashing them on a second
-    thread (hashlib releases the GIL), so that the archive's digest costs no time on the decompressing thread."""
+class _HashingReader:
+    """Read-through wrapper counting the archive's bytes as they arrive from the remote, keeping its first ``HEAD``
+    bytes and, with ``digest``, hashing it on a second thread (hashlib releases the GIL). zstandard's stream reader
+    calls :meth:`read` directly: no buffering layer copies the bytes again."""
 
     def __init__(self, raw: BinaryIO, progress: Callable[[int], Any] | None = None, digest: bool = True):
         self.raw, self.progress = raw, progress
         self.sha = hashlib.sha256()
         self.size = 0
+        self.head = b""
         self.hashing = digest
         self._q: queue.Queue = queue.Queue(maxsize=16)
         self._thread = threading.Thread(target=self._hash, daemon=True)
@@ -101,23 +107,21 @@ class _HashingReader(io.RawIOBase):
         while (chunk := self._q.get()) is not None:
             self.sha.update(chunk)
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        if n:
+    def read(self, n: int = CHUNK) -> bytes:
+        data = self.raw.read(n if n is not None and n >= 0 else CHUNK)
+        if data:
+            data = bytes(data)
             if self.hashing:
-                self._q.put(bytes(data))
-            self.size += n
+                self._q.put(data)
+            if len(self.head) < HEAD:
+                self.head = (self.head + data[:HEAD])[:HEAD]
+            self.size += len(data)
             if self.progress:
-                self.progress(n)
-        return n
+                self.progress(len(data))
+        return data
 
     def drain(self) -> None:
-        while self.readinto(bytearray(CHUNK)):
+        while self.read(CHUNK):
             pass
 
     def digest(self) -> str:
@@ -130,7 +134,6 @@ class _HashingReader(io.RawIOBase):
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join()
-        super().close()
 
 
 def safe_name(name: str) -> str | None:
@@ -160,7 +163,7 @@ def pack(folder: Path, files: Mapping[str, Mapping], out: BinaryIO, *, threads: 
     sink = _HashingWriter(out, digest=digest)
     try:
         _pack(sink, folder, files, threads=threads, level=level, verify=verify, label=label, progress=progress)
-        result = {"size": sink.size, "tail": sink.tail.hex()}
+        result = {"size": sink.size, "head": sink.head.hex(), "tail": sink.tail.hex()}
         if digest:
             result["sha256"] = sink.digest()
         return result
@@ -254,7 +257,9 @@ def unpack(raw: BinaryIO, dest: Path | None, files: Mapping[str, Mapping], archi
     manifest table ``files`` and the whole archive against ``archive`` (``{"size", "sha256"}``, or None). Raises
     :class:`ArchiveError` (one line naming ``label`` and the member) at the first problem; the caller discards
     ``dest``. ``dest`` None checks the archive the same way and writes nothing. ``progress(n)`` is called with archive bytes read."""
-    src = _HashingReader(raw, progress, digest=bool(archive and archive.get("sha256")))
+    # an archive whose manifest records its first bytes (every push since they are) is checked by those, its size,
+    # zstd's content checksum and every file's sha256, which cover every byte that matters; older manifests: its sha256
+    src = _HashingReader(raw, progress, digest=bool(archive and archive.get("sha256") and "head" not in archive))
     try:
         _unpack(src, dest, files, archive, label)
     finally:
@@ -267,7 +272,7 @@ def _unpack(src: "_HashingReader", dest: Path | None, files: Mapping[str, Mappin
     dest_str = str(dest) if dest is not None else "/nonexistent-check-only"
     try:
         dctx = zstandard.ZstdDecompressor()
-        with dctx.stream_reader(io.BufferedReader(src, CHUNK), read_size=CHUNK, closefd=False) as zin:
+        with dctx.stream_reader(src, read_size=CHUNK, closefd=False) as zin:
             with tarfile.open(fileobj=zin, mode="r|", bufsize=CHUNK) as tar:
                 for member in tar:
                     _check_member(member, dest_str, files, seen, label)
@@ -297,7 +302,9 @@ def _unpack(src: "_HashingReader", dest: Path | None, files: Mapping[str, Mappin
     if archive is not None:
         if src.size != archive.get("size"):
             raise ArchiveError(f"{label}: archive has {src.size} bytes, the manifest says {archive.get('size')}")
-        if archive.get("sha256") and src.digest() != archive["sha256"]:  # a table without one (dest None,
+        if "head" in archive and src.head.hex() != archive["head"]:
+            raise ArchiveError(f"{label}: archive's first bytes (its zstd frame header) differ from the manifest")
+        if src.hashing and src.digest() != archive["sha256"]:  # a table without one (dest None,
             # a check only) relies on zstd's frame checksum, checked above, and every file's sha256
             raise ArchiveError(f"{label}: archive sha256 differs from the manifest")
 

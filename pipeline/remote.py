@@ -138,7 +138,7 @@ def remote_manifest(local: dict, archive: dict) -> dict:
     ``manifest_sha256``, a digest of all of it. That digest catches damage (a flipped byte anywhere in the document is
     refused on pull), not tampering: anyone who can write to the remote can recompute it."""
     doc = dict(local)
-    recorded = {k: archive[k] for k in ("size", "sha256", "tail") if k in archive}
+    recorded = {k: archive[k] for k in ("size", "sha256", "head", "tail") if k in archive}
     doc["remote"] = {"format": REMOTE_FORMAT, "archive": recorded, "compression": "zstd"}
     doc["manifest_sha256"] = _digest(doc)
     return doc
@@ -172,6 +172,10 @@ def check_remote_manifest(doc: Any, stage: str, key: str) -> None:
         raise RemoteError(f"pull refused: {label}: manifest.json records no valid archive size")
     if not _is_hex(archive.get("sha256"), 64):
         raise RemoteError(f"pull refused: {label}: manifest.json records no valid archive sha256")
+    for part in ("head", "tail"):
+        if part in archive and not (isinstance(archive[part], str) and len(archive[part]) <= 64
+                                    and set(archive[part]) <= _HEX and len(archive[part]) % 2 == 0):
+            raise RemoteError(f"pull refused: {label}: manifest.json records no valid archive {part}")
     inputs = doc.get("inputs", {})
     if not isinstance(inputs, dict):
         raise RemoteError(f"pull refused: {label}: manifest.json inputs are not a table")

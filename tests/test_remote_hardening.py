@@ -408,3 +408,49 @@ def test_a_remote_folder_that_does_not_exist_is_an_error(fake_env, tmp_path, cap
     assert rc == 2 and "pulled 0" not in captured.out
     assert "no such folder" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert not missing.exists()
+
+
+# ---- throughput: the archive's digest ------------------------------------------------------------------------------
+
+def test_a_pull_checks_head_size_zstd_checksum_and_files_and_hashes_the_archive_only_for_older_manifests(
+        fake_env, tmp_path, monkeypatch):
+    """A manifest that records the archive's first bytes is pulled without hashing the whole archive (zstd's checksum
+    and each file's sha256 cover the content, the first bytes the frame header); an older one (sha256 only) is still
+    checked by its sha256. A flipped frame-header byte is refused either way."""
+    import hashlib
+
+    import pipeline.archive as archive_mod
+    from pipeline.remote import _digest
+
+    assert _build(FkMid()) == 0
+    store = Store(fake_env.store_root)
+    key = FkMid().key
+    remote = Remote(str(tmp_path / "remote"))
+    remote.push(store, "FkMid", key)
+    doc = json.loads(remote.fs.cat_file(remote.manifest_path("FkMid", key)))
+    assert {"size", "sha256", "head", "tail"} <= set(doc["remote"]["archive"])
+    hashed = []
+    real_digest = archive_mod._HashingReader.digest
+    monkeypatch.setattr(archive_mod._HashingReader, "digest", lambda self: hashed.append(1) or real_digest(self))
+    remote.pull(Store(tmp_path / "a"), "FkMid", key)
+    assert hashed == []
+    old = json.loads(json.dumps(doc))
+    for part in ("head", "tail"):
+        old["remote"]["archive"].pop(part)
+    old["manifest_sha256"] = _digest(old)
+    remote.fs.pipe_file(remote.manifest_path("FkMid", key), json.dumps(old).encode())
+    remote._fresh()
+    remote.pull(Store(tmp_path / "b"), "FkMid", key)
+    assert hashed == [1]
+    apath = remote.archive_path("FkMid", key)
+    for manifest in (doc, old):
+        remote.fs.pipe_file(remote.manifest_path("FkMid", key), json.dumps(manifest).encode())
+        data = bytearray(remote.fs.cat_file(apath))
+        data[5] ^= 1  # the zstd window descriptor: decodes to the same content
+        remote.fs.pipe_file(apath, bytes(data))
+        remote._fresh()
+        with pytest.raises(RemoteError, match="first bytes|sha256 differs"):
+            remote.pull(Store(tmp_path / f"c{len(manifest)}-{id(manifest)}"), "FkMid", key)
+        data[5] ^= 1
+        remote.fs.pipe_file(apath, bytes(data))
+    assert hashlib.sha256(bytes(data)).hexdigest() == doc["remote"]["archive"]["sha256"]
