@@ -21,7 +21,7 @@ Stop rules (EOS always ends a generation as well, and is never emitted):
 - ``sentence`` (the QA default, beyond the paper): the answer ends with its first sentence of at least
   :data:`SENTENCE_MIN_WORDS` words (:mod:`tasks.sentences`), or at a line break as ``paragraph``. Copied Wikipedia text
   has no line breaks, so under ``paragraph`` NEST ran to the 128-token cap in 36 of 40 multi-hop answers and stitched
-  articles into false statements (issue 14); a sentence end fires on copied text as on generated text. The token that
+  articles into false statements; a sentence end fires on copied text as on generated text. The token that
   would start the next sentence (it begins with whitespace) is not emitted. ``stops = {"qa": "paragraph"}`` restores
   the paper's rule.
 
@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
+from tasks import registry
+from tasks.sentences import sentence_ends
 
 FAMILIES = ("completion", "qa", "multiple_choice", "longform")
 STOP_RULES = ("none", "paragraph", "blank_line", "sentence")
@@ -55,7 +57,6 @@ _BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
 def family_of(task: str, kind: str | None = None) -> str:
     """The family of a task: what its registered class declares (``Task.family``, :mod:`tasks.registry`); a task that
     is not registered, by its prompt kind."""
-    from tasks import registry
 
     if task in registry.names():
         return registry.spec(task).family
@@ -135,7 +136,6 @@ def stop_reached(rule: str, text: str) -> bool:
     if rule == "paragraph":
         return "\n" in body
     if rule == "sentence":
-        from tasks.sentences import sentence_ends
 
         return "\n" in body or bool(sentence_ends(body, SENTENCE_MIN_WORDS))
     if rule == "blank_line":

@@ -6,6 +6,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.decoding.types import LATENCY_COMPONENTS
 from stages.evaluation import score
 from stages.evaluation.generate import SCHEMA
 from tasks.base import examples_to_table, Example
@@ -75,7 +76,7 @@ def test_components_and_key_hit_rate_pooled(tmp_path):
     assert math.isclose(s["key_hit_rate"], 100 * 7 / 12)
     assert math.isclose(s["time_passage_encoding"], 4.0 / 3)
     assert math.isclose(s["time_lm_forward"], (5.0 + 0.5 + 0.5) / 3)
-    assert math.isclose(sum(s[f"time_{c}"] for c in score.COMPONENTS), s["seconds_per_query"])
+    assert math.isclose(sum(s[f"time_{c}"] for c in LATENCY_COMPONENTS), s["seconds_per_query"])
 
 
 def test_bio_reports_factscore_as_not_computed(tmp_path):
@@ -92,7 +93,6 @@ def test_bio_reports_factscore_as_not_computed(tmp_path):
 
 def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
     """With a judge: 12 facts (no length penalty), the ones about mathematics supported: FS = 100 · 6/12."""
-    import stages.evaluation.judge
 
     facts = [f"Ada studied mathematics topic {i}." for i in range(6)] + [f"Ada owned horse {i}." for i in range(6)]
 
@@ -105,8 +105,8 @@ def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
                 return "True" if "mathematics" in prompt.split("Input:")[-1] else "False"
             return "\n".join(f"- {f}" for f in facts)
 
-    monkeypatch.setattr(stages.evaluation.judge, "HFJudge", FakeJudge)
-    monkeypatch.setattr(stages.evaluation.judge, "bm25_retriever", lambda bm25, passages: lambda e, f: ["Ada Lovelace. text"])
+    monkeypatch.setattr(score, "HFJudge", FakeJudge)  # where Score looks them up
+    monkeypatch.setattr(score, "bm25_retriever", lambda bm25, passages: lambda e, f: ["Ada Lovelace. text"])
     ex = [Example(example_id=0, task="bio", kind="qa", query="Ada Lovelace", question="Tell me a bio of Ada Lovelace.",
                   references=["Ada Lovelace was a mathematician."])]
     _write(tmp_path, [{**_gen(0, "Ada Lovelace was a mathematician.", [-1], [-1], 1.0, {}), "task": "bio"}], ex)
@@ -118,7 +118,7 @@ def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
     assert math.isclose(s["factscore"], 50.0) and s["num_facts"] == 12
 
 
-# -- attribution: copied vs supported, topical precision, answer in a copied span (issue 7 §4) -------------------------
+# -- attribution: copied vs supported, topical precision, answer in a copied span -------------------------
 def _passages(folder, rows):
     """A ConvertCorpus-style passages folder: (title, source_id) per doc_id 0..n-1."""
     folder.mkdir()

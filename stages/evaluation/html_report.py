@@ -33,7 +33,13 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from stages.corpus.passages import PassageReader
+from stages.decoding.attribution import token_char_ends
+from stages.decoding.types import LATENCY_COMPONENTS
 from stages.evaluation.score import _num  # one definition of "a finite number or None"
+from stages.lm.load import load_tokenizer
+from stages.lm.pretokenize import TokenLookup
+from tasks.metrics import attribution_runs
 
 TEMPLATE = Path(__file__).with_name("report_viewer.html")
 
@@ -44,8 +50,6 @@ METRIC_LABELS = (
     ("attribution_ratio", "copied %"), ("supported_ratio", "supported %"), ("topical_precision", "topical precision"),
     ("answer_in_copied_span", "answer in copied span"), ("num_tokens", "tokens"), ("wall_s", "seconds"),
 )
-TIMING_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
-                     "verification", "other")
 
 
 # ---- escaping ---------------------------------------------------------------------------------------------------------
@@ -76,7 +80,6 @@ def copied_runs(source_doc_ids: Sequence[int], source_positions: Sequence[int]) 
     >>> copied_runs([-1, 7, 7, 7, 9], [-1, 3, 4, 9, 0])
     [(1, 2, 7, 3), (3, 1, 7, 9), (4, 1, 9, 0)]
     """
-    from tasks.metrics import attribution_runs
 
     sources = [None if int(d) < 0 else (int(d), int(p)) for d, p in zip(source_doc_ids, source_positions)]
     return [(s, n, d, sources[s][1]) for s, n, d in attribution_runs(sources)]
@@ -111,7 +114,6 @@ def highlight_html(text: str, char_ends: Sequence[int], runs: Iterable[tuple[int
 def passage_entry(tokenizer, token_ids: Sequence[int], title: str) -> list:
     """``[title, decoded text, ends]`` of a passage: the decode of its token ids (the tokens copied from it are
     ``ends``-addressable by their positions, which index these ids)."""
-    from stages.decoding.attribution import token_char_ends
 
     ids = [int(t) for t in token_ids]
     return [title or "", tokenizer.decode(ids, skip_special_tokens=True), token_char_ends(tokenizer, ids)]
@@ -248,7 +250,7 @@ def latency_chart(cells: list[dict], method_label=lambda m: m) -> str:
     """Seconds per query stacked by component, one bar per (task, method)."""
     bars: dict[tuple[str, str], dict[str, float]] = {}
     for c in cells:
-        if c["table"] == "latency" and c["column"] in TIMING_COMPONENTS:
+        if c["table"] == "latency" and c["column"] in LATENCY_COMPONENTS:
             bars.setdefault((c["task"], c["row"]), {})[c["column"]] = max(_num(c["value"]) or 0.0, 0.0)
     if not bars:
         return ""
@@ -267,7 +269,7 @@ def latency_chart(cells: list[dict], method_label=lambda m: m) -> str:
     for i, ((task, method), comps) in enumerate(bars.items()):
         x = pad + gap + i * (bw + gap)
         y = 0.0
-        for j, comp in enumerate(TIMING_COMPONENTS):
+        for j, comp in enumerate(LATENCY_COMPONENTS):
             v = comps.get(comp, 0.0)
             if v <= 0:
                 continue
@@ -279,7 +281,7 @@ def latency_chart(cells: list[dict], method_label=lambda m: m) -> str:
         label = f"{task} · {method_label(method)}"
         parts.append(f'<text transform="translate({x + bw / 2},{h - pad + 8}) rotate(60)" class="tk">{esc(label)}'
                      f'</text>')
-    for j, comp in enumerate(TIMING_COMPONENTS):
+    for j, comp in enumerate(LATENCY_COMPONENTS):
         parts.append(f'<rect x="{w - 160}" y="{30 + 16 * j}" width="10" height="10" '
                      f'fill="{PALETTE[j % len(PALETTE)]}"/><text x="{w - 145}" y="{39 + 16 * j}" class="tk">{comp}</text>')
     parts.append("</svg>")
@@ -375,7 +377,7 @@ def _round(v):
 def timing_metrics(timings: Mapping[str, float] | str | None) -> dict[str, float]:
     """Seconds by component of one output (the non-zero ones), named ``s_<component>``."""
     t = json.loads(timings) if isinstance(timings, str) else dict(timings or {})
-    return {f"s_{c}": float(t[c]) for c in TIMING_COMPONENTS if float(t.get(c) or 0.0) > 0}
+    return {f"s_{c}": float(t[c]) for c in LATENCY_COMPONENTS if float(t.get(c) or 0.0) > 0}
 
 
 def example_prompt(ex: Mapping) -> str:
@@ -405,10 +407,6 @@ def write(out_dir: Path, *, markdown: str, cells: list[dict], title: str, runs: 
     ``passages``/``tokens``/``lm``: ConvertCorpus, PreTokenize and PrepareLM (titles, token ids, tokenizer) of the
     copied passages. Returns the file's size and counts."""
     import pyarrow.parquet as pq
-
-    from stages.corpus.passages import PassageReader
-    from stages.lm.load import load_tokenizer
-    from stages.lm.pretokenize import TokenLookup
 
     blob = Blob()
     for task, folder in examples.items():
@@ -453,7 +451,6 @@ def demo_page(path: Path, answers: Sequence[tuple[str, object, Sequence]], token
               provenance: Mapping | None = None) -> Path:
     """The viewer for ``nest generate --html FILE``: one example per prompt, the output with its copied spans, and the
     retrieved passages listed (the ones copied from marked). ``answers``: ``(prompt, Generation, passages)``."""
-    from stages.decoding.attribution import token_char_ends
 
     blob = Blob()
     run = blob.add_run("generate", method, label)
