@@ -26,12 +26,12 @@ Then the remote store (a local-folder remote), with the store those rounds fille
   the local store is verified after each;
 - **flipped bytes**: one byte flipped at a random offset of an archive or of a manifest of a copy of the remote; every
   pull of that artifact must be refused, and leave nothing in the store;
-- **push race** (issue 16 item 1; ``--race-repeats``, 20 by default): two ``nest push`` of one key to a fresh folder
+- **push race** (``--race-repeats``, 20 by default): two ``nest push`` of one key to a fresh folder
   remote with ``$TMPDIR`` on another file system (``/dev/shm``); the first is SIGSTOPped once its copy started, the
   second pushes to the end, the first is SIGCONTed and SIGKILLed at a random point of its copy. Counted: published
   artifacts that do not pull whole (goal 0), files left in the killed push's ``$TMPDIR`` (goal 0), temp files left on
   the remote, hung pushes (each bounded by ``--timeout``; goal 0);
-- **crafted names** (issue 16 item 6): a listing or manifest naming the stage ``..`` (what s3fs lists for an object key
+- **crafted names**: a listing or manifest naming the stage ``..`` (what s3fs lists for an object key
   ``prefix/../<key>``), ``runs``, ``1bad``, a name with a space, a manifest input ``../../x``, an archive size ``"big"``;
   each must be refused with nothing written.
 """
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Flipped bytes (archives and manifests alternately, random offsets): {flips['refused']} of {flips['flips']} "
         f"pulls refused with nothing published, {flips['accepted']} let in (goal 0).",
         "",
-        f"Push race (issue 16 item 1), {race['repeats']} rounds: two `nest push` of one {race['artifact_mib']} MiB "
+        f"Push race, {race['repeats']} rounds: two `nest push` of one {race['artifact_mib']} MiB "
         f"artifact to a fresh folder remote, `$TMPDIR` on {race['tmpdir_on']}; A SIGSTOPped once its copy started, B "
         f"pushed to the end, A SIGCONTed and SIGKILLed at a random point of its copy (uniform over a clean push's "
         f"copy, {race['clean_push_s']} s); every published artifact pulled and verified.",
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{race['remote_temp_files_left']} | |",
         f"| hung pushes (over {args.timeout:.0f} s) | {race['hung']} | 0 |",
         "",
-        f"Crafted names (issue 16 item 6): {crafted['refused']} of {crafted['cases']} refused with nothing written, "
+        f"Crafted names from a remote listing or manifest: {crafted['refused']} of {crafted['cases']} refused with nothing written, "
         f"{crafted['written']} wrote something (goal 0): "
         + "; ".join(f"{d['case']}: {'refused' if d['refused'] else 'NOT refused'}" for d in crafted["details"]) + ".",
     ]
@@ -447,7 +447,7 @@ if __name__ == "__main__":
     print(json.dumps({k: v for k, v in main(sys.argv[1:]).items() if k != "markdown"}, indent=1))
 
 
-# ---- issue 16: the push race of item 1, crafted names of item 6 -----------------------------------------------------
+# ---- two pushes of one key racing, one killed mid-copy; crafted names from a remote -------------------------------
 
 RACE_KEY = "e" * 64
 
@@ -570,7 +570,7 @@ def _forged_size(manifest: bytes) -> bytes:
 
 
 def _crafted_names(scratch: Path) -> dict:
-    """Crafted stage names and keys in a remote listing or manifest (issue 16 item 6): each pull must be refused with
+    """Crafted stage names and keys in a remote listing or manifest: each pull must be refused with
     nothing written outside the store's own stage folders."""
     import hashlib
     import io

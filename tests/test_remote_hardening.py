@@ -1,7 +1,8 @@
-"""Remote stores under crashes, races and hostile names (issue 16 items 1, 2, 6, 12 and the damaged-pull path).
+"""Remote stores under crashes, races and hostile names: publication on a folder remote and S3, damaged remote copies,
+names from outside, a read-only store and a missing remote folder, the damaged-pull path.
 
 Folder remotes use tmp folders; S3 runs against moto's server on 127.0.0.1 through s3fs (the fixtures of
-tests/test_remote.py). Each test names the issue item it covers.
+tests/test_remote.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class _Boom(Exception):
 
 def test_an_interrupted_folder_push_stages_nothing_in_tmpdir_and_never_shows_a_partial_archive(fake_env, tmp_path,
                                                                                              monkeypatch):
-    """Item 1: while the archive is written, nothing is staged in $TMPDIR and the final name does not exist; a push
+    """while the archive is written, nothing is staged in $TMPDIR and the final name does not exist; a push
     interrupted mid-copy leaves no temp file anywhere, no archive and no manifest."""
     import tempfile
 
@@ -102,7 +103,7 @@ Remote(sys.argv[1]).push(Store(sys.argv[2]), "Big", "e" * 64)
 
 
 def test_a_push_killed_mid_copy_after_another_published_leaves_the_published_artifact_whole(fake_env, tmp_path):
-    """Item 1, the race of the probe (I6): push B publishes; push A, which checked before B published, is killed
+    """push B publishes; push A, which checked before B published, is killed
     mid-copy. The remote keeps B's whole artifact (it pulls and verifies), and A leaves nothing in $TMPDIR."""
     store = Store(fake_env.store_root)
     _big(store)
@@ -123,7 +124,7 @@ def test_a_push_killed_mid_copy_after_another_published_leaves_the_published_art
 
 
 def test_the_manifest_is_published_only_after_the_archive_is_read_back(fake_env, tmp_path, monkeypatch):
-    """Item 1: an archive replaced under the push's feet (another size) is caught by the read-back: no manifest."""
+    """an archive replaced under the push's feet (another size) is caught by the read-back: no manifest."""
     store = Store(fake_env.store_root)
     _big(store, 2)
     remote = Remote(str(tmp_path / "remote"))
@@ -141,7 +142,7 @@ def test_the_manifest_is_published_only_after_the_archive_is_read_back(fake_env,
 
 def test_s3_push_failure_aborts_its_multipart_upload_and_clean_stale_aborts_old_ones(fake_env, s3_endpoint,
                                                                                     monkeypatch, capsys):
-    """Item 1 (S3): a failed push leaves no incomplete multipart upload; `nest push --clean-stale 0` aborts those a
+    """a failed push leaves no incomplete multipart upload; `nest push --clean-stale 0` aborts those a
     killed push left."""
     import uuid
 
@@ -201,7 +202,7 @@ def test_clean_stale_removes_old_temp_files_of_a_folder_remote(fake_env, tmp_pat
 # ---- item 2: damaged remote copies --------------------------------------------------------------------------------
 
 def test_a_damaged_remote_copy_is_reported_by_verify_and_replaced_by_force(fake_env, remote_url, monkeypatch, capsys):
-    """Item 2: a flipped archive byte: plain push skips it (a cheap check cannot see it), `push --verify` reports it
+    """a flipped archive byte: plain push skips it (a cheap check cannot see it), `push --verify` reports it
     (exit 1), `push --force` replaces it; then every pull verifies."""
     assert _build(FkMid()) == 0
     store = Store(fake_env.store_root)
@@ -228,7 +229,7 @@ def test_a_damaged_remote_copy_is_reported_by_verify_and_replaced_by_force(fake_
 @pytest.mark.parametrize("damage", ["archive-missing", "archive-truncated", "archive-empty", "manifest-cut"])
 def test_a_missing_or_short_archive_does_not_count_and_a_plain_push_repairs_it(fake_env, remote_url, monkeypatch,
                                                                               capsys, damage):
-    """Item 2: complete() against the remote (has()) never counts an artifact whose archive is missing or of the wrong
+    """complete() against the remote (has()) never counts an artifact whose archive is missing or of the wrong
     size, nor one with a cut manifest; a plain push replaces it."""
     assert _build(FkMid()) == 0
     store = Store(fake_env.store_root)
@@ -259,7 +260,7 @@ def test_a_missing_or_short_archive_does_not_count_and_a_plain_push_repairs_it(f
 
 def test_distributed_a_damaged_input_is_reported_in_one_line_and_built_here(fake_env, remote_url, monkeypatch,
                                                                            capsys):
-    """Item 2 / pull: in distributed mode an input whose remote archive is damaged (same size, a flipped byte) is
+    """in distributed mode an input whose remote archive is damaged (same size, a flipped byte) is
     refused in one line and built by this worker, which then replaces the damaged copy; no "neither in the local store
     nor on the remote"."""
     from pipeline.remote import pull_inputs
@@ -286,7 +287,7 @@ def test_distributed_a_damaged_input_is_reported_in_one_line_and_built_here(fake
 # ---- item 6: names from outside -----------------------------------------------------------------------------------
 
 def test_names_from_a_listing_or_a_manifest_are_checked_before_any_path(tmp_path):
-    """Item 6: stage names and keys are validated before a path is formed."""
+    """stage names and keys are validated before a path is formed."""
     r = Remote(str(tmp_path / "remote"))
     for stage in ("..", ".", "runs", ".locks", "a/b", "", "1x", "x-y"):
         with pytest.raises(RemoteError, match="not a stage name"):
@@ -327,7 +328,7 @@ def _crafted(key: str) -> tuple[bytes, bytes]:
 
 def test_pull_all_from_s3_with_a_dotdot_object_key_writes_nothing_outside_the_store(fake_env, s3_endpoint,
                                                                                    monkeypatch, capsys):
-    """Item 6 (probe H25): objects `prefix/../<64hex>.{tar.zst,manifest.json}` whose manifest says stage "..":
+    """objects `prefix/../<64hex>.{tar.zst,manifest.json}` whose manifest says stage "..":
     `nest pull --all` writes nothing outside the store and says so in one line."""
     import uuid
 
@@ -378,7 +379,7 @@ def test_a_folder_remote_stage_named_runs_is_refused(fake_env, tmp_path, monkeyp
 # ---- item 12: read-only store, missing remote folder --------------------------------------------------------------
 
 def test_a_pull_into_a_read_only_store_is_one_line(fake_env, tmp_path, monkeypatch, capsys):
-    """Item 12: the store cannot be written (EROFS on its folders): `nest pull` says so in one line, exit 1."""
+    """the store cannot be written (EROFS on its folders): `nest pull` says so in one line, exit 1."""
     assert _build(FkSource()) == 0
     remote_dir = tmp_path / "remote"
     assert cli.main(["push", "--all", "--remote", str(remote_dir)]) == 0
@@ -401,7 +402,7 @@ def test_a_pull_into_a_read_only_store_is_one_line(fake_env, tmp_path, monkeypat
 
 
 def test_a_remote_folder_that_does_not_exist_is_an_error(fake_env, tmp_path, capsys):
-    """Item 12: `nest pull --remote /no/such/folder` is one line and a nonzero exit, not `pulled 0`."""
+    """`nest pull --remote /no/such/folder` is one line and a nonzero exit, not `pulled 0`."""
     missing = tmp_path / "no" / "such" / "remote"
     rc = cli.main(["pull", "--all", "--remote", str(missing)])
     captured = capsys.readouterr()
