@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=2_000_000, help="bytes per fake file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--race-repeats", type=int, default=20, help="rounds of the two-push race (quick: 3)")
-    ap.add_argument("--race-mib", type=int, default=64, help="MiB of the raced artifact (quick: 16)")
+    ap.add_argument("--race-mib", type=int, default=128, help="MiB of the raced artifact (quick: 32)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds before a process counts as hung")
     args = ap.parse_args(argv)
     kills = 3 if args.quick else args.kills
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for kind in ("push", "pull")}
         flips = _flips(max(4, kills // 2), rng, scratch, complete_remote)
         race = _push_race(3 if args.quick else args.race_repeats, rng, env, scratch,
-                          16 if args.quick else args.race_mib, args.timeout)
+                          32 if args.quick else args.race_mib, args.timeout)
         crafted = _crafted_names(scratch)
         corrupt_total += race["corrupt_published"]
         corrupt_total += sum(r["corrupt"] for r in remote_rounds.values())
@@ -453,11 +453,12 @@ RACE_KEY = "e" * 64
 
 
 def _race_store(scratch: Path, mib: int) -> Path:
-    """A store with one artifact of ``mib`` MiB of random bytes (the archive is as large: the copy takes a while)."""
+    """A store with one artifact of ``mib`` MiB of random hex text: compressible, so zstd works on every block (random
+    bytes are stored raw, and their copy is over before a kill can land in it)."""
     from pipeline.store import Store
 
     root = scratch / "race-store"
-    Store(root).publish("RaceBig", RACE_KEY, lambda out: (out / "big.bin").write_bytes(os.urandom(mib << 20)),
+    Store(root).publish("RaceBig", RACE_KEY, lambda out: (out / "big.bin").write_bytes(os.urandom(mib << 19).hex().encode()),
                         version="1", params={"mib": mib}, inputs={})
     return root
 

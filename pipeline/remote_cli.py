@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
 
@@ -37,6 +39,28 @@ def _remote(args) -> Remote:
 
 def _is_prefix(text: str) -> bool:
     return bool(text) and set(text.lower()) <= _HEX
+
+
+class Terminated(SystemExit):
+    """SIGTERM during a transfer: unwinds like an exception, so that a push aborts its S3 multipart upload and removes
+    its temp file on a folder remote (``kill -9`` cannot be caught: ``nest push --clean-stale`` removes what it
+    leaves)."""
+
+
+@contextlib.contextmanager
+def _term_unwinds():
+    def raise_exit(signum, frame):
+        raise Terminated(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, raise_exit) if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def push_targets(store: Store, names: list[str], everything: bool) -> list[tuple[str, str]]:
@@ -112,8 +136,9 @@ def cmd_push(args) -> int:
               + (f": {', '.join(gone[:5])}" + (" …" if len(gone) > 5 else "") if gone else ""))
         if not refs:
             return 0
-    results, errors = transfer(refs, lambda s, k, p: remote.push(store, s, k, verify=args.verify, force=args.force,
-                                                                 progress=p), sizes, "push")
+    with _term_unwinds():
+        results, errors = transfer(refs, lambda s, k, p: remote.push(store, s, k, verify=args.verify,
+                                                                     force=args.force, progress=p), sizes, "push")
     for stage, key, r in results:
         if r is not None and r.get("replaced") and r["replaced"] != "forced":
             print(f"nest: replaced a damaged remote copy: {r['replaced']}", file=sys.stderr)
@@ -148,8 +173,9 @@ def cmd_pull(args) -> int:
         docs[(stage, key)] = doc = remote.manifest(stage, key)
         return doc["remote"]["archive"]["size"] if doc else None
 
-    results, errors = transfer(refs, lambda s, k, p: remote.pull(store, s, k, progress=p, doc=docs.get((s, k))),
-                               lambda s, k: _safe_size(sizes, s, k), "pull")
+    with _term_unwinds():
+        results, errors = transfer(refs, lambda s, k, p: remote.pull(store, s, k, progress=p, doc=docs.get((s, k))),
+                                   lambda s, k: _safe_size(sizes, s, k), "pull")
     raw = sum((docs.get((s, k)) or {}).get("size", 0) for s, k, _ in results)
     secs = time.perf_counter() - t0
     print(f"pulled {len(results)} artifact(s) ({human_bytes(raw)}) from {remote.shown} in {secs:.1f} s")

@@ -455,3 +455,50 @@ def test_a_pull_checks_head_size_zstd_checksum_and_files_and_hashes_the_archive_
         data[5] ^= 1
         remote.fs.pipe_file(apath, bytes(data))
     assert hashlib.sha256(bytes(data)).hexdigest() == doc["remote"]["archive"]["sha256"]
+
+
+TERMINATED = """
+import os, signal, sys
+import pipeline.archive as a
+real = a._HashingWriter.write
+def write(self, b):
+    n = real(self, b)
+    if self.size > (6 << 20):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return n
+a._HashingWriter.write = write
+from pipeline import cli
+sys.exit(cli.main(["push", "--all"]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_a_push_stopped_by_sigterm_aborts_its_upload_and_removes_its_temp(fake_env, tmp_path, s3_endpoint,
+                                                                         monkeypatch, kind):
+    """SIGTERM mid-upload (a batch scheduler's time limit): the push unwinds, aborting its S3 multipart upload or
+    removing its temp file on a folder remote; nothing is published and the exit status is 143."""
+    import uuid
+
+    store = Store(fake_env.store_root)
+    _big(store, 12)
+    if kind == "s3":
+        import s3fs
+
+        _s3_env(monkeypatch, s3_endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        bucket = f"nest-{uuid.uuid4().hex[:12]}"
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir(bucket)
+        url = f"s3://{bucket}/cache"
+    else:
+        url = str(tmp_path / "remote")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "NEST_REMOTE": url}
+    proc = subprocess.run([sys.executable, "-c", TERMINATED], cwd=PROJECT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    if kind == "s3":
+        assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+        assert fs.find(bucket) == []
+    else:
+        assert _files(tmp_path / "remote") == []
