@@ -12,8 +12,8 @@ compressed to about 0.47 of their size; see :func:`make_store`) published in a s
    it to a temp name beside the final one, fsync, rename, read its size and last bytes back, then the manifest) ÷ raw
    zstandard compression of the same bytes with the same compressor settings (read the files, compress, write one
    file). Target ≥ 0.7.
-2. ``nest pull`` throughput (``Remote.pull``: read the archive, decompress, check the archive's and every file's sha256
-   and size, write and fsync every file, publish) ÷ raw zstandard decompression of the same archive (read, decompress,
+2. ``nest pull`` throughput (``Remote.pull``: read the archive, decompress, check the archive's size, first bytes and
+   zstd checksum and every file's sha256 and size, write and fsync every file, publish) ÷ raw zstandard decompression of the same archive (read, decompress,
    write one file). Target ≥ 0.9. Also ÷ the same decompression followed by an fsync of its output (a pull's
    durability), since on a slow disk the fsync alone is a large share.
 3. Peak RSS (``VmHWM``) of push and of pull at 100 MiB and at the full size, each in a fresh child process. Target: flat.
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         "Push writes the tar stream straight into zstd and hashes the archive on a second thread in the same pass "
         "(files are re-hashed against their manifest only with `nest push --verify`); it fsyncs the archive and reads "
         "its size and last bytes back before the manifest; pull "
-        "checks the archive's and every file's sha256 and fsyncs every file before publishing. The raw zstd runs do "
+        "checks the archive's size, first bytes and zstd checksum and every file's sha256 (the archive's own sha256 "
+        "only for older manifests) and fsyncs every file before publishing. The raw zstd runs do "
         "no hashing; `unzstd + fsync` also fsyncs its output, the durability a pull gives. "
         f"Load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work shares them).",
     ])
