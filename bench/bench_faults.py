@@ -140,6 +140,8 @@ def _verify_remote(url: Path, scratch: Path) -> tuple[int, int, list[str]]:
     from pipeline.remote import Remote
     from pipeline.store import Store
 
+    if not url.exists():  # a push killed before it made the remote's folder: nothing published
+        return 0, 0, []
     remote = Remote(str(url))
     check = scratch / "verify-store"
     shutil.rmtree(check, ignore_errors=True)
