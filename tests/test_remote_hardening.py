@@ -502,3 +502,28 @@ def test_a_push_stopped_by_sigterm_aborts_its_upload_and_removes_its_temp(fake_e
         assert fs.find(bucket) == []
     else:
         assert _files(tmp_path / "remote") == []
+
+
+def test_read_through_into_a_read_only_store_is_one_line_not_a_traceback(fake_env, tmp_path, monkeypatch, capsys):
+    """A run whose stage is on the remote but whose store cannot be written: the pull says why in one line (no
+    `error in complete()` traceback), and the build that follows fails in one line too."""
+    assert _build(FkSource()) == 0
+    remote_dir = tmp_path / "remote"
+    assert cli.main(["push", "--all", "--remote", str(remote_dir)]) == 0
+    monkeypatch.setenv("NEST_REMOTE", str(remote_dir))
+    ro = tmp_path / "ro-store"
+    ro.mkdir()
+    _use_store(monkeypatch, ro)
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if ro in self.parents or self == ro:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    capsys.readouterr()
+    rc = _build(FkSource())
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err and "error in complete()" not in err
+    assert "cannot write into the store" in err
