@@ -750,5 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m pipeline.cli: run the imported module's main, so that the errors other modules
+    # raise (pipeline.cli.CliError, imported by remote_cli) are the classes main catches, not __main__'s copies
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())
