@@ -23,7 +23,7 @@ from typing import Callable
 import luigi
 
 from pipeline import config as cfg
-from pipeline.base import NestTask
+from pipeline.base import KeyedWrapperTask, NestTask
 from pipeline.params import Accepts, accepts, at_least, between, each_one_of
 from pipeline.sharding import Sharded, range_params
 from pipeline.store import Identified
@@ -878,14 +878,14 @@ TARGETS: list[Callable[[], list[luigi.Task]]] = [
 ]
 
 
-class RetrievalHalf(luigi.WrapperTask):
+class RetrievalHalf(KeyedWrapperTask):
     """Everything up to pre-retrieval and token shards: what decoding needs."""
 
     def requires(self):
         return [t for make in TARGETS for t in make()]
 
 
-class All(luigi.WrapperTask):
+class All(KeyedWrapperTask):
     """The whole DAG of the configured profile (``nest all``): retrieval half, then generation, scores and the report."""
 
     def requires(self):
