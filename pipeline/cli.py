@@ -210,6 +210,14 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         for (stage, key), exc in failed.items():
             name = getattr(exc, "type_name", type(exc).__name__)
             print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
+        if not failed:  # nothing failed here: say what is missing, and where to look (issue 16 §4: never silent)
+            missing = [r for r in record["reached"] if r["status"] not in ("built", "cached", "pulled", "skipped",
+                                                                           "remote")]
+            shown = ", ".join(f"{r['label']} {r['key'][:12]}" for r in missing[:3]) + (" …" if len(missing) > 3 else "")
+            where = (f"the scheduler at {scheduler_url} did not hand them to this worker (failed or disabled "
+                     f"elsewhere: see its page)" if scheduler_url else "a dependency was not run")
+            print(f"nest: {len(missing)} stage(s) not built ({shown}): {where}; run the same command again",
+                  file=sys.stderr)
         return 1
     return 0
 
@@ -218,10 +226,19 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     """Sharded stages (``shards > 1``, pipeline/sharding.py) split by the number of passages or examples: build the
     artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
     holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
-    them. False when the scheduler stopped answering."""
+    them. False when the scheduler stopped answering.
+
+    Issue 16 §4: under a ``luigid``, a size source that another worker is building is RUNNING there, not pending for
+    this worker, so Luigi's ``keep_alive`` lets ``luigi.build`` return at once. Going on would compute the shard plan
+    without the size (one task) and hand ``luigid`` the merge without its shards, replacing the other worker's
+    dependencies: both could fail, or the survivor of a ``kill -9`` wait forever. So the worker waits here, asking
+    ``luigid``, while a size source is running or pending anywhere (a dead worker's task is handed out again after
+    ``worker_disconnect_delay`` + ``retry_delay``; this worker then takes it), and goes on once every size is known, or
+    when a source failed in this worker or is disabled (the main build then reports it in one line)."""
     import luigi
     import luigi.rpc
 
+    from pipeline.base import RUN_LOG
     from pipeline.sharding import size_sources
 
     sources = size_sources(roots)
@@ -230,12 +247,54 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     if not quiet:
         print(f"[nest] sharded stages: building what sizes them first ({', '.join(t.label for t in sources)})",
               file=sys.stderr)
+    url = kwargs.get("scheduler_url")
+    waited = False
+    while True:
+        try:
+            with _scheduling().worker_options(keep_alive=bool(url)):
+                luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
+        except luigi.rpc.RPCError:
+            return False
+        if not url:
+            return True
+        sources = size_sources(roots)
+        if not sources:
+            return True
+        RUN_LOG.merge_journal()
+        if any((t.stage, t.key) in RUN_LOG.failed for t in sources):
+            return True
+        try:
+            states = _scheduler_states(url, sources)
+        except luigi.rpc.RPCError:
+            return False
+        if not any(state in ("RUNNING", "PENDING", "FAILED") for state in states.values()):
+            return True  # disabled, or unknown to luigid: the main build reports what is missing
+        if not waited and not quiet:
+            print(f"[nest] waiting for another worker to build {', '.join(t.label for t in sources)} "
+                  f"(sizes the shards)", file=sys.stderr, flush=True)
+        waited = True
+        time.sleep(_wait_interval())
+
+
+def _scheduler_states(url: str, tasks: list) -> dict[str, str]:
+    """``{task_id: status}`` of ``tasks`` in the ``luigid`` at ``url`` (``UNKNOWN`` for a task it does not have)."""
+    from luigi.rpc import RemoteScheduler
+
+    sch = RemoteScheduler(url)
+    out = {}
+    for t in tasks:
+        graph = sch._request("/api/dep_graph", {"task_id": t.task_id, "include_done": True}) or {}
+        out[t.task_id] = str((graph.get(t.task_id) or {}).get("status") or "UNKNOWN")
+    return out
+
+
+def _wait_interval() -> float:
+    from pipeline.config import config
+
     try:
-        with _scheduling().worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
-            luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
-    except luigi.rpc.RPCError:
-        return False
-    return True
+        return max(0.1, float(config().get("worker", "wait_interval", "1.0")))
+    except ValueError:
+        return 1.0
 
 
 def _scheduling():
