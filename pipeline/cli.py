@@ -75,7 +75,7 @@ def _configure_logging() -> None:
 def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
     """Apply the profile and ``--set`` overrides, then check the whole configuration (names and values) before any
     task is built: a misspelt section/option or a bad value is one line (exit 2)."""
-    from pipeline import config, dag  # noqa: F401  (dag registers the task and config classes)
+    from pipeline import config, dag  # dag registers the task and config classes
     from pipeline.params import check_config
 
     if profile:
@@ -83,6 +83,10 @@ def _setup(profile: str | None, sets: Sequence[str] = ()) -> None:
     if sets:
         config.apply_overrides(config.parse_set(list(sets)))
     check_config(extra_sections=config.PROFILES)
+    dag.check_decoding()  # the keys inside [decoding]'s dicts, NestConfig's own validation of each merged config
+    from pipeline.scheduling import check_needs
+
+    check_needs()
     config.get_store().check_root()
 
 
