@@ -1,4 +1,4 @@
-"""Decoding benchmark (issues 7 and 14): NEST's speed as a user gets it, every cost counted, against the base LM and HF
+"""Decoding benchmark: NEST's speed as a user gets it, every cost counted, against the base LM and HF
 prompt lookup, with a 95% confidence interval on every speed-up, and only on a quiet machine.
 
     python -m bench.run decoding                 # the default size (NEST_BENCH_EXAMPLES=12 timed examples per setting)
@@ -55,7 +55,7 @@ its passage keys encoded under bf16 autocast, ``key_precision``: an option, not 
 Speed-ups are **pooled** (Σ tokens / Σ seconds of the method ÷ the same for the base LM, on the same examples of the
 same run) with a **95% paired bootstrap interval** over examples (the resampling of tasks.metrics.paired_bootstrap:
 10,000 resamples of the examples, seed 0, the method and the base resampled together); medians of the per-example
-ratios stand beside them. The targets table (issue 7 §5) is computed from the measured numbers. A "stream" section gives
+ratios stand beside them. The targets table is computed from the measured numbers. A "stream" section gives
 the key-cache hit rate a stream of NEST_BENCH_STREAM (200) bio prompts would get over the embedded corpus (exact: the
 passages each prompt retrieves that an earlier prompt already retrieved).
 """
@@ -70,6 +70,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from stages.decoding.types import MEASURED_COMPONENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_STORE = Path.home() / ".cache" / "nest" / "bench-decoding-quick-store"
@@ -435,7 +437,6 @@ class Method:
 
 # --- aggregation ------------------------------------------------------------------------------------------------------
 
-COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification")
 
 
 def summarise(records: list[dict], share_s: float | None = None) -> dict:
@@ -479,7 +480,7 @@ def summarise(records: list[dict], share_s: float | None = None) -> dict:
     if any(stops.values()):
         out["stops"] = stops
     if any(r["timings"] for r in records):
-        comp = {c: sum(r["timings"].get(c, 0.0) for r in records) / n for c in COMPONENTS}
+        comp = {c: sum(r["timings"].get(c, 0.0) for r in records) / n for c in MEASURED_COMPONENTS}
         comp["other"] = max(secs / n - sum(comp.values()), 0.0)
         out["components_s_per_query"] = {k: round(v, 4) for k, v in comp.items()}
         lm = sum(r["timings"].get("lm_forward", 0.0) for r in records)
@@ -544,7 +545,7 @@ def add_intervals(table: dict) -> None:
 
 
 def check_targets(result: dict, max_new: int, long_new: int) -> list[dict]:
-    """Issue 7 §5, each goal judged on this run's pooled figures (None: not measured in this run)."""
+    """The targets, each goal judged on this run's pooled figures (None: not measured in this run)."""
     tables = result["settings"]
     out = []
 
@@ -755,7 +756,7 @@ def markdown(result: dict) -> str:
             lines += ["", "Stopped by (examples): " + "; ".join(
                 f"{m} " + ", ".join(f"{k} {v}" for k, v in s.items()) for m, s in stops) + "."]
         lines.append("")
-    lines += ["## Targets (issue 7 §5), judged on this run", "", "| figure | goal | measured | pass | note |",
+    lines += ["## Targets, judged on this run", "", "| figure | goal | measured | pass | note |",
               "|---|---|---|---|---|"]
     for t in result["targets"]:
         verdict = "not measured" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")

@@ -1,4 +1,4 @@
-"""Passage-key encoding on the fly (issue 7 §3): what batch size, length sorting (padding) and thread count cost.
+"""Passage-key encoding on the fly: what batch size, length sorting (padding) and thread count cost.
 
     python -m bench.run encoding            # the passages of NEST_BENCH_ENCODING_EXAMPLES (2) bio examples' top-40
     python -m bench.run --quick encoding    # 1 completion example, 300-article corpus

@@ -1,4 +1,4 @@
-"""The HTML report at scale: a synthetic run of 2,500 questions × 5 methods (issue 17's goal: it opens in under 3 s),
+"""The HTML report at scale: a synthetic run of 2,500 questions × 5 methods (the goal: it opens in under 3 s),
 its file size and its load time measured in headless Chromium (bench/browser.py).
 
     python -m bench.run html [--quick] [--report PATH ...]

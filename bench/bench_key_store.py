@@ -1,4 +1,4 @@
-"""Key-store benchmark (issue 7 §2): what fp16 and product-quantized (PQ) passage keys cost against exact fp32 keys.
+"""Key-store benchmark: what fp16 and product-quantized (PQ) passage keys cost against exact fp32 keys.
 
     python -m bench.run key_store                       # the profile's corpus, 4 + 4 examples
     python -m bench.run --quick key_store               # 300-article corpus, 2 + 2 examples, 16 tokens: a smoke test
@@ -18,7 +18,7 @@ Then, on the same examples, with the real LM and the profile's NEST config (``[d
 Per setting: NEST's and kNN-LM's perplexity of the completion_excluded references in evaluation mode
 (:func:`stages.evaluation.perplexity.target_nll`, pooled over tokens), NEST's generations (greedy) with their ROUGE-1 F against the
 reference and their attribution ratio (share of generated tokens with a source), the share of generations identical to
-the exact ones, and the relative squared error of the stored keys. Goals (issue 7 §5): PQ's PPL change ≤ 2%,
+the exact ones, and the relative squared error of the stored keys. Goals: PQ's PPL change ≤ 2%,
 attribution change ≤ 2 points.
 """
 
@@ -230,7 +230,7 @@ def markdown(rows: dict, meta: dict) -> str:
             f"{r['store_hits']} / {r['misses']} |")
     lines += [
         "",
-        "| goal (issue 7 §5) | measured | met |",
+        "| goal | measured | met |",
         "|---|---|---|",
         f"| PQ keys: NEST PPL change ≤ 2% | {_fmt(pq_row.get('ppl_nest_change_pct'), 2)}% | "
         f"{'yes' if ppl_ok else 'no'} |",

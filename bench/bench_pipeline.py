@@ -1,4 +1,4 @@
-"""Pipeline benchmark (issue 2): stage throughput as ratios to the raw library calls, BM25 build time, memory flatness.
+"""Pipeline benchmark: stage throughput as ratios to the raw library calls, BM25 build time, memory flatness.
 
     python -m bench.run pipeline            # full sizes (minutes; run on a quiet machine)
     python -m bench.run --quick pipeline    # tiny sizes, to check the benchmark itself

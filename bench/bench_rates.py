@@ -1,4 +1,4 @@
-"""Per-item rates of every stage, measured here, and their extrapolation to the paper's scale (issue 10 §4).
+"""Per-item rates of every stage, measured here, and their extrapolation to the paper's scale.
 
     python -m bench.run rates            # reads the latest run with a report in the store (run `make all` first)
     python -m bench.run --quick rates    # the same, with a smaller FAISS IVF/PQ training sample

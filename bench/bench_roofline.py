@@ -1,4 +1,4 @@
-"""Passage-key encoding against the CPU's GEMM roofline (issue 14): how close on-the-fly key encoding gets to the
+"""Passage-key encoding against the CPU's GEMM roofline: how close on-the-fly key encoding gets to the
 matmul throughput of this machine, in fp32 and in bf16, and what lower-precision encoding buys.
 
     python -m bench.run roofline            # 96 real passages (embedded corpus), 3 interleaved rounds

@@ -1,4 +1,4 @@
-"""Scale-out benchmark (issue 10 §5, the scheduler's part): luigid's overhead and two local workers against one.
+"""Scale-out benchmark (the scheduler's part): luigid's overhead and two local workers against one.
 
     python -m bench.run scale            # the real DAG where it is built (make all first), Generate of 16 examples
     python -m bench.run --quick scale    # synthetic fake stages only, to check the benchmark itself

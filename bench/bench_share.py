@@ -1,4 +1,4 @@
-"""Sharing the cache (issue 9 §5): pull the whole embedded store from a local-folder remote into an empty store, then
+"""Sharing the cache: pull the whole embedded store from a local-folder remote into an empty store, then
 ``make all``; its time ÷ a cold ``make all``. Goal ≤ 0.1.
 
     python -m bench.run share                          # cold run into a scratch store (~20-30 min on 2 cores)

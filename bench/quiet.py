@@ -1,6 +1,6 @@
 """Quiet machine or no headline: the load check a benchmark runs before and after its timed part.
 
-A timing taken beside another heavy job is not what a user gets (issue 14: the decoding bench ran torch on one thread
+A timing taken beside another heavy job is not what a user gets (the decoding bench once ran torch on one thread
 beside ``make all`` and reported NEST at 0.5-0.7x the base LM; measured quietly it is 2-3x). So a benchmark that
 publishes headline figures checks the machine:
 

@@ -3,7 +3,7 @@
     python -m bench.tune_generation                       # dev draw: LoadTask seed 1, 8 bio + 8 completion_excluded
     python -m bench.tune_generation --gammas 0.005 0.5 --deltas 0.5 0.2 --passages 10 40 --n 8
 
-The paper tunes δ and γ on dev *generation* metrics after α, τ on PPL (digest §4.1). Perplexity and ROUGE reward
+The paper tunes δ and γ on dev *generation* metrics after α, τ on PPL (paper §4.1). Perplexity and ROUGE reward
 copying anything, so the criterion here includes a measure that copying the wrong article cannot pass:
 
 - bio: **topical attribution precision**, the share of copied tokens whose source passage is the person's own (the

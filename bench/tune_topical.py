@@ -1,4 +1,4 @@
-"""What NEST copies (issue 14): on-topic spans and answers that stop, tuned on a dev draw, reported on the eval draw,
+"""What NEST copies: on-topic spans and answers that stop, tuned on a dev draw, reported on the eval draw,
 on people in no draw, and on QA questions.
 
     python -m bench.tune_topical                         # bios: dev (seed 1), eval (seed 0), held-out people; NQ, HotpotQA

@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Iterable, Sequence
 
+from stages.evaluation.experiments import merge_config
+
 _EXIT_INPUT = 2
 
 
@@ -653,12 +655,14 @@ def cmd_generate(args) -> int:
     code = build(list(tasks.values()), profile=args.profile, command=["nest", *sys.argv[1:]], quiet=True)
     if code:
         return code
-    # the profile's decoding settings ([decoding] config and the method's overrides), then the command line's
+    # the grid's precedence (stages.evaluation.experiments.merge_config): the profile's [decoding] config, a prompt's
+    # task overrides (applied per prompt by the session), the method's, then the command line's
     d = dag.decoding()
-    options = {**dag._plain(d.config), **dag._plain(d.method_config).get(args.method, {}),
-               "task_config": dag._plain(d.task_config), "stops": dag._plain(d.stops)}
-    options.update({k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
-                                                  "min_new_tokens", "passages", "stop") if getattr(args, k) is not None})
+    flags = {k: getattr(args, k) for k in ("gamma", "alpha", "tau", "delta", "span_length", "max_new_tokens",
+                                           "min_new_tokens", "passages") if getattr(args, k) is not None}
+    pinned = merge_config(dag._plain(d.method_config).get(args.method, {}), flags)
+    options = {**merge_config(dag._plain(d.config), pinned), "task_config": dag._plain(d.task_config),
+               "stops": dag._plain(d.stops), "pinned": pinned, "stop": args.stop}
     where = dict(lm_dir=tasks["lm"].artifact_dir, passages_dir=tasks["passages"].artifact_dir,
                  tokens_dir=tasks["tokens"].artifact_dir, bm25_dir=tasks["bm25"].artifact_dir,
                  dense_dir=tasks["dense"].artifact_dir, encoder=dag.encoder_param().value, method=args.method,

@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from stages.corpus.passages import ends_document
 from stages.decoding.attribution import token_char_ends
 from stages.decoding.config import NestConfig
 from stages.decoding.registry import method_info
 from tasks.metrics import attribution_ratio, attribution_runs
-from stages.decoding.types import DecodeRequest, Generation, Passage
+from stages.decoding.types import LATENCY_COMPONENTS, DecodeRequest, Generation, Passage
+from stages.evaluation.experiments import merge_config
 
 DEMO_DEFAULTS = {"max_new_tokens": 128, "passages": 40}
 SNIPPET_CHARS = 160
@@ -36,7 +38,7 @@ def split_options(options: dict | None) -> tuple[dict, dict]:
     """(NestConfig fields, demo-only options) from one flat dict; unknown names raise ValueError."""
     fields = {f.name for f in dataclasses.fields(NestConfig)}
     demo_only = {"kind", "retrieval_mode", "candidates", "device", "dtype", "min_span_tokens", "task_config", "stops",
-                 "stop"}
+                 "stop", "pinned"}
     cfg, extra = dict(DEMO_DEFAULTS), {}
     for k, v in (options or {}).items():
         if v is None:
@@ -142,8 +144,6 @@ class PassageRetriever:
         doc_ids = [int(r[0]) for r in rows]
         if not doc_ids:
             return []
-        from stages.evaluation.generate import ends_document
-
         meta = self.reader.get(doc_ids)
         toks = self.lookup.get(doc_ids)
         ends = ends_document(self.reader, doc_ids, meta)
@@ -161,16 +161,18 @@ class DemoSession:
 
     def __init__(self, model, tokenizer, method: str, config: NestConfig, retrieve=None, kind: str = "qa",
                  min_span_tokens: int = 1, startup_s: float = 0.0, task_config: dict | None = None,
-                 stops: dict | None = None, stop: str | None = None):
+                 stops: dict | None = None, stop: str | None = None, pinned: dict | None = None):
         from stages.decoding import make_decoder
-        from stages.decoding.passage_keys import PassageKeyCache
+        from stages.decoding.passage_keys import open_key_cache
 
         self.tokenizer, self.method, self.kind = tokenizer, method, kind
         self.retrieve = retrieve if method_info(method).retrieves else None
         self.min_span_tokens = int(min_span_tokens)
-        self.key_cache = PassageKeyCache(max_bytes=config.key_cache_max_bytes)  # memory only: this stream's keys
+        self.key_cache = open_key_cache(config, on_disk=False)  # memory only: this stream's keys
         self.decoder = make_decoder(method, model, tokenizer, config, key_cache=self.key_cache)
         self.task_config = dict(task_config or {})
+        # the overrides a task's must not undo: the method's and the command line's (merge_config's precedence)
+        self.pinned = dict(pinned or {})
         self.stops, self.stop = dict(stops or {}), stop
         self._decoders: dict = {}  # by task: a bio prompt decodes with the bio task's overrides (decoder_for)
         self.startup_s = float(startup_s)
@@ -196,7 +198,7 @@ class DemoSession:
         model, tokenizer = load_lm(lm_dir, device=extra.get("device", "cpu"), dtype=extra.get("dtype"))
         session = cls(model, tokenizer, method, config, retrieve, kind=extra.get("kind", "qa"),
                       min_span_tokens=int(extra.get("min_span_tokens", 1)), task_config=extra.get("task_config"),
-                      stops=extra.get("stops"), stop=extra.get("stop"))
+                      stops=extra.get("stops"), stop=extra.get("stop"), pinned=extra.get("pinned"))
         session.startup_s = time.perf_counter() - t0
         return session
 
@@ -231,13 +233,14 @@ class DemoSession:
         return common
 
     def decoder_for(self, task: str | None):
-        """The decoder of a prompt's task: the session's config with :meth:`overrides_for` the task."""
+        """The decoder of a prompt's task: the session's config with :meth:`overrides_for` the task, under the method's
+        and the command line's (:func:`stages.evaluation.experiments.merge_config`: base → task → method → flags)."""
         if task not in self._decoders:
             from stages.decoding import make_decoder
 
             overrides = self.overrides_for(task)
             self._decoders[task] = self.decoder if not overrides else make_decoder(
-                self.method, self.decoder.model, self.tokenizer, self.decoder.config.replace(**overrides),
+                self.method, self.decoder.model, self.tokenizer, self.decoder.config.replace(**merge_config(overrides, self.pinned)),
                 key_cache=self.key_cache)
         return self._decoders[task]
 
@@ -285,7 +288,7 @@ class DemoSession:
         return {
             "prompt": prompt, "method": self.method, "tokens": n, "seconds": round(t["total"], 6),
             "tokens_per_s": round(n / t["total"], 3) if t["total"] > 0 else None,
-            "components": {k: round(float(t.get(k, 0.0)), 6) for k in TIMING_COMPONENTS},
+            "components": {k: round(float(t.get(k, 0.0)), 6) for k in LATENCY_COMPONENTS},
             "text": generation.text,
             "attribution_ratio": (None if attribution_ratio(generation.sources) is None
                                   else round(attribution_ratio(generation.sources), 4)),
@@ -306,8 +309,6 @@ class DemoSession:
                 "key_hit_rate": None if rate is None else round(rate, 4), "startup_s": round(self.startup_s, 3)}
 
 
-TIMING_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
-                     "verification", "other")
 
 
 def read_prompts(path) -> list[str]:

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tasks.metrics import truncate_at_eos
-
-KINDS = ("completion", "qa")
+from tasks.prompts import KINDS
 SOURCES = ("file", "corpus")  # where a task's examples come from: its benchmark file, or drawn from the corpus
 
 EXAMPLE_COLUMNS = ("example_id", "task", "kind", "query", "question", "prefix", "references", "exclude_doc_ids", "meta")

@@ -129,7 +129,7 @@ def truthfulqa_deltas(prediction: str, true_refs: Sequence[str], false_refs: Seq
             "rouge1_max": r_true, "rouge1_diff": r_true - r_false, "rouge1_acc": float(r_true > r_false)}
 
 
-# -- attribution (Table 2; issue 7 §4) ---------------------------------------------------------------------------------
+# -- attribution (Table 2) ---------------------------------------------------------------------------------
 # ``sources[i]`` is the (doc_id, position) a generated token was COPIED from (an accepted draft or a streamed
 # continuation), else None. A token produced one at a time whose value merely occurs among the neighbours is not copied:
 # the decoder records it in a separate, parallel list ``supported`` (docs/metrics.md, "Copied and supported tokens").
@@ -198,7 +198,7 @@ def attribution_stats(sources: Sequence[Source], supported: Sequence[Source] | N
             "attribution_span_length_same_doc": copied / len(runs_doc) if runs_doc else None}
 
 
-# -- topical attribution precision (bio, FactScore; issue 7 §4) ----------------------------------------------------------
+# -- topical attribution precision (bio, FactScore) ----------------------------------------------------------
 def normalize_title(title: str | None) -> str:
     """A title compared case-insensitively, spaces collapsed, a trailing parenthesised qualifier dropped
     ("Ada Lovelace (mathematician)" → "ada lovelace"), underscores read as spaces (Wikipedia ids).
@@ -277,7 +277,7 @@ def topical_precision(sources: Sequence[Source], topic: Topic, passages: dict[in
     return on / copied if copied else None
 
 
-# -- QA: is the answer inside a copied span? (issue 7 §4) ---------------------------------------------------------------
+# -- QA: is the answer inside a copied span? ---------------------------------------------------------------
 def token_char_spans(char_ends: Sequence[int]) -> list[tuple[int, int]]:
     """``[(start, end)]`` character range of each token in the decoded text, from the end offsets of the growing
     prefixes (``char_ends[i]`` = len(decode(ids[:i+1]))); made non-decreasing, so a token that adds no character (a
@@ -335,7 +335,7 @@ def answer_in_copied_span(text: str, answers: Sequence[str], sources: Sequence[S
     return float(any(s <= a and b <= e for a, b in occ for s, e in ranges))
 
 
-# -- QA: the first sentence, and sentences stitched from several articles (issue 14) -------------------------------------
+# -- QA: the first sentence, and sentences stitched from several articles -------------------------------------
 def alr_first_sentence(prediction: str, answers: Sequence[str]) -> float:
     """ALR of the prediction's first sentence only (:func:`tasks.sentences.first_sentence`): an answer that runs on
     past its first sentence cannot score with text copied after it.
@@ -421,7 +421,7 @@ def speedup(base_latency: float | None, method_latency: float | None) -> float |
     return base_latency / method_latency
 
 
-# -- significance (issue 7 §4b) -----------------------------------------------------------------------------------------
+# -- significance -----------------------------------------------------------------------------------------
 def paired_bootstrap(method: Sequence[float], base: Sequence[float], resamples: int = 10_000, seed: int = 0,
                      level: float = 0.95) -> dict[str, float | int | bool | None]:
     """Paired bootstrap of the mean difference ``method − base`` over the same examples (``method[i]`` and ``base[i]``

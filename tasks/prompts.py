@@ -1,4 +1,4 @@
-"""Prompt templates of the NEST paper (App. B; digest §4.2), rendered through the LM's own chat template.
+"""Prompt templates of the NEST paper (App. B), rendered through the LM's own chat template.
 
 The paper wraps every prompt in Llama-2-chat ``[INST] ... [/INST]`` tags. We keep the paper's *user* text verbatim and let
 the tokenizer's chat template supply the tags, so that SmolLM2 (ChatML) and Llama-2-chat both get their native format.

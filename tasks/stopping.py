@@ -21,7 +21,7 @@ Stop rules (EOS always ends a generation as well, and is never emitted):
 - ``sentence`` (the QA default, beyond the paper): the answer ends with its first sentence of at least
   :data:`SENTENCE_MIN_WORDS` words (:mod:`tasks.sentences`), or at a line break as ``paragraph``. Copied Wikipedia text
   has no line breaks, so under ``paragraph`` NEST ran to the 128-token cap in 36 of 40 multi-hop answers and stitched
-  articles into false statements (issue 14); a sentence end fires on copied text as on generated text. The token that
+  articles into false statements; a sentence end fires on copied text as on generated text. The token that
   would start the next sentence (it begins with whitespace) is not emitted. ``stops = {"qa": "paragraph"}`` restores
   the paper's rule.
 

@@ -1,4 +1,4 @@
-"""Attribution metrics (issue 7 §4, §4b) on hand-made sources, every answer worked out by hand: copied runs and ratio,
+"""Attribution metrics on hand-made sources, every answer worked out by hand: copied runs and ratio,
 supported tokens, topical precision, the QA answer inside a copied span (character offsets), the paired bootstrap."""
 
 import pytest

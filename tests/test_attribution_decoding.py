@@ -1,4 +1,4 @@
-"""Copied vs supported on the tiny random Llama (issue 7 §4, contract 3): ``sources`` hold only tokens copied from an
+"""Copied vs supported on the tiny random Llama : ``sources`` hold only tokens copied from an
 accepted draft or a streamed continuation; tokens produced one at a time whose value a neighbour carries are in
 ``supported``; masking is unchanged."""
 

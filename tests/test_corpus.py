@@ -379,7 +379,7 @@ def test_real_dpr_wiki_sample(tmp_path):
     assert got[0]["text"].startswith("Evan Morris Evan L. Morris (January 26, 1977")
 
 
-# ---- truncated and corrupt compressed corpora (issue 9 §4) -------------------------------------------------------------
+# ---- truncated and corrupt compressed corpora -------------------------------------------------------------
 
 def _jsonl_records(n: int) -> bytes:
     return b"".join(json.dumps({"id": str(i), "title": "T", "text": f"word {i} " * 30}).encode() + b"\n"

@@ -9,14 +9,14 @@ from stages.decoding.config import FIELD_GROUPS, IMPLEMENTATION, NestConfig, con
 from stages.decoding.registry import methods, relevant_config, relevant_for_perplexity
 
 # The central deny-list this project keyed Generate/Perplexity on before the methods declared what they read
-# (issue 8): kept here verbatim, so that the declared ``reads`` are proven to give byte-identical keys.
+# kept here verbatim, so that the declared ``reads`` are proven to give byte-identical keys.
 _IMPL = {"passage_batch_size", "key_cache_dir", "key_cache_max_bytes", "lm_identity", "compact_min_slots",
          "compact_hole_fraction"}
 # (key_precision joined later, as a token-index field like sink_keys and document_end)
 _TOKEN_INDEX = {"passages", "neighbors", "key_layer", "passage_bos", "document_end", "sink_keys", "key_precision",
                 "alpha", "tau", "lm_temperature", "force_lambda", "knnlm_lambda", "knnlm_lambda_mode", "mu"}
 _SPANS = {"delta", "span_length", "span_start", "gamma", "acceptance", "streaming", "masking", "token_mode_attribution",
-          "span_start_passages", "span_article"}  # the last two: issue 14's span options, read where spans are
+          "span_start_passages", "span_article"}  # the last two: the on-topic span options, read where spans are
 _SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "seed"}
 IRRELEVANT = {
     "base": _IMPL | _TOKEN_INDEX | _SPANS | {"ra_passages"},
@@ -32,7 +32,7 @@ def _old_relevant(method, overrides):
 
 
 def _old_for_perplexity(method, overrides):
-    # min_new_tokens (issue 14) is a generation length like max_new_tokens: never in evaluation mode
+    # min_new_tokens is a generation length like max_new_tokens: never in evaluation mode
     drop = _SPANS | _SAMPLING | {"max_new_tokens", "min_new_tokens", "stop_at_eos", "batch_size"}
     return {k: v for k, v in _old_relevant(method, overrides).items() if k not in drop}
 

@@ -52,3 +52,22 @@ def test_a_bio_request_is_retrieved_by_its_entity_and_decoded_as_a_bio():
     assert demo_query("  tell me a biography of Marie Curie ") == ("Marie Curie", "bio")
     assert demo_query("Question: Tell me a bio of Taral Hicks.") == ("Taral Hicks", "bio")
     assert demo_query("Who wrote On Crimes and Punishments?") == ("Who wrote On Crimes and Punishments?", None)
+
+
+def test_the_demo_merges_configs_as_the_grid_does():
+    """base → task → method → command line (stages.evaluation.experiments.merge_config), for the grid and the demo."""
+    from decoding_tiny import TinyTokenizer, tiny_llama
+    from pipeline.demo import DemoSession
+    from pipeline.experiments import grid
+    from stages.decoding.config import NestConfig
+
+    base, task_config, method_config = {"gamma": 0.05}, {"bio": {"gamma": 0.01, "passages": 3}}, {"nest": {"gamma": 0.2}}
+    run = next(r for r in grid(["bio"], ["nest"], base, method_config, [], [], [], task_config) if r.variant == "main")
+    assert run.config == {"gamma": 0.2, "passages": 3}  # the method's γ wins over the task's
+    session = DemoSession(tiny_llama(), TinyTokenizer(), "nest", NestConfig(gamma=0.2), task_config=task_config,
+                          pinned={"gamma": 0.2})
+    cfg = session.decoder_for("bio").config
+    assert (cfg.gamma, cfg.passages) == (0.2, 3)
+    flags = DemoSession(tiny_llama(), TinyTokenizer(), "nest", NestConfig(gamma=0.7), task_config=task_config,
+                        pinned={"gamma": 0.7})  # --gamma 0.7 on the command line wins over everything
+    assert flags.decoder_for("bio").config.gamma == 0.7

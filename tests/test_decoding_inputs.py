@@ -1,4 +1,4 @@
-"""Bad input (issue 3 item 8): defined behaviour and a one-line message, never a crash deep inside torch."""
+"""Bad input: defined behaviour and a one-line message, never a crash deep inside torch."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Invariants (a)-(d) of issue 3 and the released code's bugs B5, B6, B9 (B3: test_decoding_runner, B8:
+"""The decoders' invariants (a)-(d) and the released code's bugs B5, B6, B9 (B3: test_decoding_runner, B8:
 test_decoding_index, D3: test_decoding_kernels), end to end on a tiny random Llama built here (no download)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Decoding methods as a registry (issue 8): a method is one file, and the grid, the keys, the DAG, perplexity and the
+"""Decoding methods as a registry: a method is one file, and the grid, the keys, the DAG, perplexity and the
 report find it; options a method cannot honour raise; kNN-LM and NEST share a component, not an inheritance line."""
 
 import subprocess
@@ -58,8 +58,10 @@ def toy_method(tmp_path, monkeypatch):
 
 
 def test_the_built_in_methods_in_report_order_with_labels():
-    infos = registry.methods()
-    assert list(infos) == ["base", "ra", "knnlm", "nest", "ra_nest"]
+    # at least the built-ins, in this order among themselves (a method file added later may sit anywhere)
+    built_in = ["base", "ra", "knnlm", "nest", "ra_nest"]
+    infos = {m: i for m, i in registry.methods().items() if m in built_in}
+    assert list(infos) == built_in
     assert [i.label for i in infos.values()] == ["Base LM", "+RA", "+kNN-LM", "+NEST", "+RA-NEST"]
     assert [m for m, i in infos.items() if i.uses_token_index] == ["knnlm", "nest", "ra_nest"]
     assert [m for m, i in infos.items() if not i.retrieves] == ["base"]
@@ -195,6 +197,7 @@ def test_the_dag_keys_and_registry_need_no_torch():
     code = ("import sys; from pipeline import dag; "
             "from stages.decoding.registry import method_names; "
             "ks = [dag.Generate(task='completion', method=m).key_params for m in method_names()]; "
-            "print(len(ks), 'torch' in sys.modules)")
+            "print(len(ks), len(method_names()), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-2:] == ["5", "False"]
+    n_keys, n_methods, torch_loaded = out.stdout.split()[-3:]
+    assert n_keys == n_methods and int(n_methods) >= 5 and torch_loaded == "False"

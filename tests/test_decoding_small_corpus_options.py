@@ -67,7 +67,7 @@ class _Reader:
 
 
 def test_ends_document_from_consecutive_doc_ids():
-    from stages.evaluation.generate import ends_document
+    from stages.corpus.passages import ends_document
 
     reader = _Reader(["a", "a", "b", "c", "c"])
     ids = [0, 1, 2, 3, 4]

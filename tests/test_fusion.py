@@ -3,7 +3,7 @@
 import pytest
 
 from stages.retrieval.fusion import (RELEASED_CODE, fuse, fuse_many, fusion_coefficient, fusion_weights,
-                                     retriever_confidence, single)
+                                     retriever_confidence)
 
 
 def test_retriever_confidence_by_hand():
@@ -97,13 +97,6 @@ def test_fuse_with_an_empty_sparse_list():
     assert [(r[0], r[2], r[3]) for r in rows] == [(7, None, 0.9), (8, None, 0.3)]
     assert rows[0][1] == pytest.approx(0.81)
     assert rows[1][1] == pytest.approx(0.27)
-
-
-def test_single_retriever_modes():
-    assert single(SPARSE, b=2, side="sparse") == [(1, 12.0, 12.0, None), (2, 9.0, 9.0, None)]
-    assert single(DENSE, b=2, side="dense") == [(3, 0.8, None, 0.8), (5, 0.7, None, 0.7)]
-    with pytest.raises(ValueError):
-        single(DENSE, side="both")
 
 
 # ---- any number of retrievers (fusion_weights, fuse_many) ------------------------------------------------------------

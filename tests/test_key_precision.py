@@ -1,4 +1,4 @@
-"""NestConfig.key_precision (issue 14): passage keys encoded under bf16 autocast instead of fp32.
+"""NestConfig.key_precision: passage keys encoded under bf16 autocast instead of fp32.
 
 - the option is part of the keys' identity: a bf16 decoder never reads fp32 keys from the key cache (memory or folder) or
   from a key store, and the EncodePassageKeys stage keys on it (tiny random Llama, no LM wheel needed);

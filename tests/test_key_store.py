@@ -1,4 +1,4 @@
-"""The passage-key store (issue 7 §2): EncodePassageKeys writes it, PassageKeyStore reads it memory-mapped, and the
+"""The passage-key store: EncodePassageKeys writes it, PassageKeyStore reads it memory-mapped, and the
 decoders' PassageKeyCache answers from it, on the tiny random Llama of tests/decoding_tiny.py."""
 
 from __future__ import annotations

@@ -54,6 +54,9 @@ def artifacts(tmp_path_factory):
     return root, write_examples(root / "examples")
 
 
+BUILT = ("hybrid", "bm25", "dense")  # the modes whose indexes the fixture builds
+
+
 def _run(root, examples, mode, **kw):
     out = root / f"out_{mode}_{len(list(root.glob('out_*')))}"
     out.mkdir()
@@ -119,6 +122,8 @@ def test_search_seconds_are_shared_per_example(artifacts):
 def test_exclusions_are_dropped_before_fusion(artifacts):
     root, examples = artifacts
     for mode in pre_retrieve.modes():
+        if mode not in BUILT:  # a retriever registered later (docs/extending.md) has no index in this fixture
+            continue
         table, _, _ = _run(root, examples, mode, b=6)
         rows = _by_example(table)
         assert 0 not in {r["doc_id"] for r in rows[1]}, mode

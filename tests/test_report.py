@@ -7,6 +7,7 @@ import pytest
 import pyarrow.parquet as pq
 
 from stages.evaluation import report
+from stages.evaluation.experiments import ABLATION_STEPS
 
 
 def _rows():
@@ -32,8 +33,8 @@ def _rows():
         add("completion", "nest", "attribution_ratio", ratio, f"gamma={g}", config)
         add("completion", "nest", "mean_accepted_span", span, f"gamma={g}", config)
         add("completion", "nest", "tokens_per_s", tps, f"gamma={g}", config)
-    for step, v in (("knnlm", 20.0), ("rrc", 25.0), ("span", 24.0), ("nest", 27.0)):
-        add("completion", report.ABLATION_METHOD[step], "rouge1", v, f"ablation:{step}")
+    for step, v in zip(ABLATION_STEPS, (20.0, 25.0, 24.0, 27.0)):
+        add("completion", step.method, "rouge1", v, step.variant)
     return rows
 
 
@@ -67,7 +68,7 @@ def test_trend_reported_as_failing_when_order_breaks():
     assert checks["completion: PPL base > kNN-LM > NEST > RA-NEST"] is False
 
 
-# -- issue 7 §4/§4b: paired bootstrap, off-topic copies, answer length beside ALR, empty sections left out ------------
+# -- paired bootstrap, off-topic copies, answer length beside ALR, empty sections left out ------------
 def _score_dir(folder, summary_rows, score_rows, copied_rows=None):
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(summary_rows), folder / "summary.parquet")
@@ -125,7 +126,7 @@ def test_bootstrap_off_topic_and_no_empty_sections(tmp_path):
 
 
 def test_gamma_is_read_from_the_run_config_not_the_variant_name(tmp_path):
-    """γ is data (issue 8): the sweep's γ column and its trend check come from each run's config, which the DAG hands
+    """γ is data: the sweep's γ column and its trend check come from each run's config, which the DAG hands
     in beside the summaries; the variant name only groups the sweep."""
     def summary(folder, variant, ratio):
         folder.mkdir()
@@ -149,7 +150,7 @@ def test_gamma_is_read_from_the_run_config_not_the_variant_name(tmp_path):
 
 
 def test_key_store_cost_beside_nest_speed(tmp_path):
-    """Issue 14: the key store NEST read was built for these very queries; its build seconds, their per-query share
+    """The key store NEST read was built for these very queries; its build seconds, their per-query share
     and NEST's speed with that share counted stand beside the speed without (read from the store's manifest)."""
     folder = tmp_path / "bio_nest"
     folder.mkdir()

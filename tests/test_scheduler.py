@@ -1,4 +1,4 @@
-"""Many workers on Luigi's schedulers (issue 10 §1, §3), on the loopback interface.
+"""Many workers on Luigi's schedulers, on the loopback interface.
 
 A fixture starts ``luigid`` on 127.0.0.1 (a free port, its state and logs in a temp folder) with short heartbeats; two
 ``nest worker`` processes, each with its own local store, share a folder remote and build a small sharded fake DAG

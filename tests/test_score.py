@@ -6,6 +6,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.decoding.types import LATENCY_COMPONENTS
 from stages.evaluation import score
 from stages.evaluation.generate import SCHEMA
 from tasks.base import examples_to_table, Example
@@ -75,7 +76,7 @@ def test_components_and_key_hit_rate_pooled(tmp_path):
     assert math.isclose(s["key_hit_rate"], 100 * 7 / 12)
     assert math.isclose(s["time_passage_encoding"], 4.0 / 3)
     assert math.isclose(s["time_lm_forward"], (5.0 + 0.5 + 0.5) / 3)
-    assert math.isclose(sum(s[f"time_{c}"] for c in score.COMPONENTS), s["seconds_per_query"])
+    assert math.isclose(sum(s[f"time_{c}"] for c in LATENCY_COMPONENTS), s["seconds_per_query"])
 
 
 def test_bio_reports_factscore_as_not_computed(tmp_path):
@@ -118,7 +119,7 @@ def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
     assert math.isclose(s["factscore"], 50.0) and s["num_facts"] == 12
 
 
-# -- attribution: copied vs supported, topical precision, answer in a copied span (issue 7 §4) -------------------------
+# -- attribution: copied vs supported, topical precision, answer in a copied span -------------------------
 def _passages(folder, rows):
     """A ConvertCorpus-style passages folder: (title, source_id) per doc_id 0..n-1."""
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""Sharded stages (issue 10 §2, pipeline/sharding.py): the shard count is a resource, not an identity.
+"""Sharded stages (pipeline/sharding.py): the shard count is a resource, not an identity.
 
 With 1, 3 and 4 shards, PreTokenize, EncodePassages, BuildDenseIndex (an IVF-PQ index string: trained once, added per
 range, merged), PreRetrieve (dense mode), Generate and Perplexity (method base, a tiny random Llama) end with the same

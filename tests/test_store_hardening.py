@@ -1,4 +1,4 @@
-"""The local store, hardened (issue 9 §4): gc safety, verify repair, fsync order, read-only stores, force rebuilds."""
+"""The local store, hardened: gc safety, verify repair, fsync order, read-only stores, force rebuilds."""
 
 from __future__ import annotations
 

@@ -37,15 +37,16 @@ def test_seeded_subset():
 
 
 def test_registry():
-    assert registry.names("file") == ("factscore", "hotpotqa", "medmcqa", "nq", "triviaqa", "truthfulqa", "wikitext")
-    assert registry.names("corpus") == ("bio", "completion", "completion_excluded")  # the embedded tasks
+    # at least the built-ins (a task file added later is one more name: docs/extending.md)
+    assert {"factscore", "hotpotqa", "medmcqa", "nq", "triviaqa", "truthfulqa", "wikitext"} <= set(registry.names("file"))
+    assert {"bio", "completion", "completion_excluded"} <= set(registry.names("corpus"))  # the embedded tasks
     assert registry.names() == tuple(sorted(registry.names("file") + registry.names("corpus")))
     assert registry.get("nq").max_new_tokens == 128
     assert registry.get("nq", max_new_tokens=256).max_new_tokens == 256  # the released code's QA length (B12)
     assert registry.get("wikitext").max_new_tokens == 256 and registry.get("factscore").max_new_tokens == 512
     assert registry.get("hotpotqa").sample_size == 2500 and registry.get("hotpotqa", sample_size=None).sample_size is None
     assert registry.get("truthfulqa").metrics[:2] == ("bleu_diff", "rouge1_diff")
-    with pytest.raises(KeyError, match="known: bio, completion, completion_excluded, factscore"):
+    with pytest.raises(KeyError, match=r"known: (\w+, )*factscore"):
         registry.get("mmlu")
 
 

@@ -142,3 +142,33 @@ class PassageReader(ShardedRows):
     def get(self, doc_ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
         """``[{"doc_id", "source_id", "title", "section", "part", "text", "meta"}, ...]`` in the order of ``doc_ids``."""
         return self.take(doc_ids, columns or self.columns)
+
+
+def ends_document(passage_reader, doc_ids: list[int], rows: list[dict]) -> list[bool]:
+    """Per passage: is it the last passage of its source article? Passages of one source have consecutive doc_ids
+    (ConvertCorpus), so a passage ends its article when the next doc_id belongs to another source (or does not exist)."""
+    if not hasattr(passage_reader, "__len__") or any("source_id" not in r for r in rows):
+        return [False] * len(doc_ids)  # a reader that knows no sources: no passage is known to end an article
+    n = len(passage_reader)
+    nxt = [int(d) + 1 for d in doc_ids if int(d) + 1 < n]
+    nxt_source = {int(r["doc_id"]): r.get("source_id") for r in passage_reader.get(nxt, ("doc_id", "source_id"))} if nxt else {}
+    return [int(d) + 1 >= n or nxt_source.get(int(d) + 1) != r.get("source_id") for d, r in zip(doc_ids, rows)]
+
+
+def document_end_ids(reader: PassageReader, doc_ids: Sequence[int] | None = None) -> set[int]:
+    """The doc_ids (among ``doc_ids``; None: the whole corpus, in one streaming pass) of passages that end their source
+    article (:func:`ends_document`)."""
+    if doc_ids is not None:
+        ids = list(doc_ids)
+        flags = ends_document(reader, ids, reader.get(ids, ("doc_id", "source_id"))) if ids else []
+        return {d for d, e in zip(ids, flags) if e}
+    out: set[int] = set()
+    prev = None  # (doc_id, source_id) of the previous row: doc_ids are dense and in order
+    for batch in reader.iter_batches(["doc_id", "source_id"]):
+        for d, src in zip(batch.column("doc_id").to_pylist(), batch.column("source_id").to_pylist()):
+            if prev is not None and prev[1] != src:
+                out.add(prev[0])
+            prev = (int(d), src)
+    if prev is not None:
+        out.add(prev[0])
+    return out

@@ -18,23 +18,17 @@ from typing import Sequence
 import torch
 
 from stages.decoding.config import MODE_SWITCHES, NestConfig, expand_reads
-from stages.decoding.lm_runner import BatchedLM, model_device
-from stages.decoding.types import DecodeRequest, Generation, Passage
+from stages.decoding.lm_runner import BatchedLM, context_window, model_device
+from stages.decoding.types import LATENCY_COMPONENTS, MEASURED_COMPONENTS, DecodeRequest, Generation, Passage
 from stages.errors import InputError
 from tasks.metrics import attribution_runs
 from tasks.prompts import KINDS, format_background, render_prompt_ids
 from tasks.sentences import ends_sentence
 from tasks.stopping import SENTENCE_MIN_WORDS, STOP_RULES, stop_reached
 
-# Latency components of one query (seconds; docs/decoding.md). lm_forward: the generating LM's own forward passes
-# (prefill and steps: the base LM has only this); passage_search: retrieving the passages and fetching their token ids
-# (booked by the caller, who retrieves); passage_encoding: the LM encoding passages into keys (0 when the keys come
-# from a key store or an earlier query); token_index_build: building the query's token index from keys (reading them
-# from the store or cache included); token_search: k-NN search + mixture; verification: drafting and acceptance
-# bookkeeping; other: total minus the rest; total: everything the query cost.
-TIMING_KEYS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification",
-               "other", "total")
-COMPONENT_KEYS = TIMING_KEYS[:-2]  # the measured parts ("other" is the remainder of "total")
+# the timings of one query: the latency components (stages.decoding.types) and total, everything the query cost
+TIMING_KEYS = LATENCY_COMPONENTS + ("total",)
+COMPONENT_KEYS = MEASURED_COMPONENTS
 
 
 def settle_other(timings: dict) -> dict:
@@ -207,7 +201,7 @@ class Decoder(ABC):
         self.eos_ids = eos_token_ids(model, tokenizer)
         head = model.get_output_embeddings()
         self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-        self.window = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.window = context_window(model)
         self.key_cache = key_cache
         self.last_stats: dict = {}
         self._token_classes: TokenClasses | None = None

@@ -1,4 +1,4 @@
-"""NestConfig: every hyperparameter of the decoders, with the paper's defaults (digest §1.10) and the released code's
+"""NestConfig: every hyperparameter of the decoders, with the paper's defaults and the released code's
 deviations D1-D4 as options (:meth:`NestConfig.released_code`)."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class NestConfig:
             top-``span_start_passages`` retrieved passages (every retrieved passage of those articles; the token index
             still holds all b passages for p_kNN and RRC). A span start neighbour from another article is never
             chosen: the step is token mode instead. Against copying a namesake's article (a bio of Stefan Banach
-            opening with Henryk Sienkiewicz's "was a Polish ...", issue 14).
+            opening with Henryk Sienkiewicz's "was a Polish ...").
         span_article (beyond the paper): ``"any"`` (paper) or ``"sentence"``: within one sentence, a span may start
             only in an article the sentence has already copied from (the first span of a sentence is free), so that no
             sentence is stitched from two articles (a *chimera*, :func:`tasks.metrics.chimera_counts`). Articles are
@@ -168,8 +168,9 @@ class NestConfig:
 
     @classmethod
     def released_code(cls, **overrides) -> "NestConfig":
-        """The released code's behaviour (digest §2): key layer ``hidden_states[-2]`` (D1), p_LM at T = 0.7 (D2),
-        span start by λ·p_LM(v_i) (D3), one masked key per step (D4). The bugs B1-B12 are not reproduced."""
+        """The released code's behaviour (docs/decoding.md, "Bugs and deviations"): key layer ``hidden_states[-2]``
+        (D1), p_LM at T = 0.7 (D2), span start by λ·p_LM(v_i) (D3), one masked key per step (D4). The bugs B1-B12 are
+        not reproduced."""
         base = dict(key_layer="code", lm_temperature=0.7, span_start="code", masking="code")
         base.update(overrides)
         return cls(**base)

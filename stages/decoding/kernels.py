@@ -1,4 +1,4 @@
-"""Pure tensor kernels of NEST (digest §1.3-1.7): scores, top-r, p_kNN, RRC, mixture, span start, acceptance.
+"""Pure tensor kernels of NEST (paper Eq. 2-7, Alg. 1): scores, top-r, p_kNN, RRC, mixture, span start, acceptance.
 
 Every function is stateless and works on the device of its inputs; distances are always computed in fp32.
 Shapes: m = queries, N = keys, d = hidden size, r = neighbours, V = vocabulary.
@@ -191,5 +191,5 @@ def acceptance_length(p_m: torch.Tensor, draft: torch.Tensor, gamma: float, stri
 
 
 def mu_for(dim: int) -> float:
-    """µ = 1/√d (the PDF lost the radical; the code divides by √d: digest §1.3)."""
+    """µ = 1/√d (the PDF lost the radical; the released code divides by √d)."""
     return 1.0 / math.sqrt(dim)

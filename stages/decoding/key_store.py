@@ -286,12 +286,3 @@ class PassageKeyStore:
     def iter_keys(self, doc_ids: Iterable[int]):
         for d in doc_ids:
             yield int(d), self.get_by_doc_id(d)
-
-
-def open_key_cache(config, passage_keys: str | Path | None = None):
-    """The decoders' :class:`~stages.decoding.passage_keys.PassageKeyCache` for ``config`` (a NestConfig: its key-cache
-    folder and memory budget), in front of the key store ``passage_keys`` (an EncodePassageKeys folder) if given."""
-    from stages.decoding.passage_keys import PassageKeyCache
-
-    store = PassageKeyStore.open(passage_keys) if passage_keys else None
-    return PassageKeyCache(config.key_cache_dir, config.key_cache_max_bytes, store=store)

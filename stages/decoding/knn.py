@@ -12,7 +12,8 @@ import torch
 
 from stages.decoding.base import Clock, Decoder, Row
 from stages.decoding.kernels import lm_distribution, mixture_from_neighbors, mu_for, select_span_start
-from stages.decoding.passage_keys import PassageKeyCache, key_identity, lm_fingerprint, lookup_or_encode
+from stages.decoding.passage_keys import (PassageKeyCache, index_tokens, key_identity, lm_fingerprint, lookup_or_encode,
+                                          max_index_tokens, min_index_tokens, open_key_cache, passage_bos_id)
 from stages.decoding.token_index import TokenIndex
 
 
@@ -68,19 +69,12 @@ class TokenIndexDecoder(Decoder):
         super().__init__(model, tokenizer, config, key_cache)
         cfg = self.config
         if self.key_cache is None:
-            self.key_cache = PassageKeyCache(cfg.key_cache_dir, cfg.key_cache_max_bytes)
+            self.key_cache = open_key_cache(cfg)
         # the keys' identity: the LM's, and their precision (bf16 keys never share a cache or store with fp32 ones)
         self.lm_identity = key_identity(cfg.lm_identity or lm_fingerprint(model), cfg.key_precision)
         hidden = int(getattr(model.config, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
         self.mu = float(cfg.mu) if cfg.mu is not None else mu_for(hidden)
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if cfg.passage_bos == "yes":
-            self.passage_bos = bos
-        elif cfg.passage_bos == "no" or bos is None:
-            self.passage_bos = None
-        else:  # auto: only when the tokenizer itself prepends BOS to text (Llama-2 does, SmolLM2 does not)
-            probe = tokenizer("a")["input_ids"] if callable(tokenizer) else []
-            self.passage_bos = bos if probe and probe[0] == bos else None
+        self.passage_bos = passage_bos_id(tokenizer, cfg.passage_bos)
 
     @abstractmethod
     def lambdas(self, nb_scores: torch.Tensor) -> torch.Tensor:
@@ -111,17 +105,14 @@ class TokenIndexDecoder(Decoder):
     def index_tokens(self, passage, max_tokens: int | None = None) -> list[int]:
         """The token ids a passage contributes to the token index: its tokens cut to the context window, plus EOS after
         the last token of an article when ``document_end = "eos"`` (the key of that last token then says "stop")."""
-        max_tokens = max(self.window - 1, 2) if max_tokens is None else max_tokens
-        toks = [int(t) for t in passage.token_ids]
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if (self.config.document_end == "eos" and getattr(passage, "ends_document", False) and eos is not None
-                and len(toks) < max_tokens):
-            toks.append(int(eos))
-        return toks[:max_tokens]
+        return index_tokens(passage.token_ids, max_index_tokens(self.model) if max_tokens is None else max_tokens,
+                            ends_document=getattr(passage, "ends_document", False),
+                            document_end=self.config.document_end,
+                            eos_id=getattr(self.tokenizer, "eos_token_id", None))
 
     def build_indexes(self, rows: list[KnnRow], clock: Clock) -> None:
         cfg = self.config
-        max_tokens = max(self.window - 1, 2)
+        max_tokens = max_index_tokens(self.model)
         per_row = []
         for row in rows:
             seen, ps = set(), []
@@ -130,7 +121,7 @@ class TokenIndexDecoder(Decoder):
                     continue
                 seen.add(int(p.doc_id))
                 toks = self.index_tokens(p, max_tokens)
-                if len(toks) >= (1 if self.passage_bos is not None else 2):  # at least one key
+                if len(toks) >= min_index_tokens(self.passage_bos):  # at least one key
                     ps.append((int(p.doc_id), toks))
             per_row.append(ps)
             row.counters["passages"] = len(ps)

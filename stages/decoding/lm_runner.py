@@ -85,6 +85,11 @@ def _cache_kwarg(fn) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def context_window(model) -> int:
+    """The LM's context window in tokens (``max_position_embeddings``; unbounded when the config does not say)."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

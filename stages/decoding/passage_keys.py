@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stages.decoding.lm_runner import KeyLayerCapture, _StopForward, model_device
+from stages.decoding.key_store import PassageKeyStore
+from stages.decoding.lm_runner import KeyLayerCapture, _StopForward, context_window, model_device
 
 
 def passage_digest(token_ids: Sequence[int]) -> str:
@@ -54,6 +55,40 @@ def key_identity(lm_identity: str, precision: str = "fp32") -> str:
     """The identity of keys encoded by the LM ``lm_identity`` at ``precision`` (``NestConfig.key_precision``): the LM's
     own identity for fp32 (so the paper's keys keep the names they always had), ``<lm_identity>+bf16`` otherwise."""
     return lm_identity if precision == "fp32" else f"{lm_identity}+{precision}"
+
+
+def passage_bos_id(tokenizer, rule: str = "auto") -> int | None:
+    """The BOS id prepended to a passage encoded alone (``NestConfig.passage_bos``), or None: ``"yes"`` the tokenizer's
+    BOS, ``"no"`` none, ``"auto"`` only when the tokenizer itself prepends BOS to text (Llama-2 does, SmolLM2 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if rule == "yes":
+        return bos
+    if rule == "no" or bos is None:
+        return None
+    probe = tokenizer("a")["input_ids"] if callable(tokenizer) else []
+    return bos if probe and probe[0] == bos else None
+
+
+def max_index_tokens(model) -> int:
+    """The most tokens one passage puts in the token index: its encoding must fit the context window."""
+    return max(context_window(model) - 1, 2)
+
+
+def min_index_tokens(bos_id: int | None) -> int:
+    """The fewest tokens a passage needs to give one key: 1 with a BOS before it (the BOS position's key predicts the
+    first token), else 2."""
+    return 1 if bos_id is not None else 2
+
+
+def index_tokens(token_ids: Sequence[int], max_tokens: int, *, ends_document: bool = False,
+                 document_end: str = "none", eos_id: int | None = None) -> list[int]:
+    """The token ids a passage contributes to the token index: its tokens cut to ``max_tokens``, plus EOS after the
+    last token of an article when ``document_end = "eos"`` (``NestConfig.document_end``: the key of that last token then
+    says "stop"). The decoder's on-the-fly keys and the EncodePassageKeys store both use this, so their keys agree."""
+    toks = [int(t) for t in token_ids]
+    if document_end == "eos" and ends_document and eos_id is not None and len(toks) < max_tokens:
+        toks.append(int(eos_id))
+    return toks[:max_tokens]
 
 
 def _precision_context(device: torch.device, precision: str):
@@ -206,6 +241,15 @@ class PassageKeyCache:
     def clear_memory(self) -> None:
         self._mem.clear()
         self._bytes = 0
+
+
+def open_key_cache(config, passage_keys: str | Path | None = None, *, on_disk: bool = True) -> "PassageKeyCache":
+    """The one factory of the decoders' key caches: ``config`` (a NestConfig) gives the memory budget
+    (``key_cache_max_bytes``) and, when ``on_disk``, the shared folder (``key_cache_dir``); the key store
+    ``passage_keys`` (an EncodePassageKeys folder), if given, answers first. ``on_disk=False`` is Generate's and the
+    demo's cache: in-process and empty at the start, so a query's time never depends on what ran before the run."""
+    store = PassageKeyStore.open(passage_keys) if passage_keys else None
+    return PassageKeyCache(config.key_cache_dir if on_disk else None, config.key_cache_max_bytes, store=store)
 
 
 def lookup_or_encode(cache: PassageKeyCache, model, token_lists: Sequence[Sequence[int]], *, lm_identity: str,

@@ -5,6 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+# Latency components of one query, in seconds, in the paper's Fig. 2a order (docs/decoding.md). lm_forward: the
+# generating LM's own forward passes (prefill and steps: the base LM has only this); passage_search: retrieving the
+# passages and fetching their token ids (booked by the caller, who retrieves); passage_encoding: the LM encoding
+# passages into keys (0 when the keys come from a key store or an earlier query); token_index_build: building the
+# query's token index from keys (reading them from the store or cache included); token_search: k-NN search + mixture;
+# verification: drafting and acceptance bookkeeping; other: total minus the rest. This module imports no torch, so
+# Score, the report and the benches read the tuple from here.
+LATENCY_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
+                      "verification", "other")
+MEASURED_COMPONENTS = LATENCY_COMPONENTS[:-1]  # the measured parts ("other" is the remainder of the total)
+
 
 @dataclass
 class Passage:

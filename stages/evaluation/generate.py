@@ -21,7 +21,7 @@ Inputs: ``examples`` (LoadTask), ``retrievals`` (PreRetrieve; unused by the base
   latency components of :data:`stages.decoding.base.TIMING_KEYS` (seconds) |
 | config | str (JSON) | the NestConfig overrides of this run (tells the γ-sweep runs apart) |
 
-Passage keys: each run starts with its own empty in-process key cache (:func:`make_key_cache`), so a query's time
+Passage keys: each run starts with its own empty in-process key cache (:func:`stages.decoding.passage_keys.open_key_cache` with ``on_disk=False``), so a query's time
 never depends on which stage ran before it; keys are reused only across the examples of the same run (an earlier
 query warms a later one), and the run's hit rate is in the stats (``key_hit_rate``). Nothing is prefetched for the
 timed queries.
@@ -36,6 +36,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.corpus.passages import ends_document
 from stages.retrieval.pre_retrieve import read_search_seconds
 
 VERSION = "3"
@@ -82,27 +83,6 @@ def build_requests(examples: list[dict], retrievals: dict[int, list[int]], passa
     return requests
 
 
-def ends_document(passage_reader, doc_ids: list[int], rows: list[dict]) -> list[bool]:
-    """Per passage: is it the last passage of its source article? Passages of one source have consecutive doc_ids
-    (ConvertCorpus), so a passage ends its article when the next doc_id belongs to another source (or does not exist)."""
-    if not hasattr(passage_reader, "__len__") or any("source_id" not in r for r in rows):
-        return [False] * len(doc_ids)  # a reader that knows no sources: no passage is known to end an article
-    n = len(passage_reader)
-    nxt = [int(d) + 1 for d in doc_ids if int(d) + 1 < n]
-    nxt_source = {int(r["doc_id"]): r.get("source_id") for r in passage_reader.get(nxt, ("doc_id", "source_id"))} if nxt else {}
-    return [int(d) + 1 >= n or nxt_source.get(int(d) + 1) != r.get("source_id") for d, r in zip(doc_ids, rows)]
-
-
-def make_key_cache(passage_keys: Path | None = None):
-    """The run's passage-key cache: in-process and empty at the start, filled only by this run's earlier queries (so
-    a query's time never depends on what ran before the run). ``passage_keys``: an EncodePassageKeys artifact whose
-    keys the cache serves first (built before the run)."""
-    from stages.decoding import PassageKeyCache
-    from stages.decoding.key_store import PassageKeyStore
-
-    return PassageKeyCache(store=PassageKeyStore.open(passage_keys) if passage_keys else None)
-
-
 def key_hit_rate(counters: list[dict]) -> float | None:
     """Σ key-cache hits / Σ passages looked up over the examples' counters (None when no passage was looked up)."""
     hits = sum(int(c.get("key_cache_hits", 0)) for c in counters)
@@ -121,6 +101,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
 
     from stages.decoding.attribution import token_char_ends
     from stages.decoding.base import add_passage_search, settle_other
+    from stages.decoding.passage_keys import open_key_cache
     from stages.evaluation.method_run import open_method_run
     from stages.progress import progress
 
@@ -128,7 +109,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     # no cross-run disk key cache: a run's speed must not depend on what ran before it
     mr = open_method_run(method, config, examples=examples, passages=passages, tokens=tokens, lm=lm,
                          retrievals=retrievals, device=device, dtype=dtype,
-                         key_cache=lambda cfg: make_key_cache(passage_keys))
+                         key_cache=lambda cfg: open_key_cache(cfg, passage_keys, on_disk=False))
     cfg, decoder, tokenizer = mr.config, mr.decoder, mr.tokenizer
     reader, lookup, retr = mr.reader, mr.lookup, mr.retrievals
     rows = mr.rows[start:end]

@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from stages.decoding.types import LATENCY_COMPONENTS
 from stages.evaluation.score import _num  # one definition of "a finite number or None"
 
 TEMPLATE = Path(__file__).with_name("report_viewer.html")
@@ -44,8 +45,6 @@ METRIC_LABELS = (
     ("attribution_ratio", "copied %"), ("supported_ratio", "supported %"), ("topical_precision", "topical precision"),
     ("answer_in_copied_span", "answer in copied span"), ("num_tokens", "tokens"), ("wall_s", "seconds"),
 )
-TIMING_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
-                     "verification", "other")
 
 
 # ---- escaping ---------------------------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ def latency_chart(cells: list[dict], method_label=lambda m: m) -> str:
     """Seconds per query stacked by component, one bar per (task, method)."""
     bars: dict[tuple[str, str], dict[str, float]] = {}
     for c in cells:
-        if c["table"] == "latency" and c["column"] in TIMING_COMPONENTS:
+        if c["table"] == "latency" and c["column"] in LATENCY_COMPONENTS:
             bars.setdefault((c["task"], c["row"]), {})[c["column"]] = max(_num(c["value"]) or 0.0, 0.0)
     if not bars:
         return ""
@@ -267,7 +266,7 @@ def latency_chart(cells: list[dict], method_label=lambda m: m) -> str:
     for i, ((task, method), comps) in enumerate(bars.items()):
         x = pad + gap + i * (bw + gap)
         y = 0.0
-        for j, comp in enumerate(TIMING_COMPONENTS):
+        for j, comp in enumerate(LATENCY_COMPONENTS):
             v = comps.get(comp, 0.0)
             if v <= 0:
                 continue
@@ -279,7 +278,7 @@ def latency_chart(cells: list[dict], method_label=lambda m: m) -> str:
         label = f"{task} · {method_label(method)}"
         parts.append(f'<text transform="translate({x + bw / 2},{h - pad + 8}) rotate(60)" class="tk">{esc(label)}'
                      f'</text>')
-    for j, comp in enumerate(TIMING_COMPONENTS):
+    for j, comp in enumerate(LATENCY_COMPONENTS):
         parts.append(f'<rect x="{w - 160}" y="{30 + 16 * j}" width="10" height="10" '
                      f'fill="{PALETTE[j % len(PALETTE)]}"/><text x="{w - 145}" y="{39 + 16 * j}" class="tk">{comp}</text>')
     parts.append("</svg>")
@@ -375,7 +374,7 @@ def _round(v):
 def timing_metrics(timings: Mapping[str, float] | str | None) -> dict[str, float]:
     """Seconds by component of one output (the non-zero ones), named ``s_<component>``."""
     t = json.loads(timings) if isinstance(timings, str) else dict(timings or {})
-    return {f"s_{c}": float(t[c]) for c in TIMING_COMPONENTS if float(t.get(c) or 0.0) > 0}
+    return {f"s_{c}": float(t[c]) for c in LATENCY_COMPONENTS if float(t.get(c) or 0.0) > 0}
 
 
 def example_prompt(ex: Mapping) -> str:

@@ -48,7 +48,7 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     examples ``[start, end)`` (a shard of the sharded stage; :func:`merge`)."""
     import torch
 
-    from stages.decoding.key_store import open_key_cache
+    from stages.decoding.passage_keys import open_key_cache
     from stages.progress import iterate
     from stages.evaluation.generate import build_requests
     from stages.evaluation.method_run import open_method_run

@@ -25,21 +25,13 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.decoding.types import LATENCY_COMPONENTS
+from stages.evaluation.experiments import ABLATION_STEPS, FULL_ABLATION, SWEEP_METHOD, is_sweep
 from tasks.base import Column
 
 VERSION = "7"
 
 BASE = "base"  # the reference of the speed-ups and of the paired differences
-ABLATION_METHOD = {"knnlm": "knnlm", "rrc": "knnlm", "span": "nest", "nest": "nest"}
-ABLATION_STEPS = (
-    ("knnlm", "kNN-LM (two-stage, fixed λ)"),
-    ("rrc", "+ Relative Retrieval Confidence"),
-    ("span", "+ Dynamic span selection"),
-    ("nest", "+ Relaxed speculative decoding (= NEST)"),
-)
-# Score's time_<component> (stages.decoding.base.TIMING_KEYS without "total"), in the paper's Fig. 2a order
-LATENCY_COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search",
-                      "verification", "other")
 NOT_COMPUTED = "not computed"
 
 BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
@@ -106,10 +98,10 @@ class Summary:
     def methods(self) -> list[str]:
         return method_order(r["method"] for r in self.rows)
 
-    def sweep_variants(self, task: str, method: str = "nest") -> list[str]:
+    def sweep_variants(self, task: str, method: str = SWEEP_METHOD) -> list[str]:
         """The γ-sweep variants with rows for ``task``/``method``."""
         return sorted({r["variant"] for r in self.rows if r["task"] == task and r["method"] == method
-                       and r["variant"].startswith("gamma=")})
+                       and is_sweep(r["variant"])})
 
     def gamma(self, task: str, method: str, variant: str) -> float:
         """γ of a run, from its decoding config (NestConfig's default when the config leaves it)."""
@@ -209,7 +201,7 @@ def table2(s: Summary, cells: list[dict]) -> str:
 
 def table3(s: Summary, cells: list[dict]) -> str:
     """Ablation (the paper's Table 3): kNN-LM → +RRC → +dynamic span selection → +relaxed speculative decoding."""
-    tasks = [t for t in s.tasks("ablation:nest")]
+    tasks = [t for t in s.tasks(FULL_ABLATION)]
     if not tasks:
         return ""
     header = ["variant"]
@@ -219,13 +211,13 @@ def table3(s: Summary, cells: list[dict]) -> str:
         metric_of[t] = (col.metric, col.scale, col.decimals)
         header.append(f"{t} {col.label}")
     rows = []
-    for step, label in ABLATION_STEPS:
-        row = [label]
+    for step in ABLATION_STEPS:
+        row = [step.label]
         for t in tasks:
             key, scale, dec = metric_of[t]
-            v = s.get(t, ABLATION_METHOD[step], key, f"ablation:{step}")
+            v = s.get(t, step.method, key, step.variant)
             row.append(fmt(v, scale, dec))
-            cells.append({"table": "3", "task": t, "row": step, "column": key, "value": v})
+            cells.append({"table": "3", "task": t, "row": step.name, "column": key, "value": v})
         rows.append(row)
     return _md_table(header, rows)
 
@@ -233,18 +225,18 @@ def table3(s: Summary, cells: list[dict]) -> str:
 def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
     """Speedup over the base LM and mean accepted span length against γ (the paper's Fig. 2b)."""
     rows, series = [], {}
-    for task in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
+    for task in {r["task"] for r in s.rows if is_sweep(r["variant"])}:
         pts = []
         for v in s.sweep_variants(task):
-            g = s.gamma(task, "nest", v)
-            speed = s.get(task, "nest", "tokens_per_s", v)
+            g = s.gamma(task, SWEEP_METHOD, v)
+            speed = s.get(task, SWEEP_METHOD, "tokens_per_s", v)
             base = s.get(task, BASE, "tokens_per_s")
             speedup = speed / base if speed and base else None
-            span = s.get(task, "nest", "mean_accepted_span", v)
-            proposed = s.get(task, "nest", "mean_proposed_span", v)
-            ratio = s.get(task, "nest", "attribution_ratio", v)
+            span = s.get(task, SWEEP_METHOD, "mean_accepted_span", v)
+            proposed = s.get(task, SWEEP_METHOD, "mean_proposed_span", v)
+            ratio = s.get(task, SWEEP_METHOD, "attribution_ratio", v)
             quality = task_spec(task).quality_metric
-            rouge = s.get(task, "nest", quality, v)
+            rouge = s.get(task, SWEEP_METHOD, quality, v)
             pts.append((g, speedup, span))
             rows.append([task, f"{g:g}", fmt(speed, 1, 1), fmt(speedup, 1, 2), fmt(proposed, 1, 1), fmt(span, 1, 1),
                          fmt(ratio, 1, 1),
@@ -332,7 +324,7 @@ def _plot_latency(bars: list, path: Path) -> None:
 
 
 def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
-    """The paper's trends that should survive shrinking the setup (digest §6.5), each judged on this run's numbers."""
+    """The paper's trends that should survive shrinking the setup, each judged on this run's numbers."""
     checks = []
     comp = [t for t in s.tasks() if task_spec(t).perplexity]
     for t in comp:
@@ -340,16 +332,16 @@ def trend_checks(s: Summary) -> list[tuple[str, bool | None, str]]:
         if all(v is not None for v in ppl):
             ok = ppl[0] > ppl[1] > ppl[2] > ppl[3]
             checks.append((f"{t}: PPL base > kNN-LM > NEST > RA-NEST", ok, " > ".join(f"{v:.2f}" for v in ppl)))
-    for t in s.tasks("ablation:nest"):
+    for t in s.tasks(FULL_ABLATION):
         key = task_spec(t).quality_metric
-        vals = [s.get(t, ABLATION_METHOD[st], key, f"ablation:{st}") for st, _ in ABLATION_STEPS]
+        vals = [s.get(t, step.method, key, step.variant) for step in ABLATION_STEPS]
         if all(v is not None for v in vals):
             ok = vals[0] <= vals[1] and vals[2] <= vals[3]
             checks.append((f"{t}: ablation, RRC and relaxed speculative decoding each help ({key})", ok,
                            " → ".join(f"{v:.3f}" for v in vals)))
-    for t in {r["task"] for r in s.rows if r["variant"].startswith("gamma=")}:
-        pts = sorted((s.gamma(t, "nest", v), s.get(t, "nest", "attribution_ratio", v),
-                      s.get(t, "nest", "mean_accepted_span", v)) for v in s.sweep_variants(t))
+    for t in {r["task"] for r in s.rows if is_sweep(r["variant"])}:
+        pts = sorted((s.gamma(t, SWEEP_METHOD, v), s.get(t, SWEEP_METHOD, "attribution_ratio", v),
+                      s.get(t, SWEEP_METHOD, "mean_accepted_span", v)) for v in s.sweep_variants(t))
         ratios = [p[1] for p in pts if p[1] is not None]
         spans = [p[2] for p in pts if p[2] is not None]
         if len(ratios) >= 2:
@@ -443,7 +435,7 @@ def _rows_n(s: Summary, task: str, method: str, metric: str, variant: str = "mai
 
 
 def key_store_costs(s: Summary, key_stores: dict[str, dict] | None, cells: list[dict], method: str = "nest") -> str:
-    """What each task's passage-key store cost (issue 14): its build seconds, its per-query share (build seconds ÷ the
+    """What each task's passage-key store cost: its build seconds, its per-query share (build seconds ÷ the
     queries that read it: the task's examples) and NEST's tokens/s with that share counted beside the tokens/s
     without. ``key_stores``: ``{task: {"build_s", "scope", "passages", "readers"}}`` (:func:`read_key_stores`). The
     latency table's seconds hold no part of the store's build: the keys were encoded before the first query."""

@@ -54,13 +54,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.decoding.types import LATENCY_COMPONENTS
+
 VERSION = "4"
 
 # which rule ended a generation (the decoder's counters, stages.decoding.base.Decoder.finish)
 STOP_REASONS = ("stopped_by_eos", "stopped_by_stop_rule", "stopped_by_length")
-# the latency components of stages.decoding.base.TIMING_KEYS without "total" (kept here: Score imports no torch)
-COMPONENTS = ("lm_forward", "passage_search", "passage_encoding", "token_index_build", "token_search", "verification",
-              "other")
 QUALITY_MEAN = "mean"
 
 
@@ -212,7 +211,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
               "key_hits": 0, "key_lookups": 0}
     rates: list[float] = []
     walls: list[float] = []
-    comp_sum = {c: 0.0 for c in COMPONENTS}
+    comp_sum = {c: 0.0 for c in LATENCY_COMPONENTS}
 
     def add(eid: int, metric: str, value) -> None:
         v = _num(value)
@@ -259,7 +258,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         walls.append(float(g["wall_s"]))
         if float(g["wall_s"]) > 0:
             rates.append(n / float(g["wall_s"]))
-        for c in COMPONENTS:
+        for c in LATENCY_COMPONENTS:
             comp_sum[c] += float(timings.get(c, 0.0))
         if eid in ppl_rows:
             add(eid, "nll_sum", ppl_rows[eid]["nll_sum"])
@@ -292,7 +291,7 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
         summary["chimera_rate"] = 100.0 * pooled["chimeras"] / pooled["sentences"]
     summary["mean_accepted_span"] = pooled["accepted"] / pooled["drafts"] if pooled["drafts"] else None
     summary["mean_proposed_span"] = pooled["drafted"] / pooled["drafts"] if pooled["drafts"] else None
-    for c in COMPONENTS:
+    for c in LATENCY_COMPONENTS:
         summary[f"time_{c}"] = comp_sum[c] / n_ex if n_ex else None
     if ppl_rows:
         nll = sum(float(r["nll_sum"]) for r in ppl_rows.values())

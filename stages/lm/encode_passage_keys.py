@@ -1,4 +1,4 @@
-"""EncodePassageKeys: the LM's keys of passages, computed offline into a passage-key store (issue 7 §2).
+"""EncodePassageKeys: the LM's keys of passages, computed offline into a passage-key store.
 
 Keys depend only on a passage's tokens and the LM, so they are an artifact like the token shards. Each passage is
 encoded alone, exactly as the decoders do on the fly (:func:`stages.decoding.passage_keys.encode_passages` with the
@@ -27,6 +27,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import pyarrow.parquet as pq
+
+from stages.corpus.passages import PassageReader, document_end_ids
+from stages.decoding.config import NestConfig
+from stages.errors import InputError
+from stages.lm.pretokenize import TokenLookup
+
 VERSION = "1"
 
 SCOPES = ("retrieved", "corpus")
@@ -34,10 +41,6 @@ SCOPES = ("retrieved", "corpus")
 
 def retrieved_doc_ids(retrievals: Sequence[Path], passages: int) -> list[int]:
     """Sorted union of each example's first ``passages`` doc_ids (by rank) over the ``retrievals.parquet`` files."""
-    import pyarrow.parquet as pq
-
-    from stages.errors import InputError
-
     found: set[int] = set()
     for folder in retrievals:
         path = Path(folder) / "retrievals.parquet"
@@ -54,12 +57,8 @@ def retrieved_doc_ids(retrievals: Sequence[Path], passages: int) -> list[int]:
 
 def _iter_tokens(tokens: Path, doc_ids: Sequence[int] | None, chunk: int = 2048) -> Iterator[tuple[int, list[int]]]:
     """(doc_id, token ids) in doc_id order: the given doc_ids, or every row of the token shards."""
-    from stages.lm.pretokenize import TokenLookup
-
     lookup = TokenLookup(tokens)
     if doc_ids is None:
-        import pyarrow.parquet as pq
-
         for f in lookup.shard_files:
             pf = pq.ParquetFile(f)
             for g in range(pf.metadata.num_row_groups):
@@ -69,28 +68,6 @@ def _iter_tokens(tokens: Path, doc_ids: Sequence[int] | None, chunk: int = 2048)
     for s in range(0, len(doc_ids), chunk):
         part = list(doc_ids[s:s + chunk])
         yield from zip(part, lookup.get(part))
-
-
-def document_end_ids(corpus: Path, doc_ids: Sequence[int] | None) -> set[int]:
-    """The doc_ids (among ``doc_ids``; None: all) of passages that end their source article."""
-    from stages.evaluation.generate import ends_document
-    from stages.corpus.passages import PassageReader
-
-    reader = PassageReader(corpus)
-    if doc_ids is not None:
-        ids = list(doc_ids)
-        flags = ends_document(reader, ids, reader.get(ids, ("doc_id", "source_id"))) if ids else []
-        return {d for d, e in zip(ids, flags) if e}
-    out: set[int] = set()
-    prev = None  # (doc_id, source_id) of the previous row: doc_ids are dense and in order
-    for batch in reader.iter_batches(["doc_id", "source_id"]):
-        for d, src in zip(batch.column("doc_id").to_pylist(), batch.column("source_id").to_pylist()):
-            if prev is not None and prev[1] != src:
-                out.add(prev[0])
-            prev = (int(d), src)
-    if prev is not None:
-        out.add(prev[0])
-    return out
 
 
 def _as_list(retrievals) -> list[Path]:
@@ -114,7 +91,7 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
     passage of each article gets EOS after its last token; ``corpus`` (the ConvertCorpus folder) tells which passages
     end their article. ``key_precision`` (NestConfig.key_precision): the encoding's arithmetic, part of the stored
     keys' identity."""
-    from stages.lm.load import load_lm
+    from stages.lm.load import load_lm  # lazy: torch and transformers take seconds to import
 
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}; expected one of {SCOPES}")
@@ -128,7 +105,7 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
     if document_end == "eos":
         if corpus is None:
             raise ValueError("document_end='eos' needs the corpus (which passages end their article)")
-        ends = document_end_ids(Path(corpus), doc_ids)
+        ends = document_end_ids(PassageReader(Path(corpus)), doc_ids)
     model, tokenizer = load_lm(lm, device=device, dtype=dtype)
     stats = encode_store(out_dir, model, tokenizer, lambda: _iter_tokens(tokens, doc_ids), key_layer=key_layer,
                          passage_bos=passage_bos, compression=compression, pq_bytes=pq_bytes,
@@ -148,29 +125,30 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
                  key_precision: str = "fp32") -> dict:
     """Write the store of ``passages()`` ((doc_id, token ids) in increasing doc_id order; called once per pass, two
     or three times) for ``model``: the core of :func:`run`, usable on any loaded LM."""
+    # lazy: torch (and faiss through the key store) take seconds to import
     import torch
     from tqdm import tqdm
 
-    from stages.decoding.config import NestConfig
     from stages.decoding.key_store import COMPRESSIONS, KeyStoreWriter, pq_subquantizers, train_pq
-    from stages.decoding.methods.nest import NestDecoder
-    from stages.decoding.types import Passage
-    from stages.decoding.passage_keys import encode_passages, passage_digest
+    from stages.decoding.passage_keys import (encode_passages, index_tokens, key_identity, lm_fingerprint,
+                                              max_index_tokens, min_index_tokens, passage_bos_id, passage_digest)
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}; expected one of {COMPRESSIONS}")
     t_start = time.perf_counter()
-    # the decoder's own view of the LM: its identity, BOS rule and token cut (so the keys are the on-the-fly ones)
-    probe = NestDecoder(model, tokenizer, NestConfig(key_layer=key_layer, passage_bos=passage_bos,
-                                                     document_end=document_end, key_precision=key_precision))
-    bos_id = probe.passage_bos
-    max_tokens = max(probe.window - 1, 2)
-    min_tokens = 1 if bos_id is not None else 2
+    # the decoders' own conventions (stages.decoding.passage_keys), so the stored keys are the on-the-fly ones
+    NestConfig(key_layer=key_layer, passage_bos=passage_bos, document_end=document_end, key_precision=key_precision)
+    bos_id = passage_bos_id(tokenizer, passage_bos)
+    max_tokens = max_index_tokens(model)
+    min_tokens = min_index_tokens(bos_id)
+    identity = key_identity(lm_fingerprint(model), key_precision)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
     dim = int(getattr(model.config, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
 
     def passages_in_scope() -> Iterator[tuple[int, list[int]]]:
         for d, toks in passages():
-            toks = probe.index_tokens(Passage(int(d), toks, ends_document=bool(ends) and int(d) in ends), max_tokens)
+            toks = index_tokens(toks, max_tokens, ends_document=bool(ends) and int(d) in ends, document_end=document_end,
+                                eos_id=eos_id)
             if len(toks) >= min_tokens:
                 yield int(d), toks
 
@@ -202,7 +180,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
         pq_model = train_pq(stack, m, seed)
         train_s = time.perf_counter() - t0
 
-    writer = KeyStoreWriter(out_dir, lm_identity=probe.lm_identity, key_layer=key_layer, bos=bos_id is not None,
+    writer = KeyStoreWriter(out_dir, lm_identity=identity, key_layer=key_layer, bos=bos_id is not None,
                             dim=dim, compression=compression, shard_passages=shard_passages, pq=pq_model,
                             extra={**(extra or {}), "max_tokens": max_tokens, "bos_id": bos_id,
                                    "key_precision": key_precision})
@@ -250,7 +228,7 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
     total_s = time.perf_counter() - t_start
     stats = {"compression": compression, "passages": info["num_passages"],
              "distinct_passages": info["num_distinct_passages"], "keys": info["num_keys"], "dim": dim,
-             "bytes_per_key": info["bytes_per_key"], "key_bytes": info["key_bytes"], "lm_identity": probe.lm_identity,
+             "bytes_per_key": info["bytes_per_key"], "key_bytes": info["key_bytes"], "lm_identity": identity,
              "encoded_passages": encoded_passages, "encoded_tokens": encoded_tokens,
              "encode_seconds": round(encode_s, 3), "pq_sample_encode_and_train_seconds": round(train_s, 3),
              "seconds": round(total_s, 3),

@@ -163,16 +163,3 @@ def top(hits: Sequence[tuple[int, float]], b: int = 40) -> list[tuple[int, float
     """The top-``b`` ``(doc_id, score)`` of one list (a repeated doc keeps its first score), best first, ties by
     smaller doc_id: one retriever alone."""
     return sorted(_first_scores(hits).items(), key=lambda kv: (-kv[1], kv[0]))[:b]
-
-
-def single(hits: Sequence[tuple[int, float]], b: int = 40, *, side: str) -> list[Row]:
-    """Top-``b`` rows of one retriever alone (BM25-only or dense-only mode): fused = that retriever's score.
-
-    ``side`` is ``"sparse"`` or ``"dense"``: which raw-score column the score goes to (the other is ``None``).
-    """
-    if side not in ("sparse", "dense"):
-        raise ValueError(f"side must be 'sparse' or 'dense', got {side!r}")
-    ranked = top(hits, b)
-    if side == "sparse":
-        return [(doc_id, score, score, None) for doc_id, score in ranked]
-    return [(doc_id, score, None, score) for doc_id, score in ranked]
