@@ -45,7 +45,7 @@ class ArtifactTarget(luigi.Target):
 
 
 class KeyedTaskId:
-    """Mixin of a Luigi task whose task id carries its artifact key (issue 16 §5).
+    """Mixin of a Luigi task whose task id carries its artifact key.
 
     Luigi's id is made of the task's own significant parameters only, so ``BuildBM25Index(k1, b)`` would have one id for
     every corpus: on one ``luigid`` a stage DONE under one configuration (within ``stable_done_cooldown_secs``) or

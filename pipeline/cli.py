@@ -216,7 +216,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         for (stage, key), exc in failed.items():
             name = getattr(exc, "type_name", type(exc).__name__)
             print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
-        if not failed:  # nothing failed here: say what is missing, and where to look (issue 16 §4: never silent)
+        if not failed:  # nothing failed here: say what is missing, and where to look (never silent)
             missing = [r for r in record["reached"] if r["status"] not in ("built", "cached", "pulled", "skipped",
                                                                            "remote")]
             shown = ", ".join(f"{r['label']} {r['key'][:12]}" for r in missing[:3]) + (" …" if len(missing) > 3 else "")
@@ -234,7 +234,7 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
     them. False when the scheduler stopped answering.
 
-    Issue 16 §4: under a ``luigid``, a size source that another worker is building is RUNNING there, not pending for
+    Under a ``luigid``, a size source that another worker is building is RUNNING there, not pending for
     this worker, so Luigi's ``keep_alive`` lets ``luigi.build`` return at once. Going on would compute the shard plan
     without the size (one task) and hand ``luigid`` the merge without its shards, replacing the other worker's
     dependencies: both could fail, or the survivor of a ``kill -9`` wait forever. So the worker waits here, asking

@@ -540,14 +540,14 @@ def _as_dict(value, option: str) -> dict:
 
 
 def check_decoding() -> None:
-    """Every key and value of the ``[decoding]`` dicts, before anything builds (issue 16 §11): ``config``,
+    """Every key and value of the ``[decoding]`` dicts, before anything builds: ``config``,
     ``task_config`` (known tasks), ``method_config`` (registered methods), each one's NestConfig keys (with the closest
     name for a typo), NestConfig's own validation of every merged configuration the grid runs (config + task's +
     method's, and the γ sweep), ``lengths`` and ``stops`` by task family (tasks/stopping.py). Raises ConfigError, one
     line naming the option."""
     import dataclasses
 
-    from pipeline.experiments import merged
+    from stages.evaluation.experiments import merge_config as merged
     from pipeline.params import ConfigError
     from stages.decoding.config import NestConfig
     from stages.decoding.registry import method_names

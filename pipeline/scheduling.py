@@ -44,7 +44,7 @@ class stage_resources(luigi.Config):  # noqa: N801  (Luigi names config classes 
 
 
 def check_needs() -> None:
-    """``[stage_resources] needs`` before anything builds (issue 16 §11): a JSON object ``{Stage: {resource: amount}}``
+    """``[stage_resources] needs`` before anything builds: a JSON object ``{Stage: {resource: amount}}``
     naming registered stages (the closest name for a typo), each amount an integer >= 0. Raises ConfigError."""
     import difflib
     import json
