@@ -187,7 +187,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     try:
         try:
             with scheduling.worker_options(keep_alive=keep_alive):
-                luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+                _build_settled(roots, kwargs)
         except luigi.rpc.RPCError as e:
             RUN_LOG.reset()
             attempts = str(e).splitlines()[0].split(" when ")[0].removeprefix("Errors ").strip("()")
@@ -232,19 +232,11 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     """Sharded stages (``shards > 1``, pipeline/sharding.py) split by the number of passages or examples: build the
     artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
     holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
-    them. False when the scheduler stopped answering.
-
-    Under a ``luigid``, a size source that another worker is building is RUNNING there, not pending for
-    this worker, so Luigi's ``keep_alive`` lets ``luigi.build`` return at once. Going on would compute the shard plan
-    without the size (one task) and hand ``luigid`` the merge without its shards, replacing the other worker's
-    dependencies: both could fail, or the survivor of a ``kill -9`` wait forever. So the worker waits here, asking
-    ``luigid``, while a size source is running or pending anywhere (a dead worker's task is handed out again after
-    ``worker_disconnect_delay`` + ``retry_delay``; this worker then takes it), and goes on once every size is known, or
-    when a source failed in this worker or is disabled (the main build then reports it in one line)."""
-    import luigi
+    them (:func:`_build_settled`): going on before would compute the shard plan without the size (one task) and hand
+    ``luigid`` the merge without its shards, replacing the other worker's dependencies. False when the scheduler
+    stopped answering."""
     import luigi.rpc
 
-    from pipeline.base import RUN_LOG
     from pipeline.sharding import size_sources
 
     sources = size_sources(roots)
@@ -253,44 +245,70 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     if not quiet:
         print(f"[nest] sharded stages: building what sizes them first ({', '.join(t.label for t in sources)})",
               file=sys.stderr)
+    try:
+        with _scheduling().worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
+            _build_settled(sources, kwargs)  # a failure shows again (and is reported) below
+    except luigi.rpc.RPCError:
+        return False
+    return True
+
+
+def _build_settled(roots: list, kwargs: dict) -> None:
+    """``luigi.build(roots)``; with a ``luigid``, until the DAG is settled.
+
+    Luigi's ``keep_alive`` keeps a worker only while some task of its DAG is *pending* for it: a task that another
+    worker is running does not count, so ``luigi.build`` returns while the size source or the merge is still being
+    built elsewhere, and the worker would report it missing (exit 1, both workers when they raced), or plan shards
+    without a size. So this asks ``luigid`` for the state of the roots' graph and waits while a task of it is RUNNING
+    elsewhere, or FAILED there (a dead worker's task, or another worker's failure: ``luigid`` makes it PENDING again
+    after ``retry_delay`` and Luigi is then called again, so this worker takes it). It stops when the roots are DONE,
+    when a stage failed in this worker (reported by the caller) or when nothing is running or to be retried (disabled,
+    blocked: the caller reports what is missing in one line). Each wait is bounded by another worker's progress, its
+    heartbeat (``worker_disconnect_delay``) or the retry policy."""
+    import luigi
+
+    from pipeline.base import RUN_LOG
+
     url = kwargs.get("scheduler_url")
-    waited = False
+    luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+    if not url:
+        return
+    announced = False
     while True:
-        try:
-            with _scheduling().worker_options(keep_alive=bool(url)):
-                luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
-        except luigi.rpc.RPCError:
-            return False
-        if not url:
-            return True
-        sources = size_sources(roots)
-        if not sources:
-            return True
         RUN_LOG.merge_journal()
-        if any((t.stage, t.key) in RUN_LOG.failed for t in sources):
-            return True
-        try:
-            states = _scheduler_states(url, sources)
-        except luigi.rpc.RPCError:
-            return False
-        if not any(state in ("RUNNING", "PENDING", "FAILED") for state in states.values()):
-            return True  # disabled, or unknown to luigid: the main build reports what is missing
-        if not waited and not quiet:
-            print(f"[nest] waiting for another worker to build {', '.join(t.label for t in sources)} "
-                  f"(sizes the shards)", file=sys.stderr, flush=True)
-        waited = True
-        time.sleep(_wait_interval())
+        if RUN_LOG.failed:
+            return
+        states = _scheduler_states(url, roots)
+        if all(states.get(r.task_id) == "DONE" for r in roots):
+            return
+        running = sum(st == "RUNNING" for st in states.values())
+        retried = sum(st == "FAILED" for st in states.values())
+        if running or retried:
+            if not announced:
+                print(f"[nest] waiting for luigid: {running} task(s) of this DAG running on other workers, {retried} "
+                      f"failed there and to be retried", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(_wait_interval())
+            continue
+        if "PENDING" not in states.values():
+            return
+        luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)  # e.g. a dead worker's task, back
+        if _scheduler_states(url, roots) == states:
+            return  # nothing this worker can run (blocked by a disabled stage): the caller says what is missing
+        announced = False
 
 
-def _scheduler_states(url: str, tasks: list) -> dict[str, str]:
-    """``{task_id: status}`` of ``tasks`` in the ``luigid`` at ``url`` (``UNKNOWN`` for a task it does not have)."""
+def _scheduler_states(url: str, roots: list) -> dict[str, str]:
+    """``{task_id: status}`` of every task of the graphs of ``roots`` in the ``luigid`` at ``url`` (one request per
+    root; a root it does not have: ``UNKNOWN``)."""
     from luigi.rpc import RemoteScheduler
 
     sch = RemoteScheduler(url)
     out = {}
-    for t in tasks:
-        graph = sch._request("/api/dep_graph", {"task_id": t.task_id, "include_done": True}) or {}
-        out[t.task_id] = str((graph.get(t.task_id) or {}).get("status") or "UNKNOWN")
+    for r in roots:
+        graph = sch._request("/api/dep_graph", {"task_id": r.task_id, "include_done": True}) or {}
+        out.update({tid: str(t.get("status") or "UNKNOWN") for tid, t in graph.items()})
+        out.setdefault(r.task_id, "UNKNOWN")
     return out
 
 
