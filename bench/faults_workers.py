@@ -15,7 +15,8 @@ while the first builds the size source: the race of issue 16 §4), each with 1 o
 delay one of them is killed with ``kill -9`` (its process group: its forked task processes too). Counted:
 
 - **hung**: the survivor did not exit within the round's timeout (it is then killed);
-- **not finished**: the survivor exited non-zero, or the merged artifact is not on the remote once it exited;
+- **not finished**: the survivor exited non-zero (or the victim, when it finished before its kill), or the merged
+  artifact is not on the remote once the survivor exited;
 - **corrupt-complete**: an artifact that has a manifest (in either store, or published on the remote) but does not
   verify against it (every file's size and sha256; remote artifacts are pulled into a scratch store, which checks them);
 - **left running**: any process of the round still alive after it (workers, their task processes, a stage's pid).
@@ -283,7 +284,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float = 150.0,
-                  kill_window: tuple[float, float] = (0.5, 6.0)) -> dict:
+                  kill_window: tuple[float, float] = (0.3, 4.0)) -> dict:
     """``n`` rounds of two workers started together, one ``kill -9``'d at a random moment; the counts (module
     docstring) and each round's details."""
     bench = _Bench(Path(workdir))
@@ -306,6 +307,7 @@ def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float =
             while time.monotonic() - t0 < delay and victim.poll() is None:
                 time.sleep(0.05)
             killed = victim.poll() is None
+            victim_rc = None if killed else victim.returncode  # it finished before its kill: it must have exited 0
             _kill_group(victim)
             victim.wait(10)
             counts["kills"] += killed
@@ -326,7 +328,7 @@ def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float =
                 except ProcessLookupError:
                     pass
             checked, problems, done = bench.verify(["store-a", "store-b"], salt)
-            not_finished = hung or rc != 0 or not done
+            not_finished = hung or rc != 0 or not done or victim_rc not in (None, 0)
             counts["hung"] += hung
             counts["not_finished"] += not_finished
             counts["corrupt_complete"] += len(problems)
@@ -334,7 +336,7 @@ def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float =
             counts["artifacts_checked"] += checked
             err = (bench.root / f"{survivor.name}.err").read_text(errors="replace")
             details.append({"round": i, "salt": salt, "killed": victim.name, "kill_at_s": round(delay, 2),
-                            "landed": killed, "survivor": survivor.name, "survivor_rc": rc, "hung": hung,
+                            "landed": killed, "victim_rc": victim_rc, "survivor": survivor.name, "survivor_rc": rc, "hung": hung,
                             "finished": not not_finished, "seconds": round(took, 1), "problems": problems[:3],
                             "left_running": left,
                             "survivor_nest_lines": [ln for ln in err.splitlines() if ln.startswith("nest:")][:3]})
