@@ -153,6 +153,11 @@ def test_two_configurations_share_one_luigid(site):
         assert run("c5", 5, NEST_TEST_SLOW="work-0-5:oops") == 1
         assert len(_nest_lines(site, "c5")) == 1, site.text("c5")
         assert run("c7", 7) == 0, site.text("c7")  # SzWork of limit 5 is disabled; limit 7's is another task
+        # the disabled configuration itself: the worker stops at once and says so in one line (never silent)
+        assert run("c5b", 5) == 1
+        lines = _nest_lines(site, "c5b")
+        assert len(lines) == 1 and "1 stage(s) not built (SzWork " in lines[0] and server.url in lines[0], \
+            site.text("c5b")
         assert [t for t in _texts(site) if t.startswith("work")] == ["work-0-8", "work-0-6", "work-0-5", "work-0-5",
                                                                       "work-0-5", "work-0-7"]
     finally:
