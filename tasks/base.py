@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tasks.metrics import truncate_at_eos
+from tasks.metrics import alr, alr_first_only
 from tasks.prompts import KINDS
 SOURCES = ("file", "corpus")  # where a task's examples come from: its benchmark file, or drawn from the corpus
 
@@ -233,7 +234,6 @@ class QATask(Task):
     max_new_tokens = 128  # paper; the released code generates 256 (B12): pass max_new_tokens=256 to match it
 
     def score_text(self, text: str, example: Example) -> dict[str, Any]:
-        from tasks.metrics import alr, alr_first_only
 
         return {"alr": 100.0 * alr(text, example.references),
                 "alr_first_only": 100.0 * alr_first_only(text, example.references)}

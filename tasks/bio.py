@@ -23,6 +23,7 @@ from tasks.base import Example, Task
 from tasks.corpus import Corpus, doc_ids_of_sources
 from tasks.errors import TaskInputError
 from tasks.factscore import FactScore
+from tasks.metrics import rouge
 from tasks.registry import register
 
 BIO_QUESTION = "Tell me a bio of {title}."
@@ -82,7 +83,6 @@ class Bio(FactScore):
 
     def score(self, generation_text: str, example: Example) -> dict[str, Any]:
         """FactScore's metrics (text cut at EOS) and ``rouge1_source`` (the whole text) against the passages."""
-        from tasks.metrics import rouge
 
         out = dict(super().score(generation_text, example))
         out.setdefault("num_facts", None)

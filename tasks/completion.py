@@ -23,6 +23,7 @@ from typing import Any
 from tasks.base import CompletionFamily, Example, Task
 from tasks.corpus import Corpus, doc_ids_of_sources
 from tasks.errors import TaskInputError
+from tasks.metrics import rouge
 from tasks.registry import register
 
 FALLBACK_TARGET_TOKENS = 32
@@ -79,7 +80,6 @@ class Completion(CompletionFamily, Task):
                                target_tokens=target_tokens, excluded=self.exclude_source)
 
     def score_text(self, text: str, example: Example) -> dict[str, Any]:
-        from tasks.metrics import rouge
 
         if not example.references:
             return {}

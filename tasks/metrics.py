@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
+from tasks.sentences import first_sentence
+from tasks.sentences import sentence_spans
 
 # End-of-sequence markers of the LMs we run (Llama-2 ``</s>``, SmolLM2/ChatML ``<|im_end|>``, GPT-2 style
 # ``<|endoftext|>``, Llama-3 ``<|eot_id|>``). Generations are cut at the first one before scoring (bug B9).
@@ -343,7 +345,6 @@ def alr_first_sentence(prediction: str, answers: Sequence[str]) -> float:
     >>> alr_first_sentence("It is Rome. Paris is in France.", ["paris"])
     0.0
     """
-    from tasks.sentences import first_sentence
 
     return alr(first_sentence(prediction), answers)
 
@@ -359,7 +360,6 @@ def chimera_counts(text: str, sources: Sequence[Source], char_ends: Sequence[int
     >>> chimera_counts("Ab cd. Ef gh.", [(1, 0), (2, 1), None, None], [3, 6, 10, 13], {1: "A", 2: "B"}.get)
     (2, 1)
     """
-    from tasks.sentences import sentence_spans
 
     if len(char_ends) != len(sources):
         raise ValueError(f"{len(char_ends)} character offsets for {len(sources)} tokens")

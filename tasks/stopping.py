@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
+from tasks import registry
+from tasks.sentences import sentence_ends
 
 FAMILIES = ("completion", "qa", "multiple_choice", "longform")
 STOP_RULES = ("none", "paragraph", "blank_line", "sentence")
@@ -55,7 +57,6 @@ _BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
 def family_of(task: str, kind: str | None = None) -> str:
     """The family of a task: what its registered class declares (``Task.family``, :mod:`tasks.registry`); a task that
     is not registered, by its prompt kind."""
-    from tasks import registry
 
     if task in registry.names():
         return registry.spec(task).family
@@ -135,7 +136,6 @@ def stop_reached(rule: str, text: str) -> bool:
     if rule == "paragraph":
         return "\n" in body
     if rule == "sentence":
-        from tasks.sentences import sentence_ends
 
         return "\n" in body or bool(sentence_ends(body, SENTENCE_MIN_WORDS))
     if rule == "blank_line":

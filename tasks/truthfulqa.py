@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from tasks.base import Column, Example, Task
 from tasks.errors import TaskInputError
 from tasks.files import open_text_stream, read_text
+from tasks.metrics import truthfulqa_deltas
 from tasks.registry import register
 
 NO_COMMENT = "I have no comment."
@@ -97,6 +98,5 @@ class TruthfulQA(Task):
             raise TaskInputError(path, None, "no questions (header only)")
 
     def score_text(self, text: str, example: Example) -> dict[str, Any]:
-        from tasks.metrics import truthfulqa_deltas
 
         return truthfulqa_deltas(text, example.references, example.meta["incorrect_answers"])

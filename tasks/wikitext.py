@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from tasks.base import CompletionFamily, Example, Task
 from tasks.errors import TaskInputError
 from tasks.files import read_lines
+from tasks.metrics import rouge
 from tasks.registry import register
 
 PREFIX_TOKENS = 128
@@ -128,7 +129,6 @@ class CompletionTask(CompletionFamily, Task):
     max_new_tokens = TARGET_TOKENS
 
     def score_text(self, text: str, example: Example) -> dict[str, Any]:
-        from tasks.metrics import rouge
 
         return {k: 100.0 * v for k, v in rouge(text, example.references).items()}
 

@@ -195,17 +195,15 @@ def _stage_inputs(tmp_path, passages, search_s):
 def test_generate_wall_time_counts_retrieval_and_cold_keys(model, tok, tmp_path, monkeypatch, method):
     import pyarrow.parquet as pq
 
-    import stages.lm.load
-    import stages.corpus.passages
-    import stages.lm.pretokenize
+    from stages.evaluation import method_run
     from stages.evaluation import generate
 
     passages = random_passages(11, 4)
     search_s = 0.25  # PreRetrieve's share per example (written by hand)
     _stage_inputs(tmp_path, passages, search_s)
-    monkeypatch.setattr(stages.lm.load, "load_lm", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(stages.corpus.passages, "PassageReader", _Reader)
-    monkeypatch.setattr(stages.lm.pretokenize, "TokenLookup", _lookup_for(passages))
+    monkeypatch.setattr(method_run, "load_lm", lambda *a, **k: (model, tok))  # where the stage looks them up
+    monkeypatch.setattr(method_run, "PassageReader", _Reader)
+    monkeypatch.setattr(method_run, "TokenLookup", _lookup_for(passages))
     (tmp_path / "out").mkdir()
     stats = generate.run(tmp_path / "out", examples=tmp_path / "e", passages=tmp_path, tokens=tmp_path, lm=tmp_path,
                          retrievals=tmp_path / "r", method=method, config={"max_new_tokens": 5})

@@ -178,9 +178,7 @@ def _retrievals(folder, ranked: dict[int, list[int]]):
 
 def test_stage_scope_retrieved_is_the_union_of_the_top_b_and_corpus_is_every_passage(tmp_path, model, tok,
                                                                                       monkeypatch):
-    import stages.lm.load
-
-    monkeypatch.setattr(stages.lm.load, "load_lm", lambda lm, device="cpu", dtype=None: (model, tok))
+    monkeypatch.setattr(stage, "load_lm", lambda lm, device="cpu", dtype=None: (model, tok))  # where the stage looks
     token_rows = [(p.doc_id, p.token_ids) for p in random_passages(7, 12, first_doc=0)]
     token_rows[4] = (4, [9])  # one token: no key without a BOS, so never stored
     tokens = _tokens_artifact(tmp_path / "tokens", token_rows)

@@ -52,10 +52,8 @@ def test_perplexity_stage_scores_each_completion_with_the_decoders_evaluation_mo
     import pyarrow.parquet as pq
     import pytest
 
-    import stages.corpus.passages
-    import stages.lm.load
-    import stages.lm.pretokenize
     from stages.decoding import registry
+    from stages.evaluation import method_run
     from stages.evaluation import perplexity
     from stages.retrieval import pre_retrieve
     from tasks.base import Example, examples_to_table
@@ -72,9 +70,9 @@ def test_perplexity_stage_scores_each_completion_with_the_decoders_evaluation_mo
     rows = [{"example_id": 0, "rank": r + 1, "doc_id": p.doc_id, "fused": 1.0, "sparse": None, "dense": None,
              "search_s": 0.0} for r, p in enumerate(passages)]
     pq.write_table(pa.Table.from_pylist(rows, schema=pre_retrieve.SCHEMA), tmp_path / "r" / "retrievals.parquet")
-    monkeypatch.setattr(stages.lm.load, "load_lm", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(stages.corpus.passages, "PassageReader", _Reader)
-    monkeypatch.setattr(stages.lm.pretokenize, "TokenLookup", _lookup_for(passages))
+    monkeypatch.setattr(method_run, "load_lm", lambda *a, **k: (model, tok))  # where the stage looks them up
+    monkeypatch.setattr(method_run, "PassageReader", _Reader)
+    monkeypatch.setattr(method_run, "TokenLookup", _lookup_for(passages))
     (tmp_path / "out").mkdir()
     stats = perplexity.run(tmp_path / "out", examples=tmp_path / "e", passages=tmp_path, tokens=tmp_path, lm=tmp_path,
                            retrievals=tmp_path / "r", method="nest", config={"mu": 0.5})

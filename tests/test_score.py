@@ -93,7 +93,6 @@ def test_bio_reports_factscore_as_not_computed(tmp_path):
 
 def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
     """With a judge: 12 facts (no length penalty), the ones about mathematics supported: FS = 100 · 6/12."""
-    import stages.evaluation.judge
 
     facts = [f"Ada studied mathematics topic {i}." for i in range(6)] + [f"Ada owned horse {i}." for i in range(6)]
 
@@ -106,8 +105,8 @@ def test_bio_factscore_with_a_configured_judge(tmp_path, monkeypatch):
                 return "True" if "mathematics" in prompt.split("Input:")[-1] else "False"
             return "\n".join(f"- {f}" for f in facts)
 
-    monkeypatch.setattr(stages.evaluation.judge, "HFJudge", FakeJudge)
-    monkeypatch.setattr(stages.evaluation.judge, "bm25_retriever", lambda bm25, passages: lambda e, f: ["Ada Lovelace. text"])
+    monkeypatch.setattr(score, "HFJudge", FakeJudge)  # where Score looks them up
+    monkeypatch.setattr(score, "bm25_retriever", lambda bm25, passages: lambda e, f: ["Ada Lovelace. text"])
     ex = [Example(example_id=0, task="bio", kind="qa", query="Ada Lovelace", question="Tell me a bio of Ada Lovelace.",
                   references=["Ada Lovelace was a mathematician."])]
     _write(tmp_path, [{**_gen(0, "Ada Lovelace was a mathematician.", [-1], [-1], 1.0, {}), "task": "bio"}], ex)

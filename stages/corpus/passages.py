@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from stages.errors import InputError
 
 
 def passage_shards(passages: Path) -> list[Path]:
     """The ``passages-*.parquet`` files of a ConvertCorpus artifact, in order; none is an input error."""
-    from stages.errors import InputError
 
     shards = sorted(Path(passages).glob("passages-*.parquet"))
     if not shards:

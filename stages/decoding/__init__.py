@@ -11,6 +11,9 @@ new file: docs/extending.md). See docs/decoding.md.
 from __future__ import annotations
 
 import importlib
+from stages.decoding.registry import decoder_class
+from stages.decoding.registry import decoder_class, method_names
+from stages.decoding.registry import method_names
 
 # Lazy exports (PEP 562): ``import stages.decoding.config`` (the pipeline does it to compute keys) must not import torch.
 _EXPORTS = {
@@ -25,11 +28,9 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"stages.decoding.{_EXPORTS[name]}"), name)
     if name == "METHODS":  # the registered methods' names, in the report's order (torch-free)
-        from stages.decoding.registry import method_names
 
         return method_names()
     if name == "DECODERS":
-        from stages.decoding.registry import decoder_class, method_names
 
         return {m: decoder_class(m) for m in method_names()}
     raise AttributeError(f"module 'stages.decoding' has no attribute {name!r}")
@@ -39,7 +40,6 @@ def make_decoder(method: str, model, tokenizer, config=None, key_cache=None):
     """A decoder for a registered ``method`` (``base``, ``ra``, ``knnlm``, ``nest``, ``ra_nest``, or any file of
     ``stages/decoding/methods/``). ``key_cache`` (optional) shares passage keys between decoders of the same process
     (methods that use no token index ignore it). A config option the method cannot honour raises ValueError."""
-    from stages.decoding.registry import decoder_class
 
     return decoder_class(method)(model, tokenizer, config, key_cache=key_cache)
 

@@ -53,6 +53,7 @@ def pq_subquantizers(dim: int, pq_bytes: int) -> int:
 
 def train_pq(sample: np.ndarray, m: int, seed: int = 0):
     """A FAISS ``ProductQuantizer`` (M = ``m``, 8 bits) trained on ``sample`` [n, d] fp32 (n ≥ 256)."""
+    # lazy: faiss takes seconds to import
     import faiss
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -177,6 +178,7 @@ class KeyStoreWriter:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, self.dir / INDEX_FILE)
         if self.compression == "pq":
+            # lazy: faiss takes seconds to import
             import faiss
 
             tmp = self.dir / f".tmp-{PQ_FILE}"
@@ -256,6 +258,7 @@ class PassageKeyStore:
 
     def _decoder(self):
         if self._pq is None:
+            # lazy: faiss takes seconds to import
             import faiss
 
             self._pq = faiss.read_ProductQuantizer(str(self.folder / PQ_FILE))
@@ -263,6 +266,7 @@ class PassageKeyStore:
 
     def get_by_digest(self, digest: str):
         """fp32 keys ``[n_keys, d]`` of the passage whose token ids have this digest, or None if not stored."""
+        # lazy: torch takes seconds to import
         import torch
 
         hit = self._where.get(digest)

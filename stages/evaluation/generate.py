@@ -37,7 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.corpus.passages import ends_document
+from stages.decoding import DecodeRequest, Passage
+from stages.decoding.attribution import token_char_ends
+from stages.evaluation.method_run import open_method_run
+from stages.progress import progress
 from stages.retrieval.pre_retrieve import read_search_seconds
+from tasks.stopping import StopRule, rule_for
 
 VERSION = "3"
 
@@ -59,8 +64,6 @@ def build_requests(examples: list[dict], retrievals: dict[int, list[int]], passa
     Each example's length and stop rule come from its task family (:mod:`tasks.stopping`; ``stopping`` = the run's
     resolved :class:`tasks.stopping.StopRule` as a dict, else the family's defaults); ``max_new_tokens`` (if given)
     overrides the length; a length of None leaves the decoding config's ``max_new_tokens``."""
-    from stages.decoding import DecodeRequest, Passage
-    from tasks.stopping import StopRule, rule_for
 
     fixed = StopRule.from_dict(stopping) if stopping else None
 
@@ -97,13 +100,12 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     """Decode examples ``[start, end)`` of ``examples.parquet`` with ``method`` and ``NestConfig(**config)``; each
     example's length and stop rule are its task family's (``stopping``: the resolved rule, see :func:`build_requests`;
     the config's ``max_new_tokens`` is the fallback only)."""
+    # lazy: torch takes seconds to import
     import torch
 
-    from stages.decoding.attribution import token_char_ends
+    # lazy: torch and transformers take seconds to import
     from stages.decoding.base import add_passage_search, settle_other
     from stages.decoding.passage_keys import open_key_cache
-    from stages.evaluation.method_run import open_method_run
-    from stages.progress import progress
 
     out_dir = Path(out_dir)
     # no cross-run disk key cache: a run's speed must not depend on what ran before it

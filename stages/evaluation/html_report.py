@@ -33,8 +33,13 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from stages.corpus.passages import PassageReader
+from stages.decoding.attribution import token_char_ends
 from stages.decoding.types import LATENCY_COMPONENTS
 from stages.evaluation.score import _num  # one definition of "a finite number or None"
+from stages.lm.load import load_tokenizer
+from stages.lm.pretokenize import TokenLookup
+from tasks.metrics import attribution_runs
 
 TEMPLATE = Path(__file__).with_name("report_viewer.html")
 
@@ -75,7 +80,6 @@ def copied_runs(source_doc_ids: Sequence[int], source_positions: Sequence[int]) 
     >>> copied_runs([-1, 7, 7, 7, 9], [-1, 3, 4, 9, 0])
     [(1, 2, 7, 3), (3, 1, 7, 9), (4, 1, 9, 0)]
     """
-    from tasks.metrics import attribution_runs
 
     sources = [None if int(d) < 0 else (int(d), int(p)) for d, p in zip(source_doc_ids, source_positions)]
     return [(s, n, d, sources[s][1]) for s, n, d in attribution_runs(sources)]
@@ -110,7 +114,6 @@ def highlight_html(text: str, char_ends: Sequence[int], runs: Iterable[tuple[int
 def passage_entry(tokenizer, token_ids: Sequence[int], title: str) -> list:
     """``[title, decoded text, ends]`` of a passage: the decode of its token ids (the tokens copied from it are
     ``ends``-addressable by their positions, which index these ids)."""
-    from stages.decoding.attribution import token_char_ends
 
     ids = [int(t) for t in token_ids]
     return [title or "", tokenizer.decode(ids, skip_special_tokens=True), token_char_ends(tokenizer, ids)]
@@ -405,10 +408,6 @@ def write(out_dir: Path, *, markdown: str, cells: list[dict], title: str, runs: 
     copied passages. Returns the file's size and counts."""
     import pyarrow.parquet as pq
 
-    from stages.corpus.passages import PassageReader
-    from stages.lm.load import load_tokenizer
-    from stages.lm.pretokenize import TokenLookup
-
     blob = Blob()
     for task, folder in examples.items():
         for ex in pq.read_table(Path(folder) / "examples.parquet").to_pylist():
@@ -452,7 +451,6 @@ def demo_page(path: Path, answers: Sequence[tuple[str, object, Sequence]], token
               provenance: Mapping | None = None) -> Path:
     """The viewer for ``nest generate --html FILE``: one example per prompt, the output with its copied spans, and the
     retrieved passages listed (the ones copied from marked). ``answers``: ``(prompt, Generation, passages)``."""
-    from stages.decoding.attribution import token_char_ends
 
     blob = Blob()
     run = blob.add_run("generate", method, label)

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Sequence
+from stages.corpus.passages import PassageReader
+from stages.lm.load import load_lm
+from stages.retrieval.bm25 import BM25Searcher
 
 
 class HFJudge:
     """``generate(prompt) -> str``: greedy, through the model's chat template when it has one (tasks.factscore.Judge)."""
 
     def __init__(self, lm_dir: str | Path, max_new_tokens: int = 192, device: str = "cpu"):
-        from stages.lm.load import load_lm
 
         self.model, self.tokenizer = load_lm(lm_dir, device=device)
         self.max_new_tokens = int(max_new_tokens)
 
     def generate(self, prompt: str) -> str:
+        # lazy: torch takes seconds to import
         import torch
 
         tok = self.tokenizer
@@ -36,8 +39,6 @@ class HFJudge:
 def bm25_retriever(bm25_dir: str | Path, passages_dir: str | Path, k: int = 5) -> Callable[[str, str], Sequence[str]]:
     """``retrieve(entity, fact)``: the texts of the top-k BM25 passages for "entity fact" (FActScore retrieves from the
     entity's own page; a BM25 query led by the entity name is the corpus-wide stand-in)."""
-    from stages.retrieval.bm25 import BM25Searcher
-    from stages.corpus.passages import PassageReader
 
     searcher, reader = BM25Searcher(bm25_dir), PassageReader(passages_dir)
 

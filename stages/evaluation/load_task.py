@@ -14,7 +14,11 @@ from pathlib import Path
 
 from stages.corpus.passages import PassageReader
 from stages.errors import InputError
+from stages.lm.load import load_tokenizer
 from stages.lm.pretokenize import DEFAULT_TEMPLATE, encode_texts, fill_template
+from tasks import registry
+from tasks.base import examples_to_table
+from tasks.errors import TaskInputError
 
 VERSION = "1"
 
@@ -33,7 +37,6 @@ class CorpusView:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from stages.lm.load import load_tokenizer
 
             self._tokenizer = load_tokenizer(self._lm)
         return self._tokenizer
@@ -60,18 +63,14 @@ class CorpusView:
 def _write(out_dir: Path, examples, sort_meta: bool) -> None:
     import pyarrow.parquet as pq
 
-    from tasks.base import examples_to_table
-
     tmp = Path(out_dir) / f".{EXAMPLES_FILE}.tmp"
     pq.write_table(examples_to_table(examples, sort_meta=sort_meta), tmp, compression="zstd")
     os.replace(tmp, Path(out_dir) / EXAMPLES_FILE)
 
 
 def _from_file(spec, name: str, lm: Path, data: Path, n_examples: int, seed: int, options: dict):
-    from tasks import registry
 
     if spec.needs_tokenizer:
-        from stages.lm.load import load_tokenizer
 
         options = {**options, "tokenizer": load_tokenizer(lm)}
     task = registry.get(name, **options)
@@ -85,8 +84,6 @@ def run(out_dir: Path, *, passages: Path, lm: Path, task: str, n_examples: int =
         prefix_tokens: int = 32, target_tokens: int = 96, data: Path | None = None, **options) -> dict:
     """Write ``examples.parquet`` for the registered ``task``: a file task from its file ``data``, a corpus task drawn
     from ``passages`` (``prefix_tokens``/``target_tokens`` and ``options`` go to its ``draw``)."""
-    from tasks import registry
-    from tasks.errors import TaskInputError
 
     try:
         spec = registry.spec(task)

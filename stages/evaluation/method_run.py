@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.parquet as pq
+from stages.corpus.passages import PassageReader
+from stages.decoding import NestConfig, make_decoder
+from stages.decoding.registry import method_info
+from stages.lm.load import load_lm
+from stages.lm.pretokenize import TokenLookup
+from stages.retrieval.pre_retrieve import read_retrievals
 
 
 @dataclass
@@ -31,12 +37,6 @@ def open_method_run(method: str, config: dict | None, *, examples: Path, passage
                     evaluation: bool = False) -> MethodRun:
     """Load ``method``'s decoder with ``NestConfig(**config)`` (``key_cache(config)`` gives its passage-key cache: the
     run's own, in memory, in front of a key store; never a folder outside the artifact store). ``evaluation``: the run scores targets, so the method must have an evaluation mode."""
-    from stages.corpus.passages import PassageReader
-    from stages.decoding import NestConfig, make_decoder
-    from stages.decoding.registry import method_info
-    from stages.retrieval.pre_retrieve import read_retrievals
-    from stages.lm.load import load_lm
-    from stages.lm.pretokenize import TokenLookup
 
     info = method_info(method)
     if evaluation and not info.perplexity:

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from stages.evaluation.generate import build_requests
+from stages.evaluation.method_run import open_method_run
+from stages.progress import iterate
 
 VERSION = "2"
 
@@ -46,12 +49,11 @@ def run(out_dir: Path, *, examples: Path, passages: Path, tokens: Path, lm: Path
     """NLL of each completion example's reference under ``method`` (keys from the key store ``passage_keys`` if
     given, else encoded on the fly into this run's in-memory cache; nothing is cached on disk outside the store);
     examples ``[start, end)`` (a shard of the sharded stage; :func:`merge`)."""
+    # lazy: torch takes seconds to import
     import torch
 
+    # lazy: torch and transformers take seconds to import
     from stages.decoding.passage_keys import open_key_cache
-    from stages.progress import iterate
-    from stages.evaluation.generate import build_requests
-    from stages.evaluation.method_run import open_method_run
 
     mr = open_method_run(method, config, examples=examples, passages=passages, tokens=tokens, lm=lm,
                          retrievals=retrievals, device=device, dtype=dtype,

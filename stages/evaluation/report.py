@@ -25,9 +25,15 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.decoding.config import NestConfig
+from stages.decoding.registry import methods
 from stages.decoding.types import LATENCY_COMPONENTS
+from stages.evaluation import html_report
 from stages.evaluation.experiments import ABLATION_STEPS, FULL_ABLATION, SWEEP_METHOD, is_sweep
+from tasks import registry
 from tasks.base import Column
+from tasks.base import QATask
+from tasks.metrics import paired_bootstrap
 
 VERSION = "7"
 
@@ -41,8 +47,6 @@ def task_spec(task: str):
     """The task's declarations (:mod:`tasks.registry`: Table-1 ``report_columns``, ``quality_metric`` for Table 3 and
     the γ sweep, ``headline_metrics`` for the bootstrap, ``topical``, ``perplexity``); a task the registry does not
     know is shown as a short-answer QA task."""
-    from tasks import registry
-    from tasks.base import QATask
 
     return registry.spec(task) if task in registry.names() else QATask
 
@@ -56,7 +60,6 @@ def quality_column(task: str):
 
 def registered_methods() -> dict:
     """The registered decoding methods (stages/decoding/registry.py: read from their files, no torch), in table order."""
-    from stages.decoding.registry import methods
 
     return methods()
 
@@ -105,7 +108,6 @@ class Summary:
 
     def gamma(self, task: str, method: str, variant: str) -> float:
         """γ of a run, from its decoding config (NestConfig's default when the config leaves it)."""
-        from stages.decoding.config import NestConfig  # torch-free
 
         config = self._config.get((task, method, variant))
         if config is None:
@@ -254,9 +256,11 @@ def gamma_sweep(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
 
 
 def _plot_gamma(series: dict, path: Path) -> None:
+    # lazy: matplotlib takes seconds to import
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib takes seconds to import
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -303,9 +307,11 @@ def latency(s: Summary, cells: list[dict], out_dir: Path | None) -> str:
 
 
 def _plot_latency(bars: list, path: Path) -> None:
+    # lazy: matplotlib takes seconds to import
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib takes seconds to import
     import matplotlib.pyplot as plt
 
     labels = list(LATENCY_COMPONENTS)
@@ -357,7 +363,6 @@ def paired_differences(scores: list[dict], cells: list[dict]) -> str:
     """Every method's difference from the base LM on each headline quality metric of each task (main runs), with a
     95% paired-bootstrap interval over the examples both have a value for (:func:`tasks.metrics.paired_bootstrap`,
     seeded, 10k resamples); significant when the interval excludes 0."""
-    from tasks.metrics import paired_bootstrap
 
     values: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in scores:
@@ -589,7 +594,6 @@ def run(out_dir: Path, *, summaries: dict[str, Path] | list[Path], context: dict
     pq.write_table(table, out_dir / "tables.parquet", compression="zstd")
     stats = {"cells": len(cells), "summaries": len(paths)}
     if generations is not None and isinstance(summaries, dict):
-        from stages.evaluation import html_report
 
         stats.update(html_report.write(out_dir, markdown=text, cells=cells, title="NEST reproduction report",
                                        runs=summaries, generations=generations, method_label=method_label,

@@ -54,7 +54,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.corpus.passages import PassageReader
 from stages.decoding.types import LATENCY_COMPONENTS
+from stages.evaluation.judge import HFJudge, bm25_retriever
+from tasks import registry
+from tasks.base import Example
+from tasks.metrics import Topic, alr_first_sentence, answer_in_copied_span, attribution_stats, chimera_counts, topical_counts
+from tasks.sentences import sentence_spans
 
 VERSION = "4"
 
@@ -64,7 +70,6 @@ QUALITY_MEAN = "mean"
 
 
 def _example(row: dict):
-    from tasks.base import Example
 
     row = dict(row)
     row["meta"] = json.loads(row.get("meta") or "{}") if isinstance(row.get("meta"), str) else row.get("meta") or {}
@@ -74,7 +79,6 @@ def _example(row: dict):
 def example_metrics(task: str, text: str, example: dict, scorer=None) -> dict[str, float | None]:
     """Quality metrics of one generation for the registered ``task`` (values in %, None = not computed): its
     ``Task.score``. ``scorer``: a task instance to score with (e.g. one built with a judge), else a plain one."""
-    from tasks import registry
 
     task_obj = scorer if scorer is not None else registry.get(task)
     return dict(task_obj.score(text, _example(example)))
@@ -98,7 +102,6 @@ def _passage_info(passages: Path | None, doc_ids: set[int]) -> dict[int, dict]:
     """``{doc_id: {"title", "source_id"}}`` of the given passages (empty without a passages folder)."""
     if passages is None or not doc_ids:
         return {}
-    from stages.corpus.passages import PassageReader
 
     ids = sorted(doc_ids)
     return {d: r for d, r in zip(ids, PassageReader(passages).get(ids, ("title", "source_id")))}
@@ -106,7 +109,6 @@ def _passage_info(passages: Path | None, doc_ids: set[int]) -> dict[int, dict]:
 
 def _topical(task: str) -> bool:
     """Whether the task's examples are about one entity (``Task.topical``: topical precision, copied sources)."""
-    from tasks import registry
 
     return registry.spec(task).topical
 
@@ -116,8 +118,6 @@ def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, pass
     """Per-example attribution metrics (in %) of one generation, and the counts to pool: ``attribution_ratio``,
     ``attribution_span_length``, ``supported_ratio``; ``topical_precision`` for the topical tasks (when the example
     knows its topic); ``answer_in_copied_span`` for tasks scored by ALR (``quality`` holds ``alr``)."""
-    from tasks.metrics import (Topic, alr_first_sentence, answer_in_copied_span, attribution_stats, chimera_counts,
-                               topical_counts)
 
     src = _sources(gen)
     st = attribution_stats(src, _sources(gen, "supported"))
@@ -157,7 +157,6 @@ def attribution_metrics(gen: dict, example: dict, task: str, quality: dict, pass
         counts.update(sentences=n_sent, chimeras=n_chim)
         out["chimera_rate"] = 100.0 * n_chim / n_sent if n_sent else None
     elif ends is not None and passages is not None:
-        from tasks.sentences import sentence_spans
 
         counts["sentences"] = len(sentence_spans(gen["text"]))  # nothing copied: no chimera
         out["chimera_rate"] = 0.0 if counts["sentences"] else None
@@ -180,12 +179,10 @@ def run(out_dir: Path, *, examples: Path, generations: Path, task: str, method: 
     """Score one (task, method, variant). ``judge_lm`` (with ``bm25`` and ``passages``): the judge of the tasks that
     declare ``uses_judge`` (FactScore); ``passages`` alone: the titles and source ids of copied passages (topical
     precision, ``copied_sources.parquet``)."""
-    from tasks import registry
 
     spec = registry.spec(task)
     options = {}
     if judge_lm is not None and spec.uses_judge:
-        from stages.evaluation.judge import HFJudge, bm25_retriever
 
         options = {"judge": HFJudge(judge_lm), "retrieve": bm25_retriever(bm25, passages)}
     scorer = registry.get(task, **options)

@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 
 from stages.corpus.passages import PassageReader, document_end_ids
 from stages.decoding.config import NestConfig
+from stages.decoding.key_store import COMPRESSIONS, KeyStoreWriter, pq_subquantizers, train_pq
 from stages.errors import InputError
+from stages.lm.load import load_lm
 from stages.lm.pretokenize import TokenLookup
 
 VERSION = "1"
@@ -91,7 +93,6 @@ def run(out_dir: Path, *, tokens: Path, lm: Path, retrievals=None, scope: str = 
     passage of each article gets EOS after its last token; ``corpus`` (the ConvertCorpus folder) tells which passages
     end their article. ``key_precision`` (NestConfig.key_precision): the encoding's arithmetic, part of the stored
     keys' identity."""
-    from stages.lm.load import load_lm  # lazy: torch and transformers take seconds to import
 
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}; expected one of {SCOPES}")
@@ -125,11 +126,11 @@ def encode_store(out_dir: Path, model, tokenizer, passages: Callable[[], Iterabl
                  key_precision: str = "fp32") -> dict:
     """Write the store of ``passages()`` ((doc_id, token ids) in increasing doc_id order; called once per pass, two
     or three times) for ``model``: the core of :func:`run`, usable on any loaded LM."""
-    # lazy: torch (and faiss through the key store) take seconds to import
+    # lazy: torch (and faiss through the key store) takes seconds to import
     import torch
     from tqdm import tqdm
 
-    from stages.decoding.key_store import COMPRESSIONS, KeyStoreWriter, pq_subquantizers, train_pq
+    # lazy: torch and transformers take seconds to import
     from stages.decoding.passage_keys import (encode_passages, index_tokens, key_identity, lm_fingerprint,
                                               max_index_tokens, min_index_tokens, passage_bos_id, passage_digest)
 

@@ -14,6 +14,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 def torch_dtype(dtype):
     """``"bf16"``/``"bfloat16"``/``torch.bfloat16``/... → ``torch.dtype``."""
+    # lazy: torch takes seconds to import
     import torch
 
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -33,6 +34,7 @@ def flash_attn_available() -> bool:
 
 
 def attention_implementation(device, dtype) -> str:
+    # lazy: torch takes seconds to import
     import torch
 
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
@@ -43,6 +45,7 @@ def attention_implementation(device, dtype) -> str:
 
 def load_tokenizer(lm_dir: str | Path):
     """The LM folder's (fast) tokenizer."""
+    # lazy: transformers takes seconds to import
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(lm_dir))
@@ -50,6 +53,7 @@ def load_tokenizer(lm_dir: str | Path):
 
 def load_lm(lm_dir: str | Path, device="cpu", dtype=None):
     """``(model, tokenizer)`` from a PrepareLM folder, on ``device``, in eval mode (bf16 on CUDA, fp32 on CPU by default)."""
+    # lazy: torch and transformers take seconds to import
     import torch
     from transformers import AutoModelForCausalLM
 

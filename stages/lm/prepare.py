@@ -23,6 +23,7 @@ from pathlib import Path
 
 from stages.common import atomic_write_text, file_digest, tree_digest
 from stages.errors import InputError
+from stages.lm.load import torch_dtype
 
 VERSION = "1"
 
@@ -76,6 +77,7 @@ def source_identity(source: str | Path) -> dict:
 
 
 def _load(kind: str, where: str, dtype):
+    # lazy: transformers takes seconds to import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind == "gguf":
@@ -126,7 +128,6 @@ def _normalise(out_dir: Path) -> None:
 
 def run(out_dir: Path, *, source: str | Path, dtype: str = "float32") -> dict:
     """Write the HF folder for ``source`` into ``out_dir`` (weights in ``dtype``) plus ``lm.json``."""
-    from stages.lm.load import torch_dtype
 
     out_dir = Path(out_dir)
     kind, where = parse_source(source)

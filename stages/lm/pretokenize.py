@@ -21,6 +21,7 @@ import numpy as np
 
 from stages.common import ShardedWriter, atomic_write_text
 from stages.corpus.passages import PassageReader, ShardedRows
+from stages.lm.load import load_tokenizer
 
 VERSION = "1"
 
@@ -96,8 +97,6 @@ def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMP
     into ``shard-00000.parquet`` + ``shard.json``; :func:`merge` turns the shards into the files of a whole run."""
     import pyarrow as pa
     from tqdm import tqdm
-
-    from stages.lm.load import load_tokenizer
 
     out_dir = Path(out_dir)
     reader = PassageReader(passages)

@@ -137,6 +137,7 @@ class BM25Searcher:
             raise InputError(meta_path, None, f"not a BuildBM25Index artifact ({e})") from None
         require_java()
         # the shim (imported at the top of this module) has already set JAVA_HOME and the JVM options
+        # lazy: pyserini (Java) and the JVM take seconds to import
         from pyserini.pyclass import autoclass  # puts Anserini's jar on the JVM class path
         from jnius import cast
 

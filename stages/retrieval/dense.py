@@ -120,6 +120,7 @@ class TextEncoder:
 
     def __init__(self, model_dir: str | Path, *, pooling: str, normalize: bool, max_length: int, prefix: str = "",
                  device: str = "cpu"):
+        # lazy: torch and transformers take seconds to import
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -349,6 +350,7 @@ def _gather(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
 
 
 def _faiss_metric(metric: str):
+    # lazy: faiss takes seconds to import
     import faiss
 
     if metric not in _METRICS:
@@ -359,6 +361,7 @@ def _faiss_metric(metric: str):
 def _set_nprobe(index, nprobe: int | None) -> None:
     if nprobe is None:
         return
+    # lazy: faiss takes seconds to import
     import faiss
 
     try:
@@ -396,6 +399,7 @@ def run_index(out_dir: Path, *, embeddings: Path, index_string: str = "Flat", me
 
 
 def _new_index(dim: int, index_string: str, metric: str):
+    # lazy: faiss takes seconds to import
     import faiss
 
     try:
@@ -432,6 +436,7 @@ def _embeddings_encoder(embeddings: Path) -> dict | None:
 def _write_index(out_dir: Path, index, *, index_string: str, metric: str, nprobe: int | None, dim: int,
                  trained_on: int, encoder: dict | None) -> dict:
     """``index.faiss`` + ``dense.json`` and the stats (the unsharded build and the merge of a sharded one)."""
+    # lazy: faiss takes seconds to import
     import faiss
 
     _set_nprobe(index, nprobe)
@@ -452,6 +457,7 @@ def shardable_index(index_string: str) -> bool:
 
 
 def _ivf(index, what: str):
+    # lazy: faiss takes seconds to import
     import faiss
 
     kind = faiss.downcast_index(index)  # a view: ``index`` keeps owning the C++ object
@@ -465,6 +471,7 @@ def run_train(out_dir: Path, *, embeddings: Path, index_string: str, metric: str
               train_size: int | None = None, seed: int = 0) -> dict:
     """A sharded BuildDenseIndex's first step: the empty index of ``index_string``, trained exactly as
     :func:`run_index` trains it (the same sample), as ``trained.faiss`` + ``trained.json``."""
+    # lazy: faiss takes seconds to import
     import faiss
 
     out_dir = Path(out_dir)
@@ -488,6 +495,7 @@ def run_add_shard(out_dir: Path, *, embeddings: Path, trained: Path, start: int,
     """One range of a sharded BuildDenseIndex: the chunks of :func:`run_index`'s add loop that *start* at a row in
     ``[start, end)``, added to a copy of the trained index (ids from 0 here; the merge offsets them), as
     ``shard.faiss`` + ``shard.json``. The same chunks give the same list assignments and codes as a whole run."""
+    # lazy: faiss takes seconds to import
     import faiss
 
     out_dir = Path(out_dir)
@@ -513,6 +521,7 @@ def merge_index(out_dir: Path, *, shards: Sequence[Path], trained: Path, index_s
                 nprobe: int | None = None, **_params) -> dict:
     """The trained index plus every shard's inverted lists, in doc_id order (FAISS ``merge_from``, ids offset by the
     vectors before them) → the ``index.faiss`` and ``dense.json`` :func:`run_index` writes, byte for byte."""
+    # lazy: faiss takes seconds to import
     import faiss
 
     out_dir = Path(out_dir)
@@ -543,6 +552,7 @@ def run_import(out_dir: Path, *, index_file: Path, metric: str = "ip", nprobe: i
     ``passages`` is given, ``ntotal`` equals the number of passages. ``encoder`` (the spec whose context model built the
     vectors) is recorded so that the searcher can check the query side matches.
     """
+    # lazy: faiss takes seconds to import
     import faiss
 
     out_dir = Path(out_dir)
@@ -584,6 +594,7 @@ class DenseSearcher:
 
     def __init__(self, index_dir: str | Path, encoder: EncoderSpec | dict | None = None, *, nprobe: int | None = None,
                  batch_size: int = 64, device: str = "cpu", check_encoder: bool = True):
+        # lazy: faiss takes seconds to import
         import faiss
 
         index_dir = Path(index_dir)
