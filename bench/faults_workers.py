@@ -1,4 +1,4 @@
-"""Worker faults (issue 16 §4): two ``nest worker``s started together on a sharded DAG, one ``kill -9``'d at random.
+"""Worker faults: two ``nest worker``s started together on a sharded DAG, one ``kill -9``'d at random.
 
     python -m bench.faults_workers --rounds 20            # ≥ 20 rounds for the issue's figure (a few minutes)
     python -m bench.faults_workers --rounds 3 --seed 1    # to check the benchmark itself
@@ -11,7 +11,7 @@ kill often lands while one is half written, then their merge::
     FwSource(salt) ── FwWork(shards=4): FwWork(start, end) × 4 ── merge
 
 Each round has new keys (a new ``salt``). The two workers start within a second of each other (the second usually
-while the first builds the size source: the race of issue 16 §4), each with 1 or 2 worker processes; after a random
+while the first builds the size source: the race this bench is about), each with 1 or 2 worker processes; after a random
 delay one of them is killed with ``kill -9`` (its process group: its forked task processes too). Counted:
 
 - **hung**: the survivor did not exit within the round's timeout (it is then killed);
@@ -336,7 +336,8 @@ def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float =
             counts["artifacts_checked"] += checked
             err = (bench.root / f"{survivor.name}.err").read_text(errors="replace")
             details.append({"round": i, "salt": salt, "killed": victim.name, "kill_at_s": round(delay, 2),
-                            "landed": killed, "victim_rc": victim_rc, "survivor": survivor.name, "survivor_rc": rc, "hung": hung,
+                            "landed": killed, "victim_rc": victim_rc, "survivor": survivor.name, "survivor_rc": rc,
+                            "hung": hung,
                             "finished": not not_finished, "seconds": round(took, 1), "problems": problems[:3],
                             "left_running": left,
                             "survivor_nest_lines": [ln for ln in err.splitlines() if ln.startswith("nest:")][:3]})

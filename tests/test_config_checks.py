@@ -72,7 +72,7 @@ def test_a_bad_config_value_or_name_is_one_line_before_anything_builds(clean_con
     ('stage_resources.needs={"BuildDenseIndex": 4}', "stage_resources.needs['BuildDenseIndex'] = 4: expected"),
 ])
 def test_the_keys_inside_the_decoding_dicts_are_checked_before_anything_builds(clean_config, capsys, item, words):
-    """Issue 16 §11: each key and value of [decoding]'s dicts and [stage_resources] needs, one line, exit 2, before
+    """Each key and value of [decoding]'s dicts and [stage_resources] needs, one line, exit 2, before
     any stage (``nest status`` builds nothing; ``nest all`` would otherwise reach Generate first)."""
     assert cli.main(["status", "--set", item]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,4 +1,4 @@
-"""Distributed runs that must never hang nor fail silently (issue 16 §4, §5), on a real ``luigid`` at 127.0.0.1.
+"""Distributed runs that must never hang nor fail silently, on a real ``luigid`` at 127.0.0.1.
 
 - Two ``nest worker``s started together on a sharded DAG whose size source is still being built: both finish (or one
   finishes and the other has nothing left), also when either is ``kill -9``'d in the middle of a shard.
@@ -50,7 +50,7 @@ def _remote_complete(site: Site) -> dict[str, int]:
     return out
 
 
-# ---- §4: two workers started together --------------------------------------------------------------------------------
+# ---- two workers started together --------------------------------------------------------------------------------------
 
 def test_second_worker_started_while_the_first_builds_the_size_source(site, luigid):
     go = site.root / "go-source"
@@ -60,7 +60,7 @@ def test_second_worker_started_while_the_first_builds_the_size_source(site, luig
     b = _worker(site, luigid.url, "store-b", "b", SHARDED, NEST_TEST_SLOW=",".join(f"{s}:0.3" for s in SHARDS))
     _until(lambda: (site.root / "b.err").exists() and "sharded stages" in site.text("b"), 90,
            "worker b to look for the size source")
-    time.sleep(2.0)  # b has had time to hand its DAG to luigid (the race of issue 16 §4), while a still builds
+    time.sleep(2.0)  # b has had time to hand its DAG to luigid, while a still builds
     go.touch()
     rc_a, rc_b = _wait(a, site, timeout=120), _wait(b, site, timeout=120)
     assert (rc_a, rc_b) == (0, 0), site.text("a")[-3000:] + "\n----\n" + site.text("b")[-3000:]
@@ -106,7 +106,7 @@ def test_kill_9_of_either_worker_mid_shard_the_survivor_finishes(site, luigid, v
     assert not _alive(dead.pid)
 
 
-# ---- §5: task ids carry the key ---------------------------------------------------------------------------------------
+# ---- task ids carry the key ---------------------------------------------------------------------------------------------
 
 def test_task_ids_differ_with_any_key_ingredient_and_keys_do_not_move(tmp_path, monkeypatch):
     from scheduler_fakes import SzWork, write_sized_stage
