@@ -12,6 +12,7 @@ import atexit
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Iterable, Mapping
@@ -240,6 +241,11 @@ class NestTask(KeyedTaskId, luigi.Task):
 
                 return share_local(self)
             return True
+        bad = self.store.set_aside_if_bad(self.stage, self.key, verify=_config.verify_on_complete())
+        if bad is not None:  # so that the pull below (or the build) replaces it: a pull never overwrites a local artifact
+            aside, problems = bad
+            print(f"[nest] {self.label} {self.key[:12]}: corrupt ({problems[0]}; {len(problems)} problem(s)); moved "
+                  f"aside to {aside.name}, pulling or rebuilding it", file=sys.stderr, flush=True)
         from pipeline.remote import read_through  # a missing stage is pulled when the remote has it (distributed: counted)
 
         return read_through(self)
@@ -289,6 +295,7 @@ class NestTask(KeyedTaskId, luigi.Task):
                 RUN_LOG.note("failed", ref, e)
                 raise
         print(f"[nest] {self.label} {self.key[:12]}: building", file=sys.stderr, flush=True)
+        RUN_LOG.note("started", ref, self.label)  # a stop, or this worker's death, names what was being built
         t0 = time.perf_counter()
         def corrupt(aside, problems):
             print(f"[nest] {self.label} {self.key[:12]}: corrupt ({problems[0]}; {len(problems)} problem(s)); moved "
@@ -352,6 +359,23 @@ def _mark_skipped(tasks: list[NestTask], reached: list[dict], target_keys: set[s
             status[t.task_id]["status"] = "skipped"
 
 
+class WorkerDied(Exception):
+    """A Luigi worker process that died while it built a stage (``kill -9``, the OOM killer): Luigi only logs it."""
+
+
+@NestTask.event_handler(luigi.Event.PROCESS_FAILURE)
+def _worker_died(task: NestTask, error_msg: str) -> None:
+    """In the process that runs Luigi: a forked worker died without reporting; say which stage it was building."""
+    code = error_msg.rsplit(" ", 1)[-1]
+    try:
+        how = f"killed by {signal.Signals(-int(code)).name}" if code.startswith("-") else f"exit code {code}"
+    except ValueError:
+        how = f"exit code {code}"
+    RUN_LOG.note("failed", (task.stage, task.key), WorkerDied(
+        f"its worker process died ({how}) while building {task.label}; what was built is kept: run the same command "
+        f"again to build it"))
+
+
 class ChildFailure(Exception):
     """A stage that failed in one of Luigi's worker processes, as the journal tells it to the process that records
     the run (the exception itself stayed in that process)."""
@@ -390,6 +414,7 @@ class RunLog:
         self.built: dict[tuple[str, str], float] = {}
         self.failed: dict[tuple[str, str], BaseException] = {}
         self.pulled: dict[tuple[str, str], float] = {}  # read-through: pulled from the remote, not built
+        self.started: dict[tuple[str, str], str] = {}  # stages whose build began (label), here or in a worker
         self.started_at = utc_now()
         self.store: Store | None = None
         self.close_journal()
@@ -417,13 +442,15 @@ class RunLog:
 
     def note(self, event: str, ref: tuple[str, str], value) -> None:
         """Record a stage's outcome (``built``/``pulled``: seconds; ``failed``: the exception) here and in the journal."""
-        {"built": self.built, "pulled": self.pulled, "failed": self.failed}[event][ref] = value
+        {"built": self.built, "pulled": self.pulled, "failed": self.failed, "started": self.started}[event][ref] = value
         path = os.environ.get("NEST_RUN_JOURNAL")
         if not path:
             return
         doc = {"event": event, "stage": ref[0], "key": ref[1]}
         if event == "failed":
             doc.update(type=type(value).__name__, message=str(value), input_error=_is_input_error(value))
+        elif event == "started":
+            doc["label"] = value
         else:
             doc["seconds"] = value
         try:
@@ -458,6 +485,13 @@ class RunLog:
                 self.built.setdefault(ref, doc["seconds"])
             elif doc["event"] == "pulled":
                 self.pulled.setdefault(ref, doc["seconds"])
+            elif doc["event"] == "started":
+                self.started.setdefault(ref, doc["label"])
+
+    def abandoned(self) -> list[str]:
+        """Labels of the stages whose build began but neither finished nor failed (what a stop abandons)."""
+        self.merge_journal()
+        return [label for ref, label in self.started.items() if ref not in self.built and ref not in self.failed]
 
     def _add(self, roots: Iterable[luigi.Task]) -> None:
         for task, deps in _walk(roots):

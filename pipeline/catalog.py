@@ -2,8 +2,15 @@
 
 A data view is one line of :data:`VIEWS`: its name, the stage whose artifacts it reads, the file glob inside an artifact
 folder, and the SELECT over one artifact (placeholders: ``{files}`` that artifact's files, ``{passages}`` the passage
-files of the corpus it descends from, ``{task}`` the evaluation task it belongs to, as SQL literals). The view is the
-UNION ALL of that SELECT over every artifact of the stage in the latest run that reached the stage.
+files of the corpus it descends from, each a relation; ``{task}`` the evaluation task it belongs to, as an SQL
+literal). The view is the UNION ALL of that SELECT over every artifact of the stage in the latest run that reached the
+stage.
+
+**Read-only by construction.** The Parquet files are handed to DuckDB as Arrow datasets (read lazily by pyarrow, with
+column and filter push-down), registered before the connection is locked: DuckDB itself then needs no file access at
+all, so external access is switched off with no directory allowed and the configuration locked. Nothing a query
+says (``COPY … TO``, ``EXPLAIN ANALYZE COPY``, ``read_text``, ``ATTACH``) can read or write a file, inside the store or
+out of it.
 
 ``task`` filter: several evaluation tasks give several artifacts whose ``example_id`` both start at 0. Unless told
 otherwise (``task="all"``), the task-bearing views show one task: the first configured task present in the run.
@@ -25,7 +32,7 @@ class View:
     name: str
     stage: str
     glob: str
-    select: str = "SELECT * FROM read_parquet({files})"
+    select: str = "SELECT * FROM {files}"
     per_task: bool = False
     named: tuple[str, ...] = ()  # ``{others}``: every other column of the artifact's file, as ``r."col", ``
 
@@ -33,14 +40,14 @@ class View:
 VIEWS: list[View] = [
     View("passages", "ConvertCorpus", "passages-*.parquet"),
     View("tokens", "PreTokenize", "tokens-*.parquet",
-         "SELECT doc_id, len(token_ids) AS n_tokens, token_ids FROM read_parquet({files})"),
+         "SELECT doc_id, len(token_ids) AS n_tokens, token_ids FROM {files}"),
     # ``references`` is a reserved word in DuckDB: the view calls the column ``refs``
     View("examples", "LoadTask", "examples.parquet",
-         'SELECT * RENAME ("references" AS refs) FROM read_parquet({files})', per_task=True),
+         'SELECT * RENAME ("references" AS refs) FROM {files}', per_task=True),
     # one raw-score column per retriever, named after it (bm25, dense, ...: ``{others}``), between fused and text
     View("retrievals", "PreRetrieve", "retrievals.parquet",
          "SELECT {task} AS task, r.example_id, r.rank, r.doc_id, p.title, r.fused, {others}p.text "
-         "FROM read_parquet({files}) r LEFT JOIN read_parquet({passages}) p USING (doc_id)", per_task=True,
+         "FROM {files} r LEFT JOIN {passages} p USING (doc_id)", per_task=True,
          named=("example_id", "rank", "doc_id", "fused", "search_s")),
     # one row per (task, method, example); ``source_doc_ids``/``source_positions`` per token, -1 = not from the corpus.
     # Every decoding config of the grid has its own Generate artifact: ``config`` tells them apart.
@@ -65,8 +72,21 @@ def _others(path: Path, named: tuple[str, ...]) -> str:
     return "".join(f'r."{c.replace(chr(34), chr(34) * 2)}", ' for c in cols)
 
 
-def _sql_list(paths: Iterable[Path]) -> str:
-    return "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
+class _Relations:
+    """Parquet files registered on the connection as Arrow datasets, one relation name per distinct list of files."""
+
+    def __init__(self, con):
+        self.con, self.names = con, {}
+
+    def __call__(self, paths: Iterable[Path]) -> str:
+        import pyarrow.dataset as ds
+
+        paths = tuple(str(p) for p in paths)
+        name = self.names.get(paths)
+        if name is None:
+            name = self.names[paths] = f"_nest_files_{len(self.names)}"
+            self.con.register(name, ds.dataset(list(paths), format="parquet"))
+        return name
 
 
 def _upstream(store: Store, stage: str, key: str, want: str) -> tuple[str, dict] | None:
@@ -131,11 +151,10 @@ class Catalog:
 
 
 def lock_down(con, store: Store) -> None:
-    """After the views exist: no file access outside the store (``allowed_directories``), no external access at all for
-    new statements (``COPY … TO``, ``ATTACH``, ``INSTALL``, ``read_csv`` of other files are refused), and a locked
-    configuration so that a query cannot switch these back on."""
-    root = str(store.root.resolve())
-    con.execute(f"SET allowed_directories = [{_sql_str(root + '/')}]")
+    """After the views exist: no file access at all, not even inside the store (the views read Arrow datasets, not
+    files: ``COPY … TO``, ``EXPLAIN ANALYZE COPY``, ``ATTACH``, ``INSTALL``, ``read_csv``/``read_text`` are refused), and
+    a locked configuration so that a query cannot switch it back on. ``store`` is kept for callers' sake."""
+    del store
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
@@ -169,6 +188,7 @@ def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterabl
         task = None
 
     counts: dict[str, int] = {"artifacts": -1}
+    relation = _Relations(con)
     for view in VIEWS:
         parts = []
         for stage, key in reached:
@@ -185,7 +205,7 @@ def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterabl
             passages = sorted(store.path("ConvertCorpus", corpus[0]).glob("passages-*.parquet")) if corpus else []
             if "{passages}" in view.select and not passages:
                 continue
-            parts.append(view.select.format(files=_sql_list(files), passages=_sql_list(passages),
+            parts.append(view.select.format(files=relation(files), passages=relation(passages) if passages else "",
                                             task=_sql_str(this_task), others=_others(files[0], view.named)))
         if parts:
             con.execute(f"CREATE VIEW {view.name} AS " + " UNION ALL BY NAME ".join(f"({p})" for p in parts))
@@ -195,16 +215,38 @@ def open_catalog(store: Store, task: str | None = None, preferred_tasks: Iterabl
     return Catalog(con, counts, task, tasks_present)
 
 
+# characters a terminal acts on: C0 and C1 controls, DEL, and the Unicode bidirectional overrides that reorder what is
+# shown (e.g. U+202E). Corpus text reaches the table as it is, so each is printed as an escape, never sent raw.
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def safe_text(s: str) -> str:
+    """``s`` with newlines and tabs as spaces and every other control character as ``\\xNN`` / ``\\uNNNN``."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in "\n\t":
+            out.append(" ")
+        elif o < 0x20 or 0x7F <= o <= 0x9F:
+            out.append(f"\\x{o:02x}")
+        elif o in _BIDI:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
-    """A plain text table (no box drawing: easy to paste and to diff)."""
+    """A plain text table (no box drawing: easy to paste and to diff); control characters escaped (:func:`safe_text`)."""
     def cell(v) -> str:
         if v is None:
             return "NULL"
         if isinstance(v, float):
             return f"{v:.4g}"
-        s = str(v).replace("\n", " ")
+        s = safe_text(str(v))
         return s if len(s) <= max_width else s[: max_width - 1] + "…"
 
+    columns = [safe_text(str(c)) for c in columns]
     body = [[cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
     numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)

@@ -146,7 +146,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     from pipeline import scheduling
     from pipeline.base import RUN_LOG
     from pipeline.config import get_store
-    from pipeline.runs import end_run, new_run_id, start_run
+    from pipeline.stopping import stop_on_signals
 
     keep_alive = keep_alive or bool(scheduler_url)
     if workers < 1:
@@ -167,6 +167,50 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
         RUN_LOG.open_journal()  # stages run in Luigi's worker processes: they tell this one through the journal
     kwargs = scheduling.scheduler_kwargs(workers, scheduler_url, assistant=assistant)
     t0 = time.perf_counter()
+    run: dict = {}  # the active-run record, once started (a stop ends it)
+    stop = stop_on_signals(get_store().root, lambda name, removed: _stopped(name, removed, roots, run, command, profile))
+    with stop:
+        return _build_locked(roots, run, kwargs, t0, profile=profile, command=command, quiet=quiet, force=force,
+                             scheduler_url=scheduler_url, keep_alive=keep_alive)
+
+
+def _stopped(signame: str, removed: list, roots: list, run: dict, command: list[str], profile: str | None) -> str:
+    """A SIGINT/SIGTERM stopped the run (:mod:`pipeline.stopping`): record it and say, in one line, what was built
+    and what a rerun does."""
+    from pipeline.base import RUN_LOG
+    from pipeline.runs import end_run
+
+    abandoned = RUN_LOG.abandoned()
+    record = None
+    try:
+        record = RUN_LOG.flush(roots, command=command, profile=profile) if roots else None
+    finally:
+        RUN_LOG.close_journal()
+        if run.get("active") is not None:
+            end_run(run["active"])
+    reached = (record or {}).get("reached", [])
+    built = [r["label"] for r in reached if r["status"] == "built"]
+    left = [r for r in reached if r["status"] in ("missing", "failed")]
+    what = f"built {len(built)} stage(s)" + (f" ({', '.join(built[:4])}{', …' if len(built) > 4 else ''})" if built
+                                             else "")
+    gone = (f"; abandoned {', '.join(abandoned)} (its processes killed, {len(removed)} temp folder(s) removed)"
+            if abandoned else "")
+    rerun = (f"run the same command again to build the {len(left)} stage(s) left (what was built stays cached)"
+             if left else "run the same command again to finish")
+    return f"nest: stopped by {signame}: {what}{gone}; {rerun}"
+
+
+def _build_locked(roots: list, run: dict, kwargs: dict, t0: float, *, profile, command, quiet, force, scheduler_url,
+                  keep_alive) -> int:
+    """The body of :func:`build`, under :func:`pipeline.stopping.stop_on_signals`."""
+    import luigi
+    import luigi.rpc
+
+    from pipeline import scheduling
+    from pipeline.base import RUN_LOG
+    from pipeline.config import get_store
+    from pipeline.runs import end_run, new_run_id, start_run
+
     try:
         if not _build_size_sources(roots, kwargs, quiet=quiet):
             print(f"nest: the scheduler at {scheduler_url} stopped answering; what was built is kept: run the same "
@@ -183,7 +227,7 @@ def build(roots: list, *, profile: str | None, command: list[str], quiet: bool =
     except BaseException:
         RUN_LOG.close_journal()
         raise
-    active = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
+    active = run["active"] = start_run(get_store(), new_run_id(), [(t.stage, t.key) for t in tasks], command)
     try:
         try:
             with scheduling.worker_options(keep_alive=keep_alive):
@@ -549,6 +593,10 @@ def cmd_show(args) -> int:
     store = get_store()
     refs = store.find(args.key)
     if not refs:
+        bad = [d for d in store.damaged() if d[1].startswith(args.key.lower())]
+        if bad:
+            stage, key, why = bad[0]
+            raise CliError(f"show: {stage}/{key[:16]}: {why}: not complete (a build of it moves it aside and rebuilds)")
         raise CliError(f"show: no complete artifact with a key starting {args.key!r} in {store.root}")
     if len(refs) > 1:
         listing = ", ".join(f"{r.stage}/{r.key[:16]}" for r in refs[:10])
@@ -558,12 +606,13 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(m, indent=1, sort_keys=True))
     else:
-        print(f"stage      {m['stage']} (version {m['stage_version']})")
+        timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
+        print(f"stage      {m['stage']} (version {m.get('stage_version')})")
         print(f"key        {m['key']}")
         print(f"path       {ref.path}")
-        print(f"created    {m['created_at']}  (built in {m['timings'].get('build_s')} s)")
+        print(f"created    {m.get('created_at')}  (built in {timings.get('build_s')} s)")
         print(f"size       {human_bytes(m.get('size', 0))} in {len(m['files'])} files")
-        print(f"params     {json.dumps(m['params'], sort_keys=True, ensure_ascii=False)}")
+        print(f"params     {json.dumps(m.get('params'), sort_keys=True, ensure_ascii=False)}")
         for name, i in sorted(m.get("inputs", {}).items()):
             print(f"input      {name}: {i['stage']}/{i['key']}")
         print(f"stats      {json.dumps(m.get('stats', {}), sort_keys=True, ensure_ascii=False)}")
@@ -600,7 +649,7 @@ def cmd_gc(args) -> int:
 
 def cmd_query(args) -> int:
     from pipeline import dag
-    from pipeline.catalog import format_table, open_catalog
+    from pipeline.catalog import format_table, open_catalog, safe_text
     from pipeline.config import get_store
 
     cat = open_catalog(get_store(), task=args.task, preferred_tasks=list(dag.nest().tasks))
@@ -617,7 +666,7 @@ def cmd_query(args) -> int:
     except Exception as e:  # duckdb errors: one line, with the views that exist and the columns of those it names
         views = ", ".join(sorted(cat.views))
         columns = "".join(f"; columns of {v}: {', '.join(cols)}" for v, cols in _named_view_columns(cat, args.sql))
-        raise CliError(f"query: {str(e).splitlines()[0]} (views: {views}{columns})") from None
+        raise CliError(safe_text(f"query: {str(e).splitlines()[0]} (views: {views}{columns})")) from None
     print(format_table(columns, rows[: args.max_rows]))
     if len(rows) > args.max_rows:
         print(f"... (first {args.max_rows} rows; --max-rows N for more)")
@@ -655,6 +704,27 @@ def _read_only_sql(sql: str) -> None:
         if st.type not in allowed:
             raise CliError(f"query: read-only: {st.type.name} statements are refused (SELECT, DESCRIBE, SHOW, "
                            f"SUMMARIZE and EXPLAIN are allowed)")
+        if st.type == duckdb.StatementType.EXPLAIN and _explained_type(st.query) != duckdb.StatementType.SELECT:
+            # EXPLAIN ANALYZE runs its statement: EXPLAIN ANALYZE COPY … TO would write (the catalog also allows
+            # no file access at all; this says why in one line)
+            raise CliError("query: read-only: EXPLAIN is allowed of a query only (SELECT, DESCRIBE, SHOW, SUMMARIZE)")
+
+
+def _explained_type(sql: str):
+    """The statement type that an ``EXPLAIN [ANALYZE | (options)]`` statement explains; None when it cannot be told
+    (then the statement is refused)."""
+    import re
+
+    import duckdb
+
+    m = re.match(r"\s*EXPLAIN\s+(?:ANALYZE\s+|\([^()]*\)\s*)?", sql, flags=re.IGNORECASE)
+    if not m:
+        return None
+    try:
+        inner = duckdb.extract_statements(sql[m.end():])
+    except duckdb.Error:
+        return None
+    return inner[0].type if len(inner) == 1 else None
 
 
 def cmd_generate(args) -> int:
@@ -816,9 +886,34 @@ def make_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_NOTE_DAMAGED = ("gc", "query", "push")  # show names the damaged artifact itself
+
+
+def note_damaged(command: str) -> None:
+    """One line on stderr when artifacts of the store have a damaged ``manifest.json``: they count as absent (a build
+    moves them aside and rebuilds them), so gc, show, query and push skip them instead of failing on them."""
+    from pipeline.config import get_store
+
+    try:
+        bad = get_store().damaged()
+    except OSError:
+        return
+    if bad:
+        stage, key, why = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        print(f"nest {command}: skipping {stage}/{key[:12]}{more}: {why}; not complete (`nest run` moves it aside and "
+              f"rebuilds it)", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if argv is None and args.command in ("all", "run", "worker"):  # the `nest` process owns its subtree
+        from pipeline.stopping import become_subreaper
+
+        become_subreaper()
     try:
+        if args.command in _NOTE_DAMAGED:
+            note_damaged(args.command)
         return args.fn(args)
     except _input_error_types() as e:
         print(f"nest: {e}", file=sys.stderr)

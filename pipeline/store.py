@@ -177,6 +177,21 @@ def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
+def _manifest_shape(doc: Any, stage: str, key: str) -> str | None:
+    """What makes ``doc`` unusable as the manifest of ``stage/key`` (None: usable). Only what every reader relies on is
+    checked: an object naming this artifact, with a file table of sizes and digests."""
+    if not isinstance(doc, dict):
+        return f"manifest.json is not an object ({type(doc).__name__})"
+    if doc.get("stage") != stage or doc.get("key") != key:
+        return f"manifest.json names {str(doc.get('stage'))[:40]}/{str(doc.get('key'))[:12]}, not this artifact"
+    files = doc.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(f, dict) and type(f.get("size")) is int and isinstance(f.get("sha256"), str)
+            for f in files.values()):
+        return "manifest.json has no valid file table"
+    return None
+
+
 @dataclass(frozen=True)
 class ArtifactRef:
     stage: str
@@ -205,13 +220,40 @@ class Store:
         return self.root / "runs"
 
     def complete(self, stage: str, key: str) -> bool:
-        return self.manifest_path(stage, key).is_file()
+        """Whether the artifact is there: its manifest exists *and* reads as this artifact's manifest (a truncated or
+        unparsable one, e.g. after a disk fault, means "not complete": the next build moves it aside and rebuilds)."""
+        return self._read_manifest(stage, key)[0] is not None
 
     def manifest(self, stage: str, key: str) -> dict | None:
+        """The artifact's manifest; None when it has none or a damaged one (:meth:`manifest_damage` says why)."""
+        return self._read_manifest(stage, key)[0]
+
+    def manifest_damage(self, stage: str, key: str) -> str | None:
+        """Why the artifact's ``manifest.json`` is unusable (one line), or None when it is fine or absent."""
+        return self._read_manifest(stage, key)[1]
+
+    def _read_manifest(self, stage: str, key: str) -> tuple[dict | None, str | None]:
+        path = self.manifest_path(stage, key)
         try:
-            return json.loads(self.manifest_path(stage, key).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None, None
+        except IsADirectoryError:
+            return None, "manifest.json is a folder"
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return None, f"manifest.json unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]}; {len(raw)} B)"
+        return (doc, None) if not (problem := _manifest_shape(doc, stage, key)) else (None, problem)
+
+    def damaged(self, stage: str | None = None) -> list[tuple[str, str, str]]:
+        """``(stage, key, why)`` for every artifact folder whose manifest exists but is unusable."""
+        out = []
+        for ref in self.folders(stage):
+            why = self.manifest_damage(ref.stage, ref.key)
+            if why:
+                out.append((ref.stage, ref.key, why))
+        return out
 
     # ---- listing -----------------------------------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -310,9 +352,10 @@ class Store:
         pattern = f".tmp-{key}-*" if key else ".tmp-*"
         return sorted(p for p in d.glob(pattern) if _TMP_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
-    def _clear_incomplete(self, stage: str, key: str) -> None:
+    def _clear_incomplete(self, stage: str, key: str) -> Path | None:
         """Under the key's lock: remove temp folders of this key (left by a crash) and a manifest-less final folder;
-        also the temp folders of other keys of the stage that nobody is building (their lock is free)."""
+        also the temp folders of other keys of the stage that nobody is building (their lock is free). A final folder
+        with a damaged manifest is moved aside (:meth:`quarantine`); returns where it went, or None."""
         for tmp in self._tmp_folders(stage, key):
             shutil.rmtree(tmp, ignore_errors=True)
         for tmp in self._tmp_folders(stage):
@@ -321,7 +364,10 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
         final = self.path(stage, key)
         if final.exists() and not self.complete(stage, key):
+            if os.path.lexists(final / MANIFEST):  # a damaged manifest: moved aside at once (one rename), kept for gc
+                return self.quarantine(stage, key)
             shutil.rmtree(final)
+        return None
 
     def check_root(self) -> None:
         """Raise :class:`StoreError` (one line) when the root is a file or a symlink loop, not a folder."""
@@ -381,7 +427,10 @@ class Store:
                 aside = self.quarantine(stage, key)
                 if on_corrupt is not None:
                     on_corrupt(aside, problems)
-            self._clear_incomplete(stage, key)
+            damage = self.manifest_damage(stage, key)
+            aside = self._clear_incomplete(stage, key)
+            if aside is not None and on_corrupt is not None:
+                on_corrupt(aside, [damage or "manifest.json unusable"])
             tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
             self._writable(f"creating a temp folder in {stage}/", tmp.mkdir)
             started = utc_now()
@@ -442,12 +491,10 @@ class Store:
     # ---- verification and removal ------------------------------------------------------------------------------------
     def verify(self, stage: str, key: str) -> list[str]:
         """Problems found checking the folder against its manifest (empty list: the artifact verifies)."""
-        m = self.manifest(stage, key)
+        m, damage = self._read_manifest(stage, key)
         if m is None:
-            return [f"{stage}/{key}: no manifest (incomplete or missing)"]
+            return [f"{stage}/{key}: {damage or 'no manifest (incomplete or missing)'}"]
         problems = []
-        if m.get("key") != key or m.get("stage") != stage:
-            problems.append(f"manifest names {m.get('stage')}/{m.get('key')}, folder is {stage}/{key}")
         folder = self.path(stage, key)
         listed = m.get("files", {})
         for rel, want in sorted(listed.items()):
@@ -465,6 +512,28 @@ class Store:
             if p.is_file() and rel != MANIFEST and rel not in listed:
                 problems.append(f"{rel}: not in the manifest")
         return problems
+
+    def set_aside_if_bad(self, stage: str, key: str, *, verify: bool) -> tuple[Path, list[str]] | None:
+        """Move the artifact aside (:meth:`quarantine`) when its manifest is damaged or, with ``verify``, when its files
+        no longer match it, so that a pull or a build replaces it; ``(where, problems)``, or None when it was left.
+
+        Does not wait for the key's lock: a process holding it is building or checking the key itself. A store that
+        cannot be written is left as it is (the build then says so)."""
+        if not self.path(stage, key).is_dir():
+            return None
+        if not self.manifest_damage(stage, key) and not (verify and self.complete(stage, key)):
+            return None
+        try:
+            with self.lock(stage, key, blocking=False) as held:
+                if not held:
+                    return None
+                m, damage = self._read_manifest(stage, key)
+                problems = [damage] if damage else self.verify(stage, key) if verify and m is not None else []
+                if not problems:
+                    return None
+                return self.quarantine(stage, key), problems
+        except OSError:
+            return None
 
     def remove(self, stage: str, key: str) -> None:
         """Remove an artifact: the manifest first, so that a half-removed folder never looks complete."""

@@ -65,8 +65,7 @@ def _index(coll: Path, index_dir: Path, threads: int) -> dict:
     # stream the indexer's log: keep its tail (counters, errors) and echo its progress lines, which are the only
     # sign of life during a long build (Anserini logs "N% of files completed, M documents indexed")
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as proc:
+    with indexer_process(cmd, env) as proc:
         for line in proc.stdout:
             tail.append(line.rstrip("\n"))
             if "files completed" in line or "Indexing Complete" in line:
@@ -78,6 +77,27 @@ def _index(coll: Path, index_dir: Path, threads: int) -> dict:
         last = "\n".join(list(tail)[-15:])
         raise RuntimeError(f"pyserini indexer failed (exit {proc.returncode}):\n{last}")
     return parse_counters(log)
+
+
+def indexer_process(cmd: list[str], env: dict) -> subprocess.Popen:
+    """Start the indexer (its output merged into a text pipe) so that it dies with the process that started it: a
+    ``kill -9`` of the build (or of the Luigi worker running it) must not leave a JVM indexing into a dead temp folder
+    for hours. Linux: the kernel sends it SIGKILL when its parent dies (``PR_SET_PDEATHSIG``). It runs in its own
+    session, so that a Ctrl-C to the terminal's process group reaches the build (which stops it: pipeline/stopping.py)
+    and not the indexer (whose Python would print a KeyboardInterrupt traceback)."""
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child, between fork and exec
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True,
+                            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def parse_counters(log: str) -> dict:
