@@ -45,7 +45,66 @@ class ArtifactTarget(luigi.Target):
         return f"{self.stage}/{self.key[:12]}"
 
 
-class NestTask(luigi.Task):
+class KeyedTaskId:
+    """Mixin of a Luigi task whose task id carries its artifact key.
+
+    Luigi's id is made of the task's own significant parameters only, so ``BuildBM25Index(k1, b)`` would have one id for
+    every corpus: on one ``luigid`` a stage DONE under one configuration (within ``stable_done_cooldown_secs``) or
+    disabled after failing under it (``disable_persist``) would stop every other configuration's. Here the id is
+    Luigi's own form (``Family_<first params>_<hash>``) over the significant parameters *plus* the key, which covers
+    everything that enters it (the configuration, the stage version, the keys of the inputs). The key itself is
+    unchanged, and it is computed lazily: on the first use of ``task_id`` after construction (``__hash__`` stays
+    Luigi's, from the parameters alone: equal ids imply equal parameters, so equal hashes).
+
+    The parameters sent to ``luigid`` are Luigi's usual ones: a worker that rebuilds the task from them (an assistant)
+    computes the same id under the same configuration."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_nest_in_init"] = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_nest_in_init", None)
+
+    def keyed_id_part(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def task_id(self) -> str:  # type: ignore[override]  (Luigi's instance attribute, computed here)
+        d = self.__dict__
+        if d.get("_nest_in_init"):
+            return d["_luigi_task_id"]
+        tid = d.get("_nest_task_id")
+        if tid is None:
+            from luigi.task import task_id_str
+
+            params = {**self.to_str_params(only_significant=True, only_public=True), "nest_key": self.keyed_id_part()}
+            tid = d["_nest_task_id"] = task_id_str(self.get_task_family(), params)
+        return tid
+
+    @task_id.setter
+    def task_id(self, value: str) -> None:
+        self.__dict__["_luigi_task_id"] = value
+        self.__dict__.pop("_nest_task_id", None)
+
+    def __hash__(self) -> int:
+        return hash(self.__dict__["_luigi_task_id"])
+
+    def __eq__(self, other) -> bool:
+        return self.__class__ == other.__class__ and self.task_id == other.task_id
+
+
+class KeyedWrapperTask(KeyedTaskId, luigi.WrapperTask):
+    """A wrapper task (``All``) whose id follows the ids of what it requires: two configurations' ``All`` differ."""
+
+    def keyed_id_part(self) -> str:
+        import hashlib
+
+        ids = sorted(t.task_id for t in luigi.task.flatten(self.requires()))
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+class NestTask(KeyedTaskId, luigi.Task):
     """Base of the stage tasks. Class attributes:
 
     - ``stage_module`` / ``stage_fn``: the stage function, ``run(out_dir, *, <inputs>, <params>) -> stats``;
@@ -144,6 +203,9 @@ class NestTask(luigi.Task):
             ing = self.key_ingredients()
             k = self.__dict__["_nest_key"] = content_key(ing["stage"], ing["stage_version"], ing["params"], ing["inputs"])
         return k
+
+    def keyed_id_part(self) -> str:  # Luigi's task id carries the key (KeyedTaskId)
+        return self.key
 
     @property
     def label(self) -> str:

@@ -43,6 +43,43 @@ class stage_resources(luigi.Config):  # noqa: N801  (Luigi names config classes 
     needs = luigi.DictParameter(description="{Stage: {resource: amount}} declared by every task of Stage")
 
 
+def check_needs() -> None:
+    """``[stage_resources] needs`` before anything builds: a JSON object ``{Stage: {resource: amount}}``
+    naming registered stages (the closest name for a typo), each amount an integer >= 0. Raises ConfigError."""
+    import difflib
+    import json
+
+    from pipeline.base import NestTask
+    from pipeline.params import ConfigError, _plain
+
+    needs = _plain(stage_resources().needs)
+    stages = sorted({c.stage_name() for c in _subclasses(NestTask) if c.stage_module})
+    if not isinstance(needs, dict):
+        raise ConfigError(f"stage_resources.needs = {json.dumps(needs, default=str)}: expected "
+                          "{Stage: {resource: amount}}")
+    for stage, wants in needs.items():
+        if stage not in stages:
+            close = difflib.get_close_matches(str(stage), stages, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (stages: {', '.join(stages)})"
+            raise ConfigError(f"stage_resources.needs: unknown stage {stage!r}{hint}")
+        if not isinstance(wants, dict):
+            raise ConfigError(f"stage_resources.needs[{stage!r}] = {json.dumps(wants, default=str)}: expected "
+                              "{resource: amount}")
+        for resource, amount in wants.items():
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                raise ConfigError(f"stage_resources.needs[{stage!r}][{resource!r}] = {json.dumps(amount)}: expected "
+                                  f"an integer >= 0")
+
+
+def _subclasses(cls) -> list:
+    out, stack = [], [cls]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            out.append(sub)
+            stack.append(sub)
+    return out
+
+
 # ---- thread budget ---------------------------------------------------------------------------------------------------
 
 def machine_threads() -> int:
