@@ -629,11 +629,15 @@ def pull_inputs(task) -> None:
 def build_here(task) -> None:
     """Build ``task``'s artifact in this worker (its inputs pulled, or built here the same way) and push it over the
     damaged remote copy: what a refused pull of an input falls back to in distributed mode."""
+    from pipeline.base import RUN_LOG
+
     pull_inputs(task)
     print(f"[nest] {task.label} {task.key[:12]}: building it here (its remote copy was refused)", file=sys.stderr,
           flush=True)
+    t0 = time.perf_counter()
     task.store.publish(task.stage, task.key, task.build, version=task.stage_version(), params=task.key_params,
                        inputs={n: (t.stage, t.key) for n, t in task.inputs().items()})
+    RUN_LOG.note("built", (task.stage, task.key), time.perf_counter() - t0)  # the run record lists it as built
     remote = active_remote("push")
     if remote is not None:
         remote.push(task.store, task.stage, task.key, force=True)
