@@ -25,12 +25,21 @@ Then the remote store (a local-folder remote), with the store those rounds fille
 - **pull rounds**: ``nest pull --all`` from the complete remote into a fresh store, killed the same way, then rerun;
   the local store is verified after each;
 - **flipped bytes**: one byte flipped at a random offset of an archive or of a manifest of a copy of the remote; every
-  pull of that artifact must be refused, and leave nothing in the store.
+  pull of that artifact must be refused, and leave nothing in the store;
+- **push race** (``--race-repeats``, 20 by default): two ``nest push`` of one key to a fresh folder
+  remote with ``$TMPDIR`` on another file system (``/dev/shm``); the first is SIGSTOPped once its copy started, the
+  second pushes to the end, the first is SIGCONTed and SIGKILLed at a random point of its copy. Counted: published
+  artifacts that do not pull whole (goal 0), files left in the killed push's ``$TMPDIR`` (goal 0), temp files left on
+  the remote, hung pushes (each bounded by ``--timeout``; goal 0);
+- **crafted names**: a listing or manifest naming the stage ``..`` (what s3fs lists for an object key
+  ``prefix/../<key>``), ``runs``, ``1bad``, a name with a space, a manifest input ``../../x``, an archive size ``"big"``;
+  each must be refused with nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -41,7 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.sharing.remote import Remote
+from pipeline.sharing.protocol import _digest, remote_manifest
+from pipeline.sharing.remote import Remote, RemoteError
 from pipeline.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +142,8 @@ def _verify_remote(url: Path, scratch: Path) -> tuple[int, int, list[str]]:
     import shutil
 
 
+    if not url.exists():  # a push killed before it made the remote's folder: nothing published
+        return 0, 0, []
     remote = Remote(str(url))
     check = scratch / "verify-store"
     shutil.rmtree(check, ignore_errors=True)
@@ -302,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--size", type=int, default=2_000_000, help="bytes per fake file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--race-repeats", type=int, default=20, help="rounds of the two-push race (quick: 3)")
+    ap.add_argument("--race-mib", type=int, default=128, help="MiB of the raced artifact (quick: 32)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds before a process counts as hung")
     args = ap.parse_args(argv)
     kills = 3 if args.quick else args.kills
     rng = random.Random(args.seed)
@@ -352,6 +367,10 @@ def main(argv: list[str] | None = None) -> dict:
         remote_rounds = {kind: _remote_rounds(kind, kills, rng, env, scratch, store, complete_remote)
                          for kind in ("push", "pull")}
         flips = _flips(max(4, kills // 2), rng, scratch, complete_remote)
+        race = _push_race(3 if args.quick else args.race_repeats, rng, env, scratch,
+                          32 if args.quick else args.race_mib, args.timeout)
+        crafted = _crafted_names(scratch)
+        corrupt_total += race["corrupt_published"]
         corrupt_total += sum(r["corrupt"] for r in remote_rounds.values())
         unfinished += sum(r["not_finished"] for r in remote_rounds.values())
         elapsed = time.perf_counter() - t_start
@@ -364,8 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
         "artifacts_verified_at_end": n_final, "corrupt_at_end": bad_final, "landed_in": landed,
         "leftovers_after_kills": sum(r["leftovers_after_kill"] for r in rounds),
         "leftovers_after_reruns": sum(r["leftovers_after_rerun"] for r in rounds[-1:]),
-        "rounds": rounds, "remote": remote_rounds, "flips": flips, "elapsed_s": round(elapsed, 1), "quick": args.quick,
-        "goals": {"corrupt_complete_artifacts": 0, "runs_not_finished_after_rerun": 0},
+        "rounds": rounds, "remote": remote_rounds, "flips": flips, "push_race": race, "crafted_names": crafted,
+        "elapsed_s": round(elapsed, 1), "quick": args.quick,
+        "goals": {"corrupt_complete_artifacts": 0, "runs_not_finished_after_rerun": 0, "push_race_corrupt": 0,
+                  "push_race_tmpdir_files": 0, "push_race_hung": 0, "crafted_names_refused": "all"},
     }
     lines = [
         "# Faults: random `kill -9` during `nest run`, rerun after each",
@@ -398,6 +419,25 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Flipped bytes (archives and manifests alternately, random offsets): {flips['refused']} of {flips['flips']} "
         f"pulls refused with nothing published, {flips['accepted']} let in (goal 0).",
+        "",
+        f"Push race, {race['repeats']} rounds: two `nest push` of one {race['artifact_mib']} MiB "
+        f"artifact to a fresh folder remote, `$TMPDIR` on {race['tmpdir_on']}; A SIGSTOPped once its copy started, B "
+        f"pushed to the end, A SIGCONTed and SIGKILLed at a random point of its copy (uniform over a clean push's "
+        f"copy, {race['clean_push_s']} s); every published artifact pulled and verified.",
+        "",
+        "| measure | value | goal |",
+        "|---|---|---|",
+        f"| A killed while its temp file was being written (mid-copy) | {race['killed_mid_copy']} of "
+        f"{race['repeats']} | |",
+        f"| published artifacts that do not pull whole | {race['corrupt_published']} of {race['published']} | 0 |",
+        f"| files left in A's `$TMPDIR` | {race['tmpdir_files_left']} | 0 |",
+        f"| temp files left on the remote (A's, never read; `nest push --clean-stale`) | "
+        f"{race['remote_temp_files_left']} | |",
+        f"| hung pushes (over {args.timeout:.0f} s) | {race['hung']} | 0 |",
+        "",
+        f"Crafted names from a remote listing or manifest: {crafted['refused']} of {crafted['cases']} refused with nothing written, "
+        f"{crafted['written']} wrote something (goal 0): "
+        + "; ".join(f"{d['case']}: {'refused' if d['refused'] else 'NOT refused'}" for d in crafted["details"]) + ".",
     ]
     result["markdown"] = "\n".join(lines)
     return result
@@ -405,3 +445,193 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({k: v for k, v in main(sys.argv[1:]).items() if k != "markdown"}, indent=1))
+
+
+# ---- two pushes of one key racing, one killed mid-copy; crafted names from a remote -------------------------------
+
+RACE_KEY = "e" * 64
+
+
+def _race_store(scratch: Path, mib: int) -> Path:
+    """A store with one artifact of ``mib`` MiB of random hex text: compressible, so zstd works on every block (random
+    bytes are stored raw, and their copy is over before a kill can land in it)."""
+
+    root = scratch / "race-store"
+    Store(root).publish("RaceBig", RACE_KEY, lambda out: (out / "big.bin").write_bytes(os.urandom(mib << 19).hex().encode()),
+                        version="1", params={"mib": mib}, inputs={})
+    return root
+
+
+def _temp_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def _push_race(repeats: int, rng: random.Random, env: dict, scratch: Path, mib: int, timeout_s: float) -> dict:
+    """Two pushes of one key to a folder remote (``$TMPDIR`` on another file system when ``/dev/shm`` exists, as NFS
+    is): A is SIGSTOPped once its copy has started, B pushes to the end, A is SIGCONTed and SIGKILLed at a random point
+    of the rest of its copy. Counted: published artifacts that do not pull whole (goal 0), files left in A's
+    ``$TMPDIR`` (goal 0), temp files left on the remote (A's, under a name nothing reads), hung pushes (goal 0)."""
+    import shutil
+
+
+    store = _race_store(scratch, mib)
+    shm = Path("/dev/shm")
+    tmp_base = Path(tempfile.mkdtemp(prefix="nest-race-", dir=shm if shm.is_dir() else scratch))
+    argv = lambda remote: _cli("push", "RaceBig", "--remote", str(remote))  # noqa: E731
+    env_s = {**env, "NEST_STORE": str(store)}
+    # a clean push: how long its copy takes (from its temp file appearing on the remote to its exit)
+    clean_dir = scratch / "race-clean"
+    (clean_dir / "RaceBig").mkdir(parents=True)
+    proc = subprocess.Popen(argv(clean_dir), env=env_s, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t_copy = None
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        if t_copy is None and any(p.name.startswith(".") for p in (clean_dir / "RaceBig").iterdir()):
+            t_copy = time.perf_counter()
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    clean_s = time.perf_counter() - (t_copy or time.perf_counter())
+    clean_s = max(clean_s, 0.05)
+    shutil.rmtree(clean_dir, ignore_errors=True)
+    corrupt = tmp_left = remote_temps = hung = killed_mid_copy = published = 0
+    rounds = []
+    try:
+        for i in range(1, repeats + 1):
+            remote_dir = scratch / f"race-{i}"
+            (remote_dir / "RaceBig").mkdir(parents=True)
+            tmpdir = tmp_base / f"r{i}"
+            tmpdir.mkdir()
+            env_a = {**env_s, "TMPDIR": str(tmpdir)}
+            a = subprocess.Popen(argv(remote_dir), env=env_a, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + timeout_s
+            started = False
+            while time.monotonic() < deadline and a.poll() is None:  # A's copy started: a temp file on the remote
+                if any(p.name.startswith(".") for p in (remote_dir / "RaceBig").iterdir()):
+                    started = True
+                    break
+                time.sleep(0.005)
+            hang = False
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGSTOP)
+            try:
+                b = subprocess.run(argv(remote_dir), env=env_s, cwd=ROOT, capture_output=True, timeout=timeout_s)
+                rc_b = b.returncode
+            except subprocess.TimeoutExpired:
+                rc_b, hang = None, True
+            delay = rng.uniform(0.0, clean_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(a.pid, signal.SIGCONT)
+            in_copy = False
+            try:
+                rc_a = a.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                in_copy = any(p.name.startswith(".") for p in (remote_dir / "RaceBig").iterdir())  # its temp file
+                os.killpg(a.pid, signal.SIGKILL)
+                rc_a = a.wait(timeout=30)
+            killed_mid_copy += rc_a == -signal.SIGKILL and in_copy
+            hung += hang
+            n, bad, problems = _verify_remote(remote_dir, scratch)
+            published += n
+            corrupt += bad
+            left = _temp_files(tmpdir)
+            tmp_left += left
+            on_remote = sum(1 for p in (remote_dir / "RaceBig").iterdir() if p.name.startswith("."))
+            remote_temps += on_remote
+            rounds.append({"round": i, "a_in_copy_when_stopped": started, "a_killed_mid_copy": in_copy, "b_exit": rc_b, "a_exit": rc_a,
+                           "kill_after_cont_s": round(delay, 2), "published": n, "corrupt_published": bad,
+                           "tmpdir_files_left": left, "remote_temp_files": on_remote, "hung": hang,
+                           "problems": problems[:2]})
+            print(f"[faults] push race {i}/{repeats}: A {'killed' if rc_a == -signal.SIGKILL else f'exit {rc_a}'} "
+                  f"{delay:.2f} s after CONT; B exit {rc_b}; published {n}, corrupt {bad}; $TMPDIR left {left}, "
+                  f"remote temp {on_remote}", file=sys.stderr, flush=True)
+            shutil.rmtree(remote_dir, ignore_errors=True)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_base, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    return {"repeats": repeats, "artifact_mib": mib, "clean_push_s": round(clean_s, 2), "clean_copy_s": round(clean_s, 2),
+            "killed_mid_copy": killed_mid_copy, "published": published, "corrupt_published": corrupt,
+            "tmpdir_files_left": tmp_left, "remote_temp_files_left": remote_temps, "hung": hung,
+            "tmpdir_on": "/dev/shm (another file system)" if shm.is_dir() else "the scratch folder", "rounds": rounds}
+
+
+def _forged_size(manifest: bytes) -> bytes:
+    d = json.loads(manifest)
+    d["remote"]["archive"]["size"] = "big"
+    d["manifest_sha256"] = _digest(d)
+    return json.dumps(d).encode()
+
+
+def _crafted_names(scratch: Path) -> dict:
+    """Crafted stage names and keys in a remote listing or manifest: each pull must be refused with
+    nothing written outside the store's own stage folders."""
+    import hashlib
+    import io
+    import shutil
+    import tarfile
+
+    import zstandard  # lazy: start-up time
+
+
+    key = "d" * 64
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("x.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    blob = zstandard.ZstdCompressor(write_checksum=True).compress(raw.getvalue())
+    files = {"x.txt": {"size": 2, "sha256": hashlib.sha256(b"hi").hexdigest()}}
+
+    def doc(stage: str, **extra) -> bytes:
+        d = remote_manifest({"format": 1, "stage": stage, "key": key, "files": files, **extra},
+                            {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
+        return json.dumps(d).encode()
+
+    # (case, folder the objects go in, manifest document, listing paths forced: None = the folder's own)
+    cases = [
+        ("listing stage '..' (an S3 key prefix/../<key>)", "Ok", doc(".."), ".."),
+        ("listing stage 'runs'", "runs", doc("runs"), None),
+        ("listing stage '1bad'", "1bad", doc("1bad"), None),
+        ("listing stage with a space", "a b", doc("a b"), None),
+        ("manifest stage '..' in a good folder", "Ok", doc(".."), None),
+        ("manifest input '../../x'", "Ok", doc("Ok", inputs={"p": {"stage": "../../x", "key": "zz"}}), None),
+        ("manifest archive size 'big' (digest recomputed)", "Ok", _forged_size(doc("Ok")), None),
+    ]
+    refused = written = 0
+    out = []
+    for i, (name, folder, manifest, forced) in enumerate(cases):
+        box = scratch / f"crafted-{i}"
+        remote_dir = box / "remote"
+        (remote_dir / folder).mkdir(parents=True)
+        (remote_dir / folder / f"{key}.tar.zst").write_bytes(blob)
+        (remote_dir / folder / f"{key}.manifest.json").write_bytes(manifest)
+        store = Store(box / "store")
+        remote = Remote(str(remote_dir))
+        if forced:  # what s3fs lists for an object key with a '..' segment
+            real_glob = remote.fs.glob
+            remote.fs.glob = lambda pattern, _f=forced, _r=str(remote_dir): [f"{_r}/{_f}/{key}.manifest.json"]
+        before = {p for p in box.rglob("*")}
+        said = ""
+        try:
+            refs = remote.list()
+            said = "; ".join(remote.refused)
+            for stage, k in refs:
+                remote.pull(store, stage, k)
+            ok = bool(remote.refused) or not refs
+        except RemoteError as e:
+            said, ok = str(e), True
+        if forced:
+            remote.fs.glob = real_glob
+        new = {p for p in box.rglob("*")} - before
+        outside = [p for p in new if store.root not in p.parents and p != store.root]
+        in_store = [p for p in new if p.is_file() and store.root in p.parents]
+        good = ok and not outside and not in_store
+        refused += good
+        written += bool(outside or in_store)
+        out.append({"case": name, "refused": good, "said": said[:160], "written": [str(p) for p in outside + in_store]})
+        shutil.rmtree(box, ignore_errors=True)
+    return {"cases": len(cases), "refused": refused, "written": written, "details": out}

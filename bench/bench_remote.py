@@ -7,12 +7,14 @@
 Measured in one run, on one artifact of ``--size-mib`` MiB (four files of float32 embeddings and JSONL passages,
 compressed to about 0.47 of their size; see :func:`make_store`) published in a scratch store, and a local-folder remote on the same disk:
 
-1. ``nest push`` throughput (``Remote.push``: read every file, check its size against the manifest, tar, zstandard
-   level 3 multi-threaded, hash the archive, write it, then the manifest) ÷ raw zstandard compression of the same bytes with the
-   same compressor settings (read the files, compress, write one file). Target ≥ 0.7.
-2. ``nest pull`` throughput (``Remote.pull``: read the archive, decompress, check the archive's and every file's sha256
-   and size, write and fsync every file, publish) ÷ raw zstandard decompression of the same archive (read, decompress,
-   write one file). Target ≥ 0.7. Also ÷ the same decompression followed by an fsync of its output (a pull's
+1. ``nest push`` throughput (``Remote.push``: read every file, check its size against the manifest, write the tar
+   stream straight into zstandard level 3 multi-threaded, hash the archive on a second thread in the same pass, write
+   it to a temp name beside the final one, fsync, rename, read its size and last bytes back, then the manifest) ÷ raw
+   zstandard compression of the same bytes with the same compressor settings (read the files, compress, write one
+   file). Target ≥ 0.7.
+2. ``nest pull`` throughput (``Remote.pull``: read the archive, decompress, check the archive's size, first bytes and
+   zstd checksum and every file's sha256 and size, write and fsync every file, publish) ÷ raw zstandard decompression of the same archive (read, decompress,
+   write one file). Target ≥ 0.9. Also ÷ the same decompression followed by an fsync of its output (a pull's
    durability), since on a slow disk the fsync alone is a large share.
 3. Peak RSS (``VmHWM``) of push and of pull at 100 MiB and at the full size, each in a fresh child process. Target: flat.
 
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     flat = {op: round(big["peak_rss_mib"][op] / little["peak_rss_mib"][op], 3) for op in ("push", "pull")}
     out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "repeats": repeats,
            "results": results, "peak_rss_large_over_small": flat,
-           "targets": {"push_vs_compress": ">= 0.7", "pull_vs_decompress": ">= 0.7", "peak_rss": "flat"}}
+           "targets": {"push_vs_compress": ">= 0.7", "pull_vs_decompress": ">= 0.9", "peak_rss": "flat"},
+           "load_average_start": os.getloadavg()[0]}
     rows = []
     for label in ("small", "large"):
         r = results[label]
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         "# Remote store: push/pull throughput and memory (issue 9 §5)",
         "",
         f"Local-folder remote on the same disk; {os.cpu_count()} CPUs (shared); best of {repeats}; each operation in a "
-        "fresh process. Throughput in MiB/s of artifact bytes. Targets: push ÷ zstd ≥ 0.7, pull ÷ unzstd ≥ 0.7, peak "
+        "fresh process. Throughput in MiB/s of artifact bytes. Targets: push ÷ zstd ≥ 0.7, pull ÷ unzstd ≥ 0.9, peak "
         "memory flat.",
         "",
         "| artifact | push | zstd | push ÷ zstd | pull | unzstd | pull ÷ unzstd | unzstd + fsync | pull ÷ (unzstd + fsync) "
@@ -236,8 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Peak RSS, large ÷ small: push {flat['push']}, pull {flat['pull']} (1.0 = flat).",
         "",
-        "Push hashes the archive (files are re-hashed against their manifest only with `nest push --verify`); pull "
-        "checks the archive's and every file's sha256 and fsyncs every file before publishing. The raw zstd runs do "
+        "Push writes the tar stream straight into zstd and hashes the archive on a second thread in the same pass "
+        "(files are re-hashed against their manifest only with `nest push --verify`); it fsyncs the archive and reads "
+        "its size and last bytes back before the manifest; pull "
+        "checks the archive's size, first bytes and zstd checksum and every file's sha256 (the archive's own sha256 "
+        "only for older manifests) and fsyncs every file before publishing. The raw zstd runs do "
         "no hashing; `unzstd + fsync` also fsyncs its output, the durability a pull gives. "
         f"Load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work shares them).",
     ])

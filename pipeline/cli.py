@@ -39,7 +39,8 @@ from pipeline.engine.runner import build
 from pipeline.engine.stopping import become_subreaper
 from pipeline.session import setup
 from pipeline.sharing.planning import mark_remote
-from pipeline.sharing.remote import RemoteError, get_remote, pull_now
+from pipeline.sharing.remote import RemoteError, get_remote
+from pipeline.sharing.through import pull_now
 from pipeline.status import dag_status
 from pipeline.storage.archive import ArchiveError
 from pipeline.storage.runs import latest_run_with
@@ -424,5 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m pipeline.cli: run the imported module's main, so that the errors other modules
+    # raise (pipeline.cli.CliError, imported by remote_cli) are the classes main catches, not __main__'s copies
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

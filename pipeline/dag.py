@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import luigi
 
-from pipeline.engine.task import NestTask
+from pipeline.engine.task import KeyedWrapperTask, NestTask
 from pipeline.wiring.corpus_lm import ConvertCorpus, LoadTask, PrepareLM, PreTokenize
 from pipeline.wiring.evaluation import (EXAMPLES, GENERATIONS, EncodePassageKeys, Generate, Perplexity, Report, Score,
                                         applied_stop_rules, experiment_runs, passage_keys_task)
 from pipeline.wiring.retrieval import (PAPER_RETRIEVERS, AddDenseShard, BuildBM25Index, BuildDenseIndex,
                                        EncodePassages, ImportDenseIndex, PreRetrieve, RetrieverIndex, TrainDenseIndex,
                                        dense_index_task, retrieval_description, retriever_indexes)
-from pipeline.wiring.sections import (EMBEDDED, PAPER_TASKS, config_value, configured_tasks, decoding, encoder,
-                                      encoder_param, factscore, known_tasks, method_info, nest, paper_task_names,
-                                      paper_task_paths, paper_tasks, run_methods, stop_rule, task_spec)
+from pipeline.wiring.sections import (EMBEDDED, PAPER_TASKS, check_decoding, config_value, configured_tasks, decoding,
+                                      encoder, encoder_param, factscore, known_tasks, method_info, nest,
+                                      paper_task_names, paper_task_paths, paper_tasks, run_methods, stop_rule,
+                                      task_spec)
 
 __all__ = [
     "EMBEDDED", "PAPER_TASKS", "PAPER_RETRIEVERS", "EXAMPLES", "GENERATIONS",
@@ -41,13 +42,14 @@ __all__ = [
     "BuildDenseIndex", "TrainDenseIndex", "AddDenseShard", "ImportDenseIndex", "PreRetrieve", "EncodePassageKeys",
     "Generate", "Perplexity", "Score", "Report", "All",
     # what the CLI and the benches read
-    "applied_stop_rules", "config_value", "configured_tasks", "dense_index_task", "demo_tasks", "encoder_param",
+    "applied_stop_rules", "check_decoding", "config_value", "configured_tasks", "dense_index_task", "demo_tasks",
+    "encoder_param",
     "experiment_runs", "known_tasks", "method_info", "paper_task_names", "paper_task_paths", "passage_keys_task",
     "retrieval_description", "retriever_indexes", "run_methods", "stop_rule", "task_spec",
 ]
 
 
-class All(luigi.WrapperTask):
+class All(KeyedWrapperTask):
     """The whole DAG of the configured profile (``nest all``): each configured task's pre-retrieval and the token
     shards (what decoding needs, built even where no method of the grid reads them), then the report over the grid's
     generations and scores."""

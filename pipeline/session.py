@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import pipeline.dag  # noqa: F401  (registers the task and config classes the check reads)
+import pipeline.dag  # registers the task and config classes the check reads
 from pipeline.engine import config
 from pipeline.engine.params import check_config
+from pipeline.engine.task import check_needs
 
 
 def setup(profile: str | None, sets: Sequence[str] = ()) -> None:
@@ -18,4 +19,6 @@ def setup(profile: str | None, sets: Sequence[str] = ()) -> None:
     if sets:
         config.apply_overrides(config.parse_set(list(sets)))
     check_config(extra_sections=config.PROFILES)
+    pipeline.dag.check_decoding()  # the keys inside [decoding]'s dicts, NestConfig's own validation of each merged config
+    check_needs()  # [stage_resources] needs: known stages, whole amounts
     config.get_store().check_root()

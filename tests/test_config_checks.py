@@ -47,6 +47,48 @@ def test_a_bad_config_value_or_name_is_one_line_before_anything_builds(clean_con
     assert not clean_config.exists()  # nothing built, not even the store folder
 
 
+@pytest.mark.parametrize("item, words", [
+    ('decoding.config={"gama": 0.5}', "decoding.config: unknown key 'gama'; did you mean 'gamma'?"),
+    ('decoding.config={"gamma": -1}', "decoding.config: NestConfig.gamma (γ) must be in (0, 1], got -1"),
+    ('decoding.config={"max_new_tokens": 0}', "decoding.config: max_new_tokens = 0: expected an integer >= 1"),
+    ('decoding.config={"gamma": "x"}', "decoding.config: "),
+    ('decoding.lengths={"longform": -5}',
+     "decoding.lengths['longform'] = -5: expected a positive integer, 'reference' or null"),
+    ('decoding.lengths={"longfrom": 5}', "decoding.lengths: unknown task family 'longfrom'; did you mean 'longform'?"),
+    ('decoding.stops={"qa": "bogus"}', "decoding.stops['qa'] = \"bogus\": expected one of none, paragraph"),
+    ('decoding.stops={"qa": "sentense"}', "did you mean 'sentence'?"),
+    ('decoding.task_config={"boi": {"gamma": 0.5}}', "decoding.task_config: unknown task 'boi'; did you mean 'bio'?"),
+    ('decoding.task_config={"bio": {"document_end": "bogus"}}',
+     "decoding.task_config['bio'] (over decoding.config): NestConfig.document_end='bogus'; expected one of"),
+    ('decoding.task_config={"bio": {"span_start_pasages": 1}}',
+     "decoding.task_config['bio']: unknown key 'span_start_pasages'; did you mean 'span_start_passages'?"),
+    ('decoding.method_config={"nosuchmethod": {"gamma": 0.5}}', "decoding.method_config: unknown method 'nosuchmethod'"),
+    ('decoding.method_config={"ra_nets": {"gamma": 0.5}}', "did you mean 'ra_nest'?"),
+    ('decoding.method_config={"ra_nest": {"gamma": 2}}',
+     "decoding.method_config['ra_nest'] (over decoding.config): NestConfig.gamma (γ) must be in (0, 1], got 2"),
+    ('stage_resources.needs={"BuildDenseIndex": {"memory_gib": "x"}}',
+     "stage_resources.needs['BuildDenseIndex']['memory_gib'] = \"x\": expected an integer >= 0"),
+    ('stage_resources.needs={"BuildDenseIdx": {"memory_gib": 4}}',
+     "stage_resources.needs: unknown stage 'BuildDenseIdx'; did you mean 'BuildDenseIndex'?"),
+    ('stage_resources.needs={"BuildDenseIndex": 4}', "stage_resources.needs['BuildDenseIndex'] = 4: expected"),
+])
+def test_the_keys_inside_the_decoding_dicts_are_checked_before_anything_builds(clean_config, capsys, item, words):
+    """Each key and value of [decoding]'s dicts and [stage_resources] needs, one line, exit 2, before
+    any stage (``nest status`` builds nothing; ``nest all`` would otherwise reach Generate first)."""
+    assert cli.main(["status", "--set", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("nest: ") and words in err and "Traceback" not in err, err
+    assert not clean_config.exists()
+
+
+def test_the_project_decoding_config_passes_its_check(clean_config):
+    from pipeline import dag
+    from pipeline.engine.scheduling import check_needs
+
+    dag.check_decoding()
+    check_needs()
+
+
 def test_a_misspelt_option_in_a_config_file_is_refused(clean_config, tmp_path):
     from luigi.configuration.cfg_parser import LuigiConfigParser
 

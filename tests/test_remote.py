@@ -29,7 +29,8 @@ from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
 from pipeline import cli
 from pipeline.engine.runlog import RUN_LOG
 from pipeline.sharing.planning import mark_remote
-from pipeline.sharing.remote import Remote, RemoteError, _digest, check_remote_manifest, redact, remote_manifest
+from pipeline.sharing.protocol import _digest, check_remote_manifest, redact, remote_manifest
+from pipeline.sharing.remote import Remote, RemoteError
 from pipeline.status import dag_status
 from pipeline.storage.archive import ArchiveError, unpack
 from pipeline.storage.store import Store
@@ -188,19 +189,22 @@ def test_manifest_is_uploaded_last_and_an_archive_without_it_is_invisible(fake_e
     key = FkSource().key
     remote = _remote(remote_url)
     order = []
-    real_upload = Remote._upload
+    real_archive, real_manifest = Remote._put_archive, Remote._put_manifest
 
-    def recording(self, path, write):
-        order.append(path.rsplit("/", 1)[1])
-        if path.endswith(".manifest.json"):
-            raise ConnectionError("link lost before the manifest")
-        return real_upload(self, path, write)
+    def archive_first(self, stage, k, write):
+        order.append(f"{k}.tar.zst")
+        return real_archive(self, stage, k, write)
 
-    monkeypatch.setattr(Remote, "_upload", recording)
+    def manifest_fails(self, stage, k, body):
+        order.append(f"{k}.manifest.json")
+        raise ConnectionError("link lost before the manifest")
+
+    monkeypatch.setattr(Remote, "_put_archive", archive_first)
+    monkeypatch.setattr(Remote, "_put_manifest", manifest_fails)
     with pytest.raises(RemoteError, match="link lost"):
         remote.push(store, "FkSource", key)
     assert order == [f"{key}.tar.zst", f"{key}.manifest.json"]
-    monkeypatch.setattr(Remote, "_upload", real_upload)
+    monkeypatch.setattr(Remote, "_put_manifest", real_manifest)
     remote._fresh()
     assert remote.fs.exists(remote.archive_path("FkSource", key))  # the whole archive is there ...
     assert not remote.has("FkSource", key) and remote.list() == []  # ... but nobody sees it

@@ -25,7 +25,7 @@ from luigi.task_register import Register
 
 from pipeline.engine.runlog import RUN_LOG
 from pipeline_conftest_helpers import PROJECT
-from scheduler_fakes import write_shard_stage
+from scheduler_fakes import write_shard_stage, write_sized_stage
 
 TESTS = Path(__file__).resolve().parent
 ROOT = ["ShAll", "--module", "scheduler_fakes"]
@@ -68,6 +68,7 @@ class Site:
         self.root = root
         self.mods = root / "mods"
         write_shard_stage(self.mods)
+        write_sized_stage(self.mods)
         self.cfg = root / "test-luigi.cfg"
         self.cfg.write_text(TEST_CFG.format(disconnect_delay=disconnect_delay))
         self.remote = root / "remote"

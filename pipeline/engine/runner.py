@@ -14,9 +14,10 @@ from typing import Iterable, Sequence
 
 import luigi
 import luigi.rpc
+from luigi.rpc import RemoteScheduler
 
 from pipeline.engine import scheduling
-from pipeline.engine.config import get_store
+from pipeline.engine.config import config, get_store
 from pipeline.engine.errors import EXIT_INPUT, INPUT_ERRORS, CliError, is_input_error
 from pipeline.engine.runlog import RUN_LOG, closure
 from pipeline.engine.sharding import size_sources
@@ -159,7 +160,7 @@ def _build_locked(roots: list, run: dict, kwargs: dict, t0: float, *, profile, c
     try:
         try:
             with scheduling.worker_options(keep_alive=keep_alive):
-                luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+                _build_settled(roots, kwargs)
         except luigi.rpc.RPCError as e:
             RUN_LOG.reset()
             attempts = str(e).splitlines()[0].split(" when ")[0].removeprefix("Errors ").strip("()")
@@ -188,6 +189,14 @@ def _build_locked(roots: list, run: dict, kwargs: dict, t0: float, *, profile, c
         for (stage, key), exc in failed.items():
             name = getattr(exc, "type_name", type(exc).__name__)
             print(f"nest: {stage} {key[:12]} failed: {name}: {exc}", file=sys.stderr)
+        if not failed:  # nothing failed here: say what is missing, and where to look (never silent)
+            missing = [r for r in record["reached"] if r["status"] not in ("built", "cached", "pulled", "skipped",
+                                                                           "remote")]
+            shown = ", ".join(f"{r['label']} {r['key'][:12]}" for r in missing[:3]) + (" …" if len(missing) > 3 else "")
+            where = (f"the scheduler at {scheduler_url} did not hand them to this worker (failed or disabled "
+                     f"elsewhere: see its page)" if scheduler_url else "a dependency was not run")
+            print(f"nest: {len(missing)} stage(s) not built ({shown}): {where}; run the same command again",
+                  file=sys.stderr)
         return 1
     return 0
 
@@ -196,7 +205,9 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
     """Sharded stages (``shards > 1``, pipeline/engine/sharding.py) split by the number of passages or examples: build the
     artifacts that say it (ConvertCorpus, LoadTask) first, with the same scheduler, so that the DAG Luigi gets next
     holds the shard tasks. With a ``luigid``, the worker stays until they are built, also when another worker builds
-    them. False when the scheduler stopped answering."""
+    them (:func:`_build_settled`): going on before would compute the shard plan without the size (one task) and hand
+    ``luigid`` the merge without its shards, replacing the other worker's dependencies. False when the scheduler
+    stopped answering."""
     sources = size_sources(roots)
     if not sources:
         return True
@@ -205,7 +216,67 @@ def _build_size_sources(roots: list, kwargs: dict, *, quiet: bool) -> bool:
               file=sys.stderr)
     try:
         with scheduling.worker_options(keep_alive=bool(kwargs.get("scheduler_url"))):
-            luigi.build(sources, log_level="WARNING", **kwargs)  # a failure shows again (and is reported) below
+            _build_settled(sources, kwargs)  # a failure shows again (and is reported) below
     except luigi.rpc.RPCError:
         return False
     return True
+
+
+def _build_settled(roots: list, kwargs: dict) -> None:
+    """``luigi.build(roots)``; with a ``luigid``, until the DAG is settled.
+
+    Luigi's ``keep_alive`` keeps a worker only while some task of its DAG is *pending* for it: a task that another
+    worker is running does not count, so ``luigi.build`` returns while the size source or the merge is still being
+    built elsewhere, and the worker would report it missing (exit 1, both workers when they raced), or plan shards
+    without a size. So this asks ``luigid`` for the state of the roots' graph and waits while a task of it is RUNNING
+    elsewhere, or FAILED there (a dead worker's task, or another worker's failure: ``luigid`` makes it PENDING again
+    after ``retry_delay`` and Luigi is then called again, so this worker takes it). It stops when the roots are DONE,
+    when a stage failed in this worker (reported by the caller) or when nothing is running or to be retried (disabled,
+    blocked: the caller reports what is missing in one line). Each wait is bounded by another worker's progress, its
+    heartbeat (``worker_disconnect_delay``) or the retry policy."""
+    url = kwargs.get("scheduler_url")
+    luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)
+    if not url:
+        return
+    announced = False
+    while True:
+        RUN_LOG.merge_journal()
+        if RUN_LOG.failed:
+            return
+        states = _scheduler_states(url, roots)
+        if all(states.get(r.task_id) == "DONE" for r in roots):
+            return
+        running = sum(st == "RUNNING" for st in states.values())
+        retried = sum(st == "FAILED" for st in states.values())
+        if running or retried:
+            if not announced:
+                print(f"[nest] waiting for luigid: {running} task(s) of this DAG running on other workers, {retried} "
+                      f"failed there and to be retried", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(_wait_interval())
+            continue
+        if "PENDING" not in states.values():
+            return
+        luigi.build(roots, log_level="WARNING", detailed_summary=True, **kwargs)  # e.g. a dead worker's task, back
+        if _scheduler_states(url, roots) == states:
+            return  # nothing this worker can run (blocked by a disabled stage): the caller says what is missing
+        announced = False
+
+
+def _scheduler_states(url: str, roots: list) -> dict[str, str]:
+    """``{task_id: status}`` of every task of the graphs of ``roots`` in the ``luigid`` at ``url`` (one request per
+    root; a root it does not have: ``UNKNOWN``)."""
+    sch = RemoteScheduler(url)
+    out = {}
+    for r in roots:
+        graph = sch._request("/api/dep_graph", {"task_id": r.task_id, "include_done": True}) or {}
+        out.update({tid: str(t.get("status") or "UNKNOWN") for tid, t in graph.items()})
+        out.setdefault(r.task_id, "UNKNOWN")
+    return out
+
+
+def _wait_interval() -> float:
+    try:
+        return max(0.1, float(config().get("worker", "wait_interval", "1.0")))
+    except ValueError:
+        return 1.0

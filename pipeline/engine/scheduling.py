@@ -36,7 +36,7 @@ import luigi
 from luigi.parameter import UnconsumedParameterWarning
 
 from pipeline.engine.config import DISTRIBUTED_ENV, config
-from pipeline.sharing.remote import remote_mode, remote_url
+from pipeline.sharing.protocol import remote_mode, remote_url
 
 THREADS_ENV = "NEST_THREADS"          # this worker process's thread budget
 SCHEDULER_ENV = "NEST_SCHEDULER"      # "local" or the luigid URL (for resources that only the local scheduler limits)

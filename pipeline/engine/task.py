@@ -8,21 +8,25 @@ the stage runs: building the DAG and checking it is complete stays fast (no torc
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib
+import json
 import signal
 import sys
 import time
 from typing import Any, Mapping
 
 import luigi
+from luigi.task import task_id_str
 
 from pipeline.engine import config as _config  # registers the project's luigi.cfg
 from pipeline.engine.config import distributed
-from pipeline.engine.params import check_task
+from pipeline.engine.params import ConfigError, check_task, plain
 from pipeline.engine.runlog import RUN_LOG
-from pipeline.engine.scheduling import apply_thread_budget, die_with_parent, task_resources  # + [stage_resources]
+from pipeline.engine.scheduling import apply_thread_budget, die_with_parent, stage_resources, task_resources
 from pipeline.engine.stage_code import read_version
-from pipeline.sharing.remote import pull_inputs, push_built, read_through, share_local
+from pipeline.sharing.through import pull_inputs, push_built, read_through, share_local
 from pipeline.storage.keys import Identified, content_key, key_form
 from pipeline.storage.store import Store
 
@@ -46,7 +50,62 @@ class ArtifactTarget(luigi.Target):
         return f"{self.stage}/{self.key[:12]}"
 
 
-class NestTask(luigi.Task):
+class KeyedTaskId:
+    """Mixin of a Luigi task whose task id carries its artifact key.
+
+    Luigi's id is made of the task's own significant parameters only, so ``BuildBM25Index(k1, b)`` would have one id for
+    every corpus: on one ``luigid`` a stage DONE under one configuration (within ``stable_done_cooldown_secs``) or
+    disabled after failing under it (``disable_persist``) would stop every other configuration's. Here the id is
+    Luigi's own form (``Family_<first params>_<hash>``) over the significant parameters *plus* the key, which covers
+    everything that enters it (the configuration, the stage version, the keys of the inputs). The key itself is
+    unchanged, and it is computed lazily: on the first use of ``task_id`` after construction (``__hash__`` stays
+    Luigi's, from the parameters alone: equal ids imply equal parameters, so equal hashes).
+
+    The parameters sent to ``luigid`` are Luigi's usual ones: a worker that rebuilds the task from them (an assistant)
+    computes the same id under the same configuration."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_nest_in_init"] = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_nest_in_init", None)
+
+    def keyed_id_part(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def task_id(self) -> str:  # type: ignore[override]  (Luigi's instance attribute, computed here)
+        d = self.__dict__
+        if d.get("_nest_in_init"):
+            return d["_luigi_task_id"]
+        tid = d.get("_nest_task_id")
+        if tid is None:
+            params = {**self.to_str_params(only_significant=True, only_public=True), "nest_key": self.keyed_id_part()}
+            tid = d["_nest_task_id"] = task_id_str(self.get_task_family(), params)
+        return tid
+
+    @task_id.setter
+    def task_id(self, value: str) -> None:
+        self.__dict__["_luigi_task_id"] = value
+        self.__dict__.pop("_nest_task_id", None)
+
+    def __hash__(self) -> int:
+        return hash(self.__dict__["_luigi_task_id"])
+
+    def __eq__(self, other) -> bool:
+        return self.__class__ == other.__class__ and self.task_id == other.task_id
+
+
+class KeyedWrapperTask(KeyedTaskId, luigi.WrapperTask):
+    """A wrapper task (``All``) whose id follows the ids of what it requires: two configurations' ``All`` differ."""
+
+    def keyed_id_part(self) -> str:
+        ids = sorted(t.task_id for t in luigi.task.flatten(self.requires()))
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+class NestTask(KeyedTaskId, luigi.Task):
     """Base of the stage tasks. Class attributes:
 
     - ``stage_module`` / ``stage_fn``: the stage function, ``run(out_dir, *, <inputs>, <params>) -> stats``;
@@ -144,6 +203,9 @@ class NestTask(luigi.Task):
             k = self.__dict__["_nest_key"] = content_key(ing["stage"], ing["stage_version"], ing["params"], ing["inputs"])
         return k
 
+    def keyed_id_part(self) -> str:  # Luigi's task id carries the key (KeyedTaskId)
+        return self.key
+
     @property
     def label(self) -> str:
         optional = any(getattr(self, p) != self.get_param_default(p) for p in self.label_if_set)
@@ -219,7 +281,7 @@ class NestTask(luigi.Task):
         apply_thread_budget()  # N worker processes: threads // N each
         if distributed():
             try:  # built by other workers: pulled now, just before they are read
-                pull_inputs(self, lambda pulled, seconds: RUN_LOG.note("pulled", pulled, seconds))
+                pull_inputs(self, RUN_LOG.note)
             except BaseException as e:
                 RUN_LOG.note("failed", ref, e)
                 raise
@@ -272,3 +334,25 @@ def subclasses(cls: type):
     for sub in cls.__subclasses__():
         yield sub
         yield from subclasses(sub)
+
+
+def check_needs() -> None:
+    """``[stage_resources] needs`` before anything builds: a JSON object ``{Stage: {resource: amount}}``
+    naming registered stages (the closest name for a typo), each amount an integer >= 0. Raises ConfigError."""
+    needs = plain(stage_resources().needs)
+    stages = sorted({c.stage_name() for c in subclasses(NestTask) if c.stage_module})
+    if not isinstance(needs, dict):
+        raise ConfigError(f"stage_resources.needs = {json.dumps(needs, default=str)}: expected "
+                          "{Stage: {resource: amount}}")
+    for stage, wants in needs.items():
+        if stage not in stages:
+            close = difflib.get_close_matches(str(stage), stages, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (stages: {', '.join(stages)})"
+            raise ConfigError(f"stage_resources.needs: unknown stage {stage!r}{hint}")
+        if not isinstance(wants, dict):
+            raise ConfigError(f"stage_resources.needs[{stage!r}] = {json.dumps(wants, default=str)}: expected "
+                              "{resource: amount}")
+        for resource, amount in wants.items():
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                raise ConfigError(f"stage_resources.needs[{stage!r}][{resource!r}] = {json.dumps(amount)}: expected "
+                                  f"an integer >= 0")

@@ -6,17 +6,20 @@ here too."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 
 import luigi
 
 from pipeline.engine import config as cfg
-from pipeline.engine.params import Accepts, accepts, at_least, each_one_of, plain
+from pipeline.engine.params import Accepts, ConfigError, accepts, at_least, each_one_of, plain
 from pipeline.storage.keys import Identified
 from stages.corpus.formats import FORMATS
 from stages.decoding.config import NestConfig  # torch-free
 from stages.decoding.registry import method_info as registry_method_info, method_names  # torch-free
+from stages.evaluation.experiments import merge_config  # torch-free
 from tasks import registry
-from tasks.stopping import rule_for  # torch-free
+from tasks.stopping import FAMILIES, REFERENCE, STOP_RULES, rule_for  # torch-free
 
 EMBEDDED = "embedded"
 
@@ -131,6 +134,82 @@ class decoding(luigi.Config):  # noqa: N801
                                       description="EncodePassageKeys before the token-index methods: the passages "
                                       "their task's pre-retrieval returned, every passage of the corpus, or off "
                                       "(keys encoded on the fly)")
+
+
+def _suggest(name, known) -> str:
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(map(str, known))})"
+
+
+def _as_dict(value, option: str) -> dict:
+    value = plain(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} = {json.dumps(value, default=str)}: expected a JSON object")
+    return value
+
+
+def check_decoding() -> None:
+    """Every key and value of the ``[decoding]`` dicts, before anything builds: ``config``,
+    ``task_config`` (known tasks), ``method_config`` (registered methods), each one's NestConfig keys (with the closest
+    name for a typo), NestConfig's own validation of every merged configuration the grid runs (config + task's +
+    method's, and the γ sweep), ``lengths`` and ``stops`` by task family (tasks/stopping.py). Raises ConfigError, one
+    line naming the option."""
+    d = decoding()
+    fields = [f.name for f in dataclasses.fields(NestConfig)]
+
+    def keys_known(overrides: dict, option: str) -> None:
+        for key in overrides:
+            if key not in fields:
+                raise ConfigError(f"{option}: unknown key {key!r}{_suggest(key, fields)} (NestConfig's fields, "
+                                  f"stages/decoding/config.py)")
+
+    def valid(overrides: dict, option: str) -> None:
+        if "max_new_tokens" in overrides and (isinstance(overrides["max_new_tokens"], bool) or not isinstance(
+                overrides["max_new_tokens"], int) or overrides["max_new_tokens"] < 1):
+            raise ConfigError(f"{option}: max_new_tokens = {overrides['max_new_tokens']!r}: expected an integer >= 1")
+        try:
+            NestConfig(**overrides)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{option}: {str(e).splitlines()[0]}") from None
+
+    base = _as_dict(d.config, "decoding.config")
+    keys_known(base, "decoding.config")
+    valid(base, "decoding.config")
+    tasks_known, methods_known = list(registry.names()), list(method_names())
+    task_config = _as_dict(d.task_config, "decoding.task_config")
+    for task, overrides in task_config.items():
+        if task not in tasks_known:
+            raise ConfigError(f"decoding.task_config: unknown task {task!r}{_suggest(task, tasks_known)}")
+        option = f"decoding.task_config[{task!r}]"
+        keys_known(_as_dict(overrides, option), option)
+        valid(merge_config(base, overrides), f"{option} (over decoding.config)")
+    method_config = _as_dict(d.method_config, "decoding.method_config")
+    for method, overrides in method_config.items():
+        if method not in methods_known:
+            raise ConfigError(f"decoding.method_config: unknown method {method!r}{_suggest(method, methods_known)}")
+        option = f"decoding.method_config[{method!r}]"
+        keys_known(_as_dict(overrides, option), option)
+        valid(merge_config(base, overrides), f"{option} (over decoding.config)")
+    for task, t_over in task_config.items():
+        for method, m_over in method_config.items():
+            valid(merge_config(base, t_over, m_over), f"decoding.task_config[{task!r}] with method_config[{method!r}]")
+    for gamma in d.gammas:
+        valid(merge_config(base, {"gamma": gamma}), f"decoding.gammas ({gamma!r})")
+    for name, allowed_what in (("lengths", f"a positive integer, {REFERENCE!r} or null"),
+                               ("stops", "one of " + ", ".join(STOP_RULES))):
+        overrides = _as_dict(getattr(d, name), f"decoding.{name}")
+        for family, value in overrides.items():
+            if family not in FAMILIES:
+                raise ConfigError(f"decoding.{name}: unknown task family {family!r}{_suggest(family, FAMILIES)}")
+            if name == "lengths":
+                ok = value is None or value == REFERENCE or (
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+            else:
+                ok = value in STOP_RULES
+            if not ok:
+                hint = _suggest(value, STOP_RULES) if name == "stops" and isinstance(value, str) else ""
+                raise ConfigError(f"decoding.{name}[{family!r}] = {json.dumps(value)}: expected {allowed_what}"
+                                  f"{hint if hint.startswith(';') else ''}")
 
 
 def method_info(method: str):
