@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.engine import config
+from pipeline.storage.archive import safe_name
 from pipeline.storage.store import KEY_LEN
 
 REMOTE_FORMAT = 1

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from pipeline.sharing.protocol import (STAGE_RE, STALE_HOURS, TEMP_MARK, RemoteError, check_names,
                                        check_remote_manifest, local_manifest, redact, remote_manifest, remote_mode,
