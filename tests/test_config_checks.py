@@ -83,7 +83,7 @@ def test_the_keys_inside_the_decoding_dicts_are_checked_before_anything_builds(c
 
 def test_the_project_decoding_config_passes_its_check(clean_config):
     from pipeline import dag
-    from pipeline.engine.scheduling import check_needs
+    from pipeline.engine.task import check_needs
 
     dag.check_decoding()
     check_needs()
