@@ -1,4 +1,4 @@
-"""Faults benchmark (issue 9 §5): random ``kill -9`` during ``nest run``, a rerun after each, every manifest verified.
+"""Faults benchmark: random ``kill -9`` during ``nest run``, a rerun after each, every manifest verified.
 
     python -m bench.run faults                    # 20 kills (a few minutes)
     python -m bench.run faults --kills 40

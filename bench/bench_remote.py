@@ -1,4 +1,4 @@
-"""Remote-store benchmark (issue 9 §5): push and pull throughput vs raw zstandard, and peak memory vs artifact size.
+"""Remote-store benchmark: push and pull throughput vs raw zstandard, and peak memory vs artifact size.
 
     python -m bench.run remote                  # 1 GiB artifact (and 100 MiB for the memory check)
     python -m bench.run remote --size-mib 256   # a smaller run on a busy machine
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"| {r['mib_per_s']['decompress_fsync']} | {r['pull_vs_decompress_fsync']} "
                     f"| {r['peak_rss_mib']['push']} | {r['peak_rss_mib']['pull']} |")
     out["markdown"] = "\n".join([
-        "# Remote store: push/pull throughput and memory (issue 9 §5)",
+        "# Remote store: push/pull throughput and memory",
         "",
         f"Local-folder remote on the same disk; {os.cpu_count()} CPUs (shared); best of {repeats}; each operation in a "
         "fresh process. Throughput in MiB/s of artifact bytes. Targets: push ÷ zstd ≥ 0.7, pull ÷ unzstd ≥ 0.9, peak "

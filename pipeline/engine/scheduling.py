@@ -1,4 +1,4 @@
-"""Many workers on Luigi's schedulers (issue 10 §1): worker processes, thread budgets, resources, distributed mode.
+"""Many workers on Luigi's schedulers: worker processes, thread budgets, resources, distributed mode.
 
 Nothing here schedules: Luigi does. ``nest all --workers N`` hands ``workers=N`` to ``luigi.build`` (N worker
 processes under the local scheduler); ``--scheduler-url`` connects to a running ``luigid`` instead; ``nest worker``

@@ -1,4 +1,4 @@
-"""Sharded stages (issue 10 §2): one stage split into shard tasks, each its own Luigi task and artifact, merged into
+"""Sharded stages: one stage split into shard tasks, each its own Luigi task and artifact, merged into
 the artifact the unsharded stage writes.
 
 **The shard count is a resource, not an identity.** A sharded stage declares ``shards`` (a Luigi parameter,

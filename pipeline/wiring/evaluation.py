@@ -22,7 +22,7 @@ from stages.decoding.registry import relevant_config, relevant_for_perplexity  #
 
 
 class EncodePassageKeys(NestTask):
-    """Passage keys computed offline into a memory-mapped key store (stages.lm.encode_passage_keys; issue 7 §2).
+    """Passage keys computed offline into a memory-mapped key store (stages.lm.encode_passage_keys).
 
     Keyed by the LM (PrepareLM's key), the tokens artifact, the scope's retrievals, the key layer and the BOS rule (and
     ``passages`` = b for the retrieved scope; ``key_precision`` when not fp32): a decoder reads it only when its own

@@ -1,5 +1,5 @@
 """The paper's experiments as data: which variants of a method the report compares, and how each one's decoding config
-is made. The grid (``pipeline/experiments.py``) builds its runs from these declarations and the report
+is made. The grid (``pipeline/wiring/experiments.py``) builds its runs from these declarations and the report
 (``stages/evaluation/report.py``) reads its Table 3 and γ-sweep rows back by the same names, so a variant is stated
 once.
 

@@ -93,7 +93,7 @@ def run(out_dir: Path, *, passages: Path, lm: Path, template: str = DEFAULT_TEMP
         start: int | None = None, end: int | None = None) -> dict:
     """Tokenize every passage of ``passages`` with ``lm``'s tokenizer into token shards in ``out_dir``.
 
-    ``start``/``end`` (a shard of the sharded stage, pipeline/sharding.py): tokenize doc_ids ``[start, end)`` only,
+    ``start``/``end`` (a shard of the sharded stage, pipeline/engine/sharding.py): tokenize doc_ids ``[start, end)`` only,
     into ``shard-00000.parquet`` + ``shard.json``; :func:`merge` turns the shards into the files of a whole run."""
     import pyarrow as pa
     from tqdm import tqdm

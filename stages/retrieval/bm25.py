@@ -83,7 +83,7 @@ def indexer_process(cmd: list[str], env: dict) -> subprocess.Popen:
     """Start the indexer (its output merged into a text pipe) so that it dies with the process that started it: a
     ``kill -9`` of the build (or of the Luigi worker running it) must not leave a JVM indexing into a dead temp folder
     for hours. Linux: the kernel sends it SIGKILL when its parent dies (``PR_SET_PDEATHSIG``). It runs in its own
-    session, so that a Ctrl-C to the terminal's process group reaches the build (which stops it: pipeline/stopping.py)
+    session, so that a Ctrl-C to the terminal's process group reaches the build (which stops it: pipeline/engine/stopping.py)
     and not the indexer (whose Python would print a KeyboardInterrupt traceback)."""
     parent = os.getpid()
 

@@ -191,7 +191,7 @@ def run_encode(out_dir: Path, *, passages: Path, encoder: EncoderSpec | dict | N
     batches of ``batch_size`` are formed by token length. Each shard's matrix is written through a memory map, so a
     large shard never sits in RAM.
 
-    ``start``/``end`` (a shard of the sharded stage, pipeline/sharding.py): encode only the chunks that *start* at a
+    ``start``/``end`` (a shard of the sharded stage, pipeline/engine/sharding.py): encode only the chunks that *start* at a
     doc_id in ``[start, end)``, into ``shard.npy`` + ``shard.json``. The chunks, hence the batches and the vectors'
     bits, are those of a whole run whatever the range; :func:`merge_encode` writes the whole run's files from them.
     """

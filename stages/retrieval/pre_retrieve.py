@@ -189,7 +189,7 @@ def run(out_dir: Path, *, examples: Path, encoder=None, mode: str = HYBRID, b: i
     a time, which is faster here than Anserini's threaded ``batch_search`` (see
     :class:`stages.retrieval.bm25.BM25Searcher`).
 
-    ``start``/``end`` (a shard of the sharded stage, pipeline/sharding.py): only the batches of ``batch_size``
+    ``start``/``end`` (a shard of the sharded stage, pipeline/engine/sharding.py): only the batches of ``batch_size``
     examples that *start* at a row in ``[start, end)``; the batches are those of a whole run, and :func:`merge`
     concatenates the shards' row groups into the whole run's file.
     """
