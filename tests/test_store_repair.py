@@ -7,7 +7,8 @@ import json
 
 from luigi.task_register import Register
 
-from pipeline import cli, config
+from pipeline import cli
+from pipeline.engine import config
 from pipeline.engine.config import get_store
 from pipeline_conftest_helpers import fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, calls
