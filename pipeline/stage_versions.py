@@ -3,10 +3,15 @@
 A stage's version is a declared constant (``VERSION = "1"``): a comment or a refactor must not invalidate a large index.
 To catch a forgotten bump, ``tests/stage_versions.json`` records, per stage module, its declared versions and a hash of its
 code: the ASTs (no comments, no formatting) of the module and of every project module (``stages.*``, ``tasks.*``) it
-imports, transitively, without the version assignments themselves. The test fails when the
-code hash moved but no version did, and also when a version moved but the record was not refreshed. Refresh deliberately:
+imports, transitively, without the version assignments themselves, one hash per source file. The test fails when a
+recorded file's code moved (or a file went away) but no version did, and also when a version moved but the record was
+not refreshed. Refresh deliberately:
 
     python -m pipeline.stage_versions --update
+
+Additions pass without a refresh, so that extending the pipeline is one new file (docs/extending.md): a new file in a
+plugin folder or a discovered package (a method, a task, a retriever) cannot change what the recorded code computes,
+and a stage not recorded yet is at its first version (``"1"``) with nothing to compare.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 import pipeline.dag  # noqa: F401  (defines the stage tasks)
 from pipeline.engine.config import PROJECT_ROOT
-from pipeline.engine.stage_code import code_hash, declared_versions, dependencies, module_files, read_version  # noqa: F401
+from pipeline.engine.stage_code import (code_hash, code_parts, declared_versions, dependencies,  # noqa: F401
+                                        module_files, read_version)
 from pipeline.engine.task import NestTask, subclasses
 
 RECORD = PROJECT_ROOT / "tests" / "stage_versions.json"
@@ -43,8 +49,19 @@ def stage_modules() -> dict[str, tuple[str, ...]]:
 
 
 def current(modules: dict[str, tuple[str, ...]]) -> dict[str, dict]:
-    return {m: {"versions": declared_versions(m, attrs), "code_sha256": code_hash(m, attrs),
-                "covers": dependencies(m)} for m, attrs in modules.items()}
+    out = {}
+    for m, attrs in modules.items():
+        parts = code_parts(m, attrs)
+        out[m] = {"versions": declared_versions(m, attrs), "code_sha256": code_hash(m, attrs),
+                  "covers": dependencies(m), "parts": parts}
+    return out
+
+
+def _changed_parts(rec: dict, cur: dict) -> list[str] | None:
+    """The recorded source files whose code moved or that went away (None: the record predates per-file parts)."""
+    if "parts" not in rec:
+        return None
+    return sorted(f for f, digest in rec["parts"].items() if cur["parts"].get(f) != digest)
 
 
 def check(recorded: dict[str, dict], now: dict[str, dict]) -> list[str]:
@@ -54,14 +71,16 @@ def check(recorded: dict[str, dict], now: dict[str, dict]) -> list[str]:
     for module, cur in sorted(now.items()):
         rec = recorded.get(module)
         if rec is None:
-            problems.append(f"{module}: not recorded; record it with `{fix}`")
-            continue
-        code_moved = rec.get("code_sha256") != cur["code_sha256"]
+            if any(v != "1" for v in cur["versions"].values()):
+                problems.append(f"{module}: not recorded at version {cur['versions']}; record it with `{fix}`")
+            continue  # a new stage at its first version: nothing to compare yet
+        changed = _changed_parts(rec, cur)
+        code_moved = rec.get("code_sha256") != cur["code_sha256"] if changed is None else bool(changed)
         version_moved = rec.get("versions") != cur["versions"]
         if code_moved and not version_moved:
-            covers = ", ".join(cur.get("covers", [module]))
+            covers = ", ".join(changed or cur.get("covers", [module]))
             names = ", ".join(cur["versions"]) or "VERSION"
-            problems.append(f"{module}: code changed (the hash covers {covers}) but {names} did not ({cur['versions']}). "
+            problems.append(f"{module}: code changed (in {covers}) but {names} did not ({cur['versions']}). "
                             f"Bump it if outputs can change; otherwise refresh with `{fix}`")
         elif version_moved:
             problems.append(f"{module}: version {rec.get('versions')} -> {cur['versions']}; record it with `{fix}`")

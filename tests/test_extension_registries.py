@@ -184,3 +184,14 @@ def test_a_toy_task_is_scored_by_its_declaration_not_its_name(toys):
     assert score.example_metrics("toy_qa", "four", ex.to_row()) == {"exact": 100.0}
     assert report.task_spec("toy_qa").report_columns[0].label == "Exact match"
     assert report.quality_column("toy_qa") == Column("exact", "Exact match")
+
+
+def test_a_retriever_module_declares_itself(tmp_path):
+    """RETRIEVER/SEARCHER literals in a module of the retrieval package register it, read from the source only."""
+    from stages.retrieval import searchers
+
+    (tmp_path / "lexical.py").write_text('import not_installed_anywhere\nRETRIEVER = "lexical"\nSEARCHER = "LexSearcher"\n'
+                                         'SEARCHER_OPTIONS = ("encoder",)\n')
+    (tmp_path / "helper.py").write_text('SEARCHER = "NotARetriever"\n')  # no RETRIEVER: not one
+    assert searchers.declared(tmp_path) == [("lexical", "stages.retrieval.lexical:LexSearcher", ("encoder",))]
+    assert set(searchers.names()) >= {"bm25", "dense"}

@@ -83,3 +83,27 @@ def test_base_does_not_import_the_dag_or_the_guard():
     code = ("import sys, pipeline.engine.task; bad = {'pipeline.dag', 'pipeline.stage_versions'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=sv.PROJECT_ROOT)
+
+
+def _rec(parts: dict, version: str = "1") -> dict:
+    return {"versions": {"VERSION": version}, "code_sha256": "|".join(f"{k}={v}" for k, v in sorted(parts.items())),
+            "covers": sorted({k.split(":")[0] for k in parts}), "parts": parts}
+
+
+def test_an_added_file_passes_a_changed_or_removed_one_does_not():
+    """Extending is one new file (a method, a task, a retriever): it cannot change what the recorded code computes."""
+    recorded = {"stages.x": _rec({"stages.x:x.py": "a", "stages.decoding.methods:nest.py": "b"})}
+    added = {"stages.x": _rec({"stages.x:x.py": "a", "stages.decoding.methods:nest.py": "b",
+                               "stages.decoding.methods:no_echo.py": "c"})}
+    assert sv.check(recorded, added) == []
+    changed = {"stages.x": _rec({"stages.x:x.py": "a", "stages.decoding.methods:nest.py": "B"})}
+    problems = sv.check(recorded, changed)
+    assert len(problems) == 1 and "stages.decoding.methods:nest.py" in problems[0] and "did not" in problems[0]
+    removed = {"stages.x": _rec({"stages.x:x.py": "a"})}
+    assert len(sv.check(recorded, removed)) == 1
+
+
+def test_a_new_stage_is_at_its_first_version_until_recorded():
+    assert sv.check({}, {"stages.new": _rec({"stages.new:new.py": "a"})}) == []
+    problems = sv.check({}, {"stages.new": _rec({"stages.new:new.py": "a"}, version="2")})
+    assert len(problems) == 1 and "not recorded" in problems[0]

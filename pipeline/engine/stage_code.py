@@ -137,15 +137,23 @@ def dependencies(module: str) -> list[str]:
     return sorted(seen)
 
 
-def code_hash(module: str, attrs: tuple[str, ...] = ("VERSION",)) -> str:
-    """sha256 of the ASTs (comments and layout ignored) of the module and of the project modules it imports, the
-    module's own version assignments left out."""
+def code_parts(module: str, attrs: tuple[str, ...] = ("VERSION",)) -> dict[str, str]:
+    """sha256 of the AST (comments and layout ignored) of each source file the stage runs, named ``module:file``: the
+    module and the project modules it imports, the module's own version assignments left out. A file in a plugin folder
+    or a discovered package is its own part, so a new method or task file shows as an added part."""
     wanted = frozenset(attrs)
-    h = hashlib.sha256()
+    parts = {}
     for dep in dependencies(module):
         for path in module_files(dep, whole_package=(dep == module or is_plugin_folder(dep))):
             tree = _parse(path)
             body = [n for n in tree.body if not (dep == module and _is_version_assign(n, wanted))]
-            h.update(f"{dep}:{path.name}".encode())
-            h.update(ast.dump(ast.Module(body=body, type_ignores=[])).encode())
+            parts[f"{dep}:{path.name}"] = hashlib.sha256(ast.dump(ast.Module(body=body, type_ignores=[])).encode()).hexdigest()
+    return parts
+
+
+def code_hash(module: str, attrs: tuple[str, ...] = ("VERSION",)) -> str:
+    """One sha256 over :func:`code_parts`."""
+    h = hashlib.sha256()
+    for name, digest in sorted(code_parts(module, attrs).items()):
+        h.update(f"{name}={digest};".encode())
     return h.hexdigest()

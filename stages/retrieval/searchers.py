@@ -8,12 +8,15 @@ A retriever is a name, the stage that builds its artifact (BM25: ``stages.retrie
     searcher.search(queries, k) -> [[(doc_id, score), ...], ...]   # per query, best first, higher is better
 
 ``register(name, "module:Class", options=(...))`` adds one (the class is imported on first use, so naming a retriever
-costs no import of torch or the JVM). Its name is its input name in PreRetrieve and its score column in
+costs no import of torch or the JVM). A module of this package that declares, as literals, ``RETRIEVER = "<name>"`` and
+``SEARCHER = "<Class>"`` (and ``SEARCHER_OPTIONS = (...)`` if it takes run options) is registered on import of this
+module without being imported (:func:`declared`): a new retriever is its own stage module plus its index task. Its name is its input name in PreRetrieve and its score column in
 ``retrievals.parquet`` (docs/extending.md, "A retriever").
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from dataclasses import dataclass
@@ -95,3 +98,24 @@ def get(name: str) -> Retriever:
 
 register("bm25", "stages.retrieval.bm25:BM25Searcher")
 register("dense", "stages.retrieval.dense:DenseSearcher", options=("encoder",))
+
+
+def declared(folder: Path = Path(__file__).resolve().parent) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(name, "module:Class", options)`` of every module of ``folder`` that declares ``RETRIEVER`` and ``SEARCHER``
+    as top-level literals, in module order, read from the sources (importing them could load torch or the JVM)."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        values = {}
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id in ("RETRIEVER", "SEARCHER", "SEARCHER_OPTIONS")):
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+        if "RETRIEVER" in values and "SEARCHER" in values:
+            found.append((str(values["RETRIEVER"]), f"{DISCOVERS}.{path.stem}:{values['SEARCHER']}",
+                          tuple(values.get("SEARCHER_OPTIONS", ()))))
+    return found
+
+
+for _name, _searcher, _options in declared():
+    if _name not in _REGISTRY:
+        register(_name, _searcher, options=_options)
