@@ -121,8 +121,7 @@ class FwWork(Sharded, NestTask):
     def stage_params(self):
         return {{"text": "work", **range_params(self)}}
 
-    def size_source(self):
-        return FwSource(), "items"
+    size_source = ("source", "items")  # the stats field ``items`` of the ``source`` input
 
     def shard_task(self, start, end):
         return self.clone(start=start, end=end, shards=1)
@@ -175,6 +174,7 @@ class _Bench:
         self.cfg = self.root / "luigi-bench.cfg"
         self.cfg.write_text(LUIGI_CFG)
         self.remote = self.root / "remote"
+        self.remote.mkdir(exist_ok=True)  # a folder remote must exist (a missing one is refused as a typo)
         self.log = self.root / "calls.log"
         self.luigid: subprocess.Popen | None = None
         self.url = ""
@@ -292,7 +292,7 @@ def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float =
     bench.start_luigid()
     t_all = time.perf_counter()
     counts = {"rounds": n, "kills": 0, "hung": 0, "not_finished": 0, "corrupt_complete": 0, "left_running": 0,
-              "artifacts_checked": 0}
+              "corrupt_remote": 0, "artifacts_checked": 0}
     details: list[dict] = []
     try:
         for i in range(n):
@@ -333,6 +333,7 @@ def worker_rounds(n: int, workdir: Path, rng: random.Random, *, timeout: float =
             counts["hung"] += hung
             counts["not_finished"] += not_finished
             counts["corrupt_complete"] += len(problems)
+            counts["corrupt_remote"] += sum(p.startswith("remote ") for p in problems)
             counts["left_running"] += len(left)
             counts["artifacts_checked"] += checked
             err = (bench.root / f"{survivor.name}.err").read_text(errors="replace")

@@ -64,8 +64,10 @@ def test_version_bump_asks_for_a_deliberate_refresh_and_then_passes(fake_module)
     assert sv.check(_state(), _state()) == []
 
 
-def test_unrecorded_module_fails(fake_module):
+def test_unrecorded_module_past_its_first_version_fails(fake_module):
     fake_module("1")
+    assert sv.check({}, _state()) == []  # a new stage at version 1: nothing to compare yet
+    fake_module("2")
     assert "not recorded" in sv.check({}, _state())[0]
 
 
