@@ -27,7 +27,7 @@ bench: $(STAMP)
 
 # the embedded run's headline numbers against tests/reproduction/embedded.json, each within its tolerance
 reproduce: $(STAMP)
-	NEST_REPRODUCE=1 $(BIN)/python -m pytest -q tests/test_reproduction.py
+	NEST_REPRODUCE=1 $(BIN)/python -m pytest -q tests/pipeline/test_reproduction.py
 
 # The corpus-wide passage-key store (EncodePassageKeys over every passage, PQ keys of 64 bytes), not part of `make all`:
 # about 35-40 min and 72 MB on 2 CPU cores for the embedded corpus (docs/scale.md "make keys"). A run reads it with

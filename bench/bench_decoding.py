@@ -320,10 +320,6 @@ def build_key_store(dag, task: str, cfg: dict | None = None) -> dict:
     """Build the passage-key store (EncodePassageKeys) of ``task``'s draw (the config overrides in force) BEFORE the
     timed run: ``{'dir', 'build_s', 'queries', 'share_s', 'scope'}`` or ``{'note'}``. ``queries``: the examples of the
     PreRetrieve it encoded (the store holds their passages); ``share_s`` = ``build_s`` ÷ ``queries``."""
-    try:
-        from stages.decoding.key_store import PassageKeyStore  # noqa: F401  (present after the key-store merge)
-    except ImportError:
-        return {"note": "key store absent in this build (stages.decoding.key_store): the nest_store rows are skipped"}
     cls = getattr(dag, "EncodePassageKeys", None)
     if cls is None:
         return {"note": "no EncodePassageKeys stage in pipeline.dag: the nest_store rows are skipped"}
@@ -344,8 +340,6 @@ def build_key_store(dag, task: str, cfg: dict | None = None) -> dict:
         scope = getattr(job, "scope", "retrieved")
         queries = None
         if scope == "retrieved":
-            from stages.retrieval.pre_retrieve import read_retrievals
-
             queries = len(read_retrievals(Path(job.inputs()["retrievals"].artifact_dir)))
         return {"dir": str(job.artifact_dir), "scope": scope, "build_s": round(build_s, 2), "queries": queries,
                 "share_s": round(build_s / queries, 4) if queries else None,

@@ -13,7 +13,7 @@ The stages are wired in ``pipeline/wiring/``, one module per concern, each on th
 
 This module re-exports them and adds the target of ``nest all``. Every option that ``luigi.cfg`` sets takes its
 default from there and only there (the embedded profile): the classes give no default of their own for it, so the two
-cannot drift (``tests/test_config_defaults.py``). Options the file does not list (rarely changed ones, and one per
+cannot drift (``tests/pipeline/test_config_defaults.py``). Options the file does not list (rarely changed ones, and one per
 registered paper task) keep a default in their class. A new stage: docs/extending.md, "A stage".
 """
 

@@ -6,10 +6,15 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# tests live in folders that mirror the packages (tests/pipeline, tests/stages/decoding, ...); the helpers shared across
+# them (decoding_tiny: the tiny Llama and tokenizer) sit here, importable from every folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 for _var, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_var, _value)

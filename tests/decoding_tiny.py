@@ -48,3 +48,16 @@ def random_passages(seed: int, n: int, lo: int = 12, hi: int = 40, first_doc: in
     rng = random.Random(seed)
     return [Passage(first_doc + i, [rng.randrange(4, VOCAB) for _ in range(rng.randrange(lo, hi))], f"T{i}", "")
             for i in range(n)]
+
+
+def mixed_requests(n_new: int = 24):
+    """Three examples with different prompt lengths, kinds and passages (the decoding tests' common batch)."""
+    from stages.decoding.types import DecodeRequest
+
+    return [
+        DecodeRequest(0, "completion", prefix="the cat sat on the", passages=random_passages(10, 6),
+                      max_new_tokens=n_new),
+        DecodeRequest(1, "qa", question="who?", passages=random_passages(11, 4, first_doc=200), max_new_tokens=n_new),
+        DecodeRequest(2, "completion", prefix="a", passages=random_passages(12, 8, lo=4, hi=9, first_doc=300),
+                      max_new_tokens=n_new - 5),
+    ]

@@ -11,7 +11,7 @@ from luigi.task_register import Register
 from pipeline.engine.runlog import RUN_LOG
 from pipeline_fakes import FAKE_MODULE, write_fake_stage
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 class FakeEnv:

@@ -20,6 +20,8 @@ from pipeline.storage.runs import latest_run
 from pipeline_conftest_helpers import PROJECT, fake_env  # noqa: F401  (fixture)
 from pipeline_fakes import FkAll, FkLeaf, FkMid, FkSide, FkSource, calls
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -304,20 +306,20 @@ def test_profile_full_wires_the_whole_dag_with_stand_ins(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps({"stand_in": name}))
     corpus = tmp_path / "atlas.jsonl"
     corpus.write_text(json.dumps({"id": "1", "title": "T", "section": "", "text": "x y z"}) + "\n")
-    fixtures = Path(__file__).parent / "fixtures" / "tasks"
+    fixtures = FIXTURES / "tasks"
     env = {**os.environ, "NEST_STORE": str(tmp_path / "store"), "NEST_FULL_LM": str(tmp_path / "lm"),
            "NEST_FULL_CORPUS": str(corpus), "NEST_FULL_QUERY_ENCODER": str(tmp_path / "query_encoder"),
            "NEST_FULL_CONTEXT_ENCODER": str(tmp_path / "context_encoder")}
     sets = [f"paper_tasks.nq={fixtures / 'nq_open.jsonl'}", f"paper_tasks.wikitext={fixtures / 'wikitext.raw'}"]
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--profile", "full",
                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     assert "Generate(task=nq, method=nest)" in text and "Perplexity(task=wikitext, method=ra_nest)" in text
     assert "Score(task=wikitext, method=knnlm, variant=ablation:rrc)" in text
     assert "task=completion" not in text and "task=bio" not in text
     missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--profile", "full"],
-                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
                              env={k: v for k, v in env.items() if k != "NEST_FULL_LM"})
     assert missing.returncode == 2 and "[full] lm" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -2,7 +2,7 @@
 names from outside, a read-only store and a missing remote folder, the damaged-pull path.
 
 Folder remotes use tmp folders; S3 runs against moto's server on 127.0.0.1 through s3fs (the fixtures of
-tests/test_remote.py).
+tests/pipeline/test_remote.py).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pipeline.engine.runlog import RUN_LOG, closure
 from pipeline.engine.config import get_store
 from pipeline.engine.sharding import artifact_stat, ranges
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_ranges_cover_the_items_in_order_on_block_boundaries():

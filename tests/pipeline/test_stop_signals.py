@@ -16,7 +16,7 @@ import pytest
 
 from stop_fakes import write_stop_stage
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parent
 
 

@@ -17,7 +17,7 @@ import pytest
 from pipeline.storage.keys import Identified, canonical_json, content_key, key_form
 from pipeline.storage.store import Store
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 KEY = "ab" * 32
 
 

@@ -12,8 +12,10 @@ from tasks.errors import TaskInputError
 from tasks.hotpotqa import is_yes_no
 from tasks.wikitext import chunk_starts, parse_articles
 
-FIX = Path(__file__).parent / "fixtures" / "tasks"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+FIX = FIXTURES / "tasks"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 class WordTokenizer:

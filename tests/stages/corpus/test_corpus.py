@@ -18,7 +18,9 @@ from stages.corpus.formats import JsonObjectStream, detect_format, split_dpr_con
 from stages.errors import InputError
 from stages.corpus.passages import PassageReader
 
-FIX = Path(__file__).resolve().parent / "fixtures" / "corpus"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
+FIX = FIXTURES / "corpus"
 
 ALPHA = "Alpha is the first letter. It has a long history in many scripts. Greek writers used it widely."
 
@@ -366,7 +368,7 @@ def test_reader_columns_and_batches(micro_passages_dir):
     assert sum(b.num_rows for b in batches) == 60 and max(b.num_rows for b in batches) == 4
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "dpr_wiki_sample" / "sample_data.jsonl"
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "dpr_wiki_sample" / "sample_data.jsonl"
 
 
 @pytest.mark.skipif(not SHARED.is_file(), reason="../shared/data (development checkout only) is absent")
@@ -441,7 +443,7 @@ def test_nest_run_on_a_cut_zst_prints_one_line_and_publishes_nothing(tmp_path):
 
     full, first_block = _streamed_zst(_jsonl_records(3000))
     src = write(tmp_path, "silent.jsonl.zst", full[:first_block])
-    env = {**os.environ, "NEST_STORE": str(tmp_path / "store"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "NEST_STORE": str(tmp_path / "store"), "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "ConvertCorpus", "--source", str(src)],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

@@ -4,26 +4,13 @@ accepted draft or a streamed continuation; tokens produced one at a time whose v
 
 import pytest
 
-from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
+from decoding_tiny import TinyTokenizer, mixed_requests, random_passages, tiny_llama
 from stages.decoding import DecodeRequest, NestConfig, make_decoder
 from tasks.metrics import attribution_stats
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return TinyTokenizer()
-
-
 def requests(n_new=24):
-    return [DecodeRequest(0, "completion", prefix="the cat sat on the", passages=random_passages(10, 6),
-                          max_new_tokens=n_new),
-            DecodeRequest(1, "qa", question="who?", passages=random_passages(11, 4, first_doc=200),
-                          max_new_tokens=n_new)]
+    return mixed_requests(n_new)[:2]  # a completion and a question
 
 
 def check_values(gens, reqs):

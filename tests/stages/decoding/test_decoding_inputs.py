@@ -12,11 +12,6 @@ def model():
     return tiny_llama(seed=0, max_pos=64)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return TinyTokenizer()
-
-
 def test_empty_prompt_and_empty_question(model, tok):
     dec = make_decoder("nest", model, tok, NestConfig(max_new_tokens=4))
     with pytest.raises(InputError, match="example 7: empty prompt"):

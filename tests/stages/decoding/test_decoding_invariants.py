@@ -3,29 +3,11 @@ test_decoding_index, D3: test_decoding_kernels), end to end on a tiny random Lla
 
 import pytest
 
-from decoding_tiny import PAD, TinyTokenizer, random_passages, tiny_llama
+from decoding_tiny import PAD, TinyTokenizer, mixed_requests, random_passages, tiny_llama
 from stages.decoding import DecodeRequest, NestConfig, Passage, make_decoder
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return TinyTokenizer()
-
-
-def requests(n_new=24):
-    """Three examples with different prompt lengths, kinds and passages."""
-    return [
-        DecodeRequest(0, "completion", prefix="the cat sat on the", passages=random_passages(10, 6),
-                      max_new_tokens=n_new),
-        DecodeRequest(1, "qa", question="who?", passages=random_passages(11, 4, first_doc=200), max_new_tokens=n_new),
-        DecodeRequest(2, "completion", prefix="a", passages=random_passages(12, 8, lo=4, hi=9, first_doc=300),
-                      max_new_tokens=n_new - 5),
-    ]
+requests = mixed_requests
 
 
 def tokens(gens):

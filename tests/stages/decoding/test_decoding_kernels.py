@@ -1,5 +1,5 @@
 """The pure kernels of stages.decoding.kernels on hand-made tensors, answers worked out by hand.
-(Attribution metrics: tests/test_attribution.py.)"""
+(Attribution metrics: tests/tasks/test_attribution.py.)"""
 
 import math
 

@@ -12,7 +12,7 @@ import torch
 
 from stages.decoding import DecodeRequest, NestConfig, make_decoder, registry
 from stages.decoding.registry import relevant_config, relevant_for_perplexity
-from tests.decoding_tiny import TinyTokenizer, random_passages, tiny_llama
+from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
 
 # The worked example of docs/extending.md, "A decoding method": greedy decoding that never emits the same token twice
 # in a row (a toy, one file).

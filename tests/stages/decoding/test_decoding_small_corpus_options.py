@@ -5,7 +5,7 @@ import torch
 from stages.decoding import DecodeRequest, NestConfig, Passage, make_decoder
 from stages.decoding.knn import KnnRow as NestRow
 from stages.decoding.base import Clock
-from tests.decoding_tiny import EOS, TinyTokenizer, random_passages, tiny_llama
+from decoding_tiny import EOS, TinyTokenizer, random_passages, tiny_llama
 
 
 def _decoder(**cfg):

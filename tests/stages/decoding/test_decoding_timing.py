@@ -22,11 +22,6 @@ def model():
     return tiny_llama(seed=3, max_pos=256)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return TinyTokenizer()
-
-
 def _req(eid=0, n_passages=6, seed=1):
     return DecodeRequest(eid, "completion", prefix="hello world", passages=random_passages(seed, n_passages),
                          max_new_tokens=12)

@@ -16,11 +16,6 @@ class SentenceTokenizer(TinyTokenizer):
                        else super(SentenceTokenizer, self).decode([i], skip_special_tokens) for i in ids)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=0)
-
-
 def passages():
     """Three articles of two passages each (titles A, B, C); each passage is short sentences of random words: the
     same words recur across articles, so spans can start in any of them."""

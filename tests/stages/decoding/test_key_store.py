@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
+from decoding_tiny import TinyTokenizer, mixed_requests, random_passages, tiny_llama
 from stages.lm import encode_passage_keys as stage
 from stages.decoding import DecodeRequest, NestConfig, make_decoder
 from stages.decoding.key_store import PassageKeyStore, pq_subquantizers
@@ -19,24 +19,7 @@ from stages.decoding.passage_keys import PassageKeyCache, encode_passages, lm_fi
 from stages.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return TinyTokenizer()
-
-
-def requests(n_new=24):
-    return [
-        DecodeRequest(0, "completion", prefix="the cat sat on the", passages=random_passages(10, 6),
-                      max_new_tokens=n_new),
-        DecodeRequest(1, "qa", question="who?", passages=random_passages(11, 4, first_doc=200), max_new_tokens=n_new),
-        DecodeRequest(2, "completion", prefix="a", passages=random_passages(12, 8, lo=4, hi=9, first_doc=300),
-                      max_new_tokens=n_new - 5),
-    ]
+requests = mixed_requests
 
 
 def all_passages(reqs):

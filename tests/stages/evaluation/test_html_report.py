@@ -195,7 +195,7 @@ def test_progress_is_a_line_every_few_seconds_when_stderr_is_a_log():
 
 def test_query_naming_a_missing_or_reserved_column_lists_the_columns(tmp_path, monkeypatch, capsys):
     from pipeline import cli
-    from tests.test_cli import _fake_retrieval_store
+    from tests.pipeline.test_cli import _fake_retrieval_store
 
     _fake_retrieval_store(tmp_path / "store")
     monkeypatch.setenv("NEST_STORE", str(tmp_path / "store"))
@@ -207,7 +207,7 @@ def test_query_naming_a_missing_or_reserved_column_lists_the_columns(tmp_path, m
 
 def test_generate_html_lists_the_retrieved_passages_and_marks_the_copied_ones(tmp_path):
     from stages.decoding.types import Generation, Passage
-    from tests.decoding_tiny import TinyTokenizer
+    from decoding_tiny import TinyTokenizer
 
     tok = TinyTokenizer()
     passages = [Passage(4, [10, 11, 12, 13, 14], "Ada <Lovelace>"), Passage(8, [20, 21, 22], "Other")]

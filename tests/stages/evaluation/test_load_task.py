@@ -16,6 +16,8 @@ from tasks.base import examples_schema
 from tasks.bio import is_person
 from tasks.completion import FALLBACK_TARGET_TOKENS
 
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
 P, T = 16, 48  # prefix / target tokens for the tiny tokenizer (its tokens are short: ~2 chars)
 
 PEOPLE = {"Jules Verne", "Ben Jonson", "Joseph Fourier", "Shirley Temple", "Bill Gates", "Simone Biles", "Karl Pearson",
@@ -154,7 +156,7 @@ def test_paper_task_from_its_official_file(tmp_path):
 
     from stages.evaluation import load_task
 
-    fixture = Path(__file__).parent / "fixtures" / "tasks" / "nq_open.jsonl"
+    fixture = FIXTURES / "tasks" / "nq_open.jsonl"
     stats = load_task.run(tmp_path, passages=tmp_path, lm=tmp_path, task="nq", data=fixture, n_examples=2, seed=0)
     rows = pq.read_table(tmp_path / "examples.parquet").to_pylist()
     assert stats["num_examples"] == len(rows) == 2

@@ -6,7 +6,7 @@ import torch
 
 from stages.decoding import DecodeRequest, NestConfig, make_decoder
 from stages.evaluation.perplexity import target_nll
-from tests.decoding_tiny import TinyTokenizer, random_passages, tiny_llama
+from decoding_tiny import TinyTokenizer, random_passages, tiny_llama
 
 PROMPT = [5, 9, 17, 33, 8, 12]
 TARGET = [40, 41, 7, 19, 22, 60, 4]
@@ -57,7 +57,7 @@ def test_perplexity_stage_scores_each_completion_with_the_decoders_evaluation_mo
     from stages.evaluation import perplexity
     from stages.retrieval import pre_retrieve
     from tasks.base import Example, examples_to_table
-    from tests.test_decoding_timing import _lookup_for, _Reader
+    from tests.stages.decoding.test_decoding_timing import _lookup_for, _Reader
 
     model, tok = tiny_llama(), TinyTokenizer()
     passages = random_passages(3, 3)

@@ -14,7 +14,7 @@ from stages.retrieval import fusion
 
 from stages.retrieval import pre_retrieve
 
-from tests.test_bm25 import PASSAGES, SCHEMA as PASSAGE_SCHEMA  # the same six passages
+from tests.stages.retrieval.test_bm25 import PASSAGES, SCHEMA as PASSAGE_SCHEMA  # the same six passages
 EXAMPLE_SCHEMA = pa.schema([("example_id", pa.int64()), ("task", pa.string()), ("kind", pa.string()),
                             ("query", pa.string()), ("question", pa.string()), ("prefix", pa.string()),
                             ("references", pa.list_(pa.string())), ("exclude_doc_ids", pa.list_(pa.int64())),
