@@ -282,23 +282,27 @@ class Remote:
         pull reads; ``nest push --clean-stale`` removes old ones). Elsewhere (S3, GCS): fsspec's non-autocommit file
         (S3: a multipart upload completed at the end, aborted on failure)."""
         final = self.archive_path(stage, key)
-        if self.local:
-            tmp = f"{self.root}/{stage}/.{key}.tar.zst{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                with open(tmp, "xb") as f:
-                    result = write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            with contextlib.suppress(OSError):
-                _fsync_dir(f"{self.root}/{stage}")
-        else:
-            result = self._upload(final, write)
+        result = self._write_local(stage, final, write) if self.local else self._upload(final, write)
         self._read_back(final, result)
+        return result
+
+    def _write_local(self, stage: str, final: str, write: Callable[[Any], Any]) -> Any:
+        """A folder remote's publication of one file: ``write(f)`` into a temp name beside ``final`` (never in
+        ``$TMPDIR``: the rename must stay on the remote's file system), fsync, rename over ``final``, fsync the folder;
+        the temp is removed on any failure."""
+        tmp = f"{final.rsplit('/', 1)[0]}/.{final.rsplit('/', 1)[1]}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "xb") as f:
+                result = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):
+            _fsync_dir(f"{self.root}/{stage}")
         return result
 
     def _read_back(self, path: str, archive: dict) -> None:
@@ -313,19 +317,7 @@ class Remote:
     def _put_manifest(self, stage: str, key: str, body: bytes) -> None:
         path = self.manifest_path(stage, key)
         if self.local:
-            tmp = f"{self.root}/{stage}/.{key}.manifest.json{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(body)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            with contextlib.suppress(OSError):
-                _fsync_dir(f"{self.root}/{stage}")
+            self._write_local(stage, path, lambda f: f.write(body))
         else:
             self._upload(path, lambda f: f.write(body))
 
