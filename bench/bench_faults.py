@@ -1,7 +1,8 @@
 """Faults benchmark: random ``kill -9`` during ``nest run``, a rerun after each, every manifest verified.
 
-    python -m bench.run faults                    # every kind below, 20 rounds each (about half an hour on 2 cores)
-    python -m bench.run faults --kills 40 --race-repeats 20 --worker-rounds 20 --stop-rounds 20
+    python -m bench.run faults                    # 40 kill rounds each of run, push, pull; 20 of the push race, of
+                                                  # two workers and of stop signals (about 25 min on 2 cores)
+    python -m bench.run faults --kills 20 --worker-rounds 30
     python -m bench.run --quick faults            # 3 rounds of each kind, to check the benchmark itself
 
 One results pair, ``bench/results/faults.md`` / ``.json``: a summary table first (kills landed per kind and in all,
@@ -380,7 +381,8 @@ def _goal(value_ok: bool) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="3 rounds of each kind (checks the benchmark itself)")
-    ap.add_argument("--kills", type=int, default=20, help="kill rounds of each of nest run, push --all, pull --all")
+    ap.add_argument("--kills", type=int, default=40,
+                    help="kill rounds of each of nest run, push --all, pull --all (40: >= 100 kills land in all)")
     ap.add_argument("--size", type=int, default=2_000_000, help="bytes per fake file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--race-repeats", type=int, default=20, help="rounds of the two-push race (quick: 3)")

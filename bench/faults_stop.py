@@ -2,6 +2,7 @@
 
     python -m bench.faults_stop --rounds 8        # a few minutes on 2 cores
     python -m bench.faults_stop --rounds 3 --json
+    python -m bench.run faults --stop-rounds 20   # these rounds within the whole fault bench (bench/bench_faults.py)
 
 Each round starts a build in its own process group, waits for its first ``building`` line, signals it after a random
 delay (uniform up to a clean run's length), and checks:

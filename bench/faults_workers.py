@@ -2,6 +2,7 @@
 
     python -m bench.faults_workers --rounds 20            # ≥ 20 rounds for the figure (a few minutes)
     python -m bench.faults_workers --rounds 3 --seed 1    # to check the benchmark itself
+    python -m bench.run faults --worker-rounds 20         # these rounds within the whole fault bench
 
 A ``luigid`` on 127.0.0.1 (a free port; short heartbeats: ``worker_disconnect_delay`` = 3 s, ``retry_delay`` = 0.5 s), a
 folder remote, one local store per worker. The DAG is cheap (a module of fake stages written into the scratch folder):
