@@ -247,7 +247,7 @@ class Remote:
         folder = store.path(stage, key)
         with self._io(f"pushing {label}"):
             archive = self._put_archive(stage, key, lambda f: pack(folder, local["files"], f, verify=verify,
-                                                                   label=label, progress=progress))
+                                                                   label=label, progress=progress, digest=False))
             doc = remote_manifest(local, archive)
             body = (json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
             self._put_manifest(stage, key, body)  # the publication step, after the archive was read back
