@@ -62,6 +62,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.faults_stop import markdown as stop_markdown
+from bench.faults_stop import stop_rounds
+from bench.faults_workers import worker_rounds  # two nest workers under luigid, one kill -9'd
 from pipeline.sharing.protocol import _digest, remote_manifest
 from pipeline.sharing.remote import Remote, RemoteError
 from pipeline.storage.store import Store
@@ -461,8 +464,6 @@ def main(argv: list[str] | None = None) -> dict:
             crafted = _crafted_names(scratch)
             n_final, bad_final, _ = _verify_store(store)
 
-            from bench.faults_workers import worker_rounds  # two nest workers under luigid, one kill -9'd
-
             WATCH["kind"] = "two-worker"
             try:
                 workers = worker_rounds(worker_n, scratch / "workers", rng, timeout=max(150.0, args.timeout))
@@ -472,8 +473,6 @@ def main(argv: list[str] | None = None) -> dict:
                            "corrupt_remote": 0, "left_running": 0, "artifacts_checked": 0, "details": []}
             _check_left("two-worker", "after all")
 
-            from bench.faults_stop import markdown as stop_markdown
-            from bench.faults_stop import stop_rounds
 
             WATCH["kind"] = "stop signals"
             try:

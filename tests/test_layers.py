@@ -171,6 +171,40 @@ def test_function_level_imports_in_pipeline_are_lazy_on_purpose():
     assert bad == []
 
 
+def _says_lazy(lines: list[str], lineno: int) -> bool:
+    """A ``# lazy`` comment on the import's line or above it, over the block of imports and comments it sits in."""
+    i = lineno - 1
+    while i >= 0 and (lines[i].strip().startswith(("#", "from ", "import ")) or lines[i].strip() == ""):
+        if "# lazy" in lines[i]:
+            return True
+        if lines[i].strip() == "" and i < lineno - 1:
+            break
+        i -= 1
+    return False
+
+
+def test_function_level_imports_of_project_modules_say_why():
+    """Outside pipeline/ too, a project module imported inside a function says why it waits (it loads torch,
+    transformers, faiss or the JVM): no function-level import hides an arrow of the graph."""
+    bad = []
+    for module, path in MODULES.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                project = any(n.split(".")[0] in ("pipeline", "stages", "tasks", "bench") for n in names)
+                if project and not _says_lazy(lines, node.lineno):
+                    bad.append(f"{path.relative_to(PROJECT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert bad == []
+
+
 def test_stages_never_import_luigi_or_the_pipeline():
     offences = [f"{m} imports {d}" for m in GRAPH if m.startswith("stages") for d in GRAPH[m] if d.startswith("pipeline")]
     luigi = [m for m in MODULES if m.startswith("stages") and "luigi" in _third_party(m)]
