@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 from bench.faults_stop import markdown as stop_markdown
-from bench.faults_stop import stop_rounds
+from bench.faults_stop import still_running, stop_rounds
 from bench.faults_workers import worker_rounds  # two nest workers under luigid, one kill -9'd
 from pipeline.sharing.protocol import _digest, remote_manifest
 from pipeline.sharing.remote import Remote, RemoteError
@@ -333,17 +333,11 @@ def _strays(mark: str, grace: float = 5.0) -> list[dict]:
                 out.append(p)
         return out
 
-    deadline = time.monotonic() + grace
-    left = living()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = living()
-    found = []
-    for p in left:
+    found = still_running(living, grace)
+    for p, _ in found:
         with contextlib.suppress(psutil.Error):
-            found.append({"pid": p.pid, "cmdline": " ".join(p.cmdline())[:200]})
             p.kill()
-    return found
+    return [d for _, d in found]
 
 
 def _check_left(kind: str, round_no: int | str) -> int:

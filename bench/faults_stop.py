@@ -157,6 +157,12 @@ def leftover_processes(pids=(), marker: str | None = None, grace: float = 15.0) 
                 pass
         return out
 
+    return [d for _, d in still_running(living, grace)]
+
+
+def still_running(living, grace: float) -> list[tuple[psutil.Process, dict]]:
+    """Poll ``living()`` (the processes that count) until it is empty or ``grace`` seconds pass; the survivors, each with
+    ``{pid, cmdline}``."""
     deadline = time.monotonic() + grace
     left = living()
     while left and time.monotonic() < deadline:
@@ -165,7 +171,7 @@ def leftover_processes(pids=(), marker: str | None = None, grace: float = 15.0) 
     out = []
     for p in left:
         try:
-            out.append({"pid": p.pid, "cmdline": " ".join(p.cmdline())[:200]})
+            out.append((p, {"pid": p.pid, "cmdline": " ".join(p.cmdline())[:200]}))
         except psutil.Error:
             pass
     return out
